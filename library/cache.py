@@ -1,0 +1,326 @@
+"""Latent and text-encoder output cache, keyed by a content hash of everything that produced an entry.
+
+Design note. kohya names a latent file after the image and checks only that the expected keys exist, and it
+names a text-encoder file after the image without recording the caption, the token length or the encoder:
+edit a caption or swap a model and stale outputs are used silently. Here every entry's name *is* a hash of
+its inputs:
+  latents: image bytes, bucket size, resize size, crop box, flip_aug, alpha-mask setting, interpolation,
+           conditioning image bytes (Kontext / mask), AE identity;
+  text:    the exact caption string, encoder identity, T5 max length, T5 attention-mask setting.
+So a changed input simply misses and is re-encoded, an unchanged one hits, and entries are shared by any
+subsets, datasets or runs that produce the same thing. Because text entries are keyed by the caption
+string, caption dropout, shuffling and wildcards work with cached outputs: the caller enumerates the
+caption variants the run will actually use (plus "" for dropout) and caches each once.
+
+On disk an entry is one safetensors file `<root>/<kind>/<key[:2]>/<key>.safetensors`, written to a
+temporary name and renamed, so a killed caching run leaves only whole entries and the next run encodes
+just what is missing. --skip_cache_check trusts an existing file without reading its header, and trusts
+a file-size/mtime index instead of re-hashing image bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from safetensors.torch import load_file
+
+from library.errors import UserError
+from library.flux.safetensors_io import read_header, save_file_atomic
+
+CACHE_VERSION = "flux-cache-1"  # bump when an entry's layout or the preprocessing changes
+_SAMPLE = 1 << 16  # bytes sampled from a checkpoint body for its identity
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_identity(path: str | os.PathLike) -> str:
+    """Identity of a model file or folder: safetensors header + size + three sampled 64 KiB body chunks.
+
+    Unlike path+mtime it survives copying; unlike the header alone it changes when weights are
+    fine-tuned in place with the same layout. Reads ~200 KiB per file, even for a 24 GB checkpoint.
+    """
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*.safetensors")) if path.is_dir() else [path]
+    if not files:
+        raise UserError(f"{path}: no .safetensors files to identify")
+    h = hashlib.sha256()
+    for p in files:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0] if size >= 8 else 0
+            head = f.read(min(n, size))
+            h.update(p.name.encode() + size.to_bytes(8, "little") + head)
+            for pos in (8 + n, (size + 8 + n) // 2, max(8 + n, size - _SAMPLE)):
+                f.seek(min(pos, size))
+                h.update(f.read(_SAMPLE))
+    return h.hexdigest()[:32]
+
+
+def latent_key(image_digest: str, bucket: tuple[int, int], resized: tuple[int, int],
+               crop: tuple[int, int, int, int], flip_aug: bool, alpha_mask: bool, interpolation: str | None,
+               ae_id: str, cond_digest: str | None = None, cond_role: str | None = None) -> str:
+    return _hash("latent", image_digest, bucket, resized, crop, flip_aug, alpha_mask, interpolation, ae_id,
+                 cond_digest, cond_role)
+
+
+def text_key(caption: str, te_id: str, t5_max_length: int, apply_t5_attn_mask: bool) -> str:
+    return _hash("text", caption, te_id, t5_max_length, apply_t5_attn_mask)
+
+
+class DigestIndex:
+    """Memo of image digests by (size, mtime_ns), used only under --skip_cache_check."""
+
+    def __init__(self, path: Path | None, trust_stat: bool) -> None:
+        self.path, self.trust_stat = path, trust_stat
+        self._entries: dict[str, list] = {}
+        self._dirty = False
+        if path is not None and path.exists():
+            try:
+                self._entries = json.loads(path.read_text())
+            except (OSError, ValueError):
+                self._entries = {}  # a damaged index only costs re-hashing
+
+    def digest(self, file: Path) -> str:
+        st = file.stat()
+        stamp = [st.st_size, st.st_mtime_ns]
+        hit = self._entries.get(str(file))
+        if self.trust_stat and hit and hit[:2] == stamp:
+            return hit[2]
+        d = file_digest(file)
+        self._entries[str(file)] = stamp + [d]
+        self._dirty = True
+        return d
+
+    def save(self) -> None:
+        if self.path is None or not self._dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self._entries))
+        os.replace(tmp, self.path)
+        self._dirty = False
+
+
+@dataclass
+class TensorCache:
+    """Entries {name: tensor} by key; in memory (root None) or one safetensors file per entry under root."""
+
+    root: Path | None
+    kind: str  # "latents" | "text"
+    skip_check: bool = False
+    _memory: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def file(self, key: str) -> Path:
+        assert self.root is not None
+        return self.root / self.kind / key[:2] / f"{key}.safetensors"
+
+    def has(self, key: str, required: Iterable[str] = ()) -> bool:
+        if self.root is None:
+            return key in self._memory
+        f = self.file(key)
+        if not f.exists():
+            return False
+        if self.skip_check:
+            return True
+        try:  # a whole file with every tensor the caller needs
+            header = read_header(f)
+        except UserError:
+            return False
+        return all(name in header for name in required)
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        if self.root is None:
+            self._memory[key] = tensors
+        else:
+            save_file_atomic(tensors, self.file(key), metadata=meta)
+
+    def get(self, key: str) -> dict[str, torch.Tensor]:
+        if self.root is None:
+            return self._memory[key]
+        try:
+            return load_file(str(self.file(key)))
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"{self.file(key)}: unreadable cache entry ({e}); delete it to re-encode") from None
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete `.name.tmpPID` files a killed run left behind (only our own cache files)."""
+        if self.root is None or not (self.root / self.kind).exists():
+            return 0
+        n = 0
+        for p in (self.root / self.kind).rglob(".*.tmp*"):
+            p.unlink(missing_ok=True)
+            n += 1
+        return n
+
+
+def batched(seq: list, n: int) -> Iterator[list]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+# A text-encoder callable: captions -> (t5_out [B,S,4096], clip_pooled [B,768], t5_attn_mask [B,S]).
+TextEncodeFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def cache_text_outputs(captions: Iterable[str], encode: TextEncodeFn, cache: TensorCache, te_id: str,
+                       t5_max_length: int, apply_t5_attn_mask: bool, batch_size: int = 8,
+                       progress: bool = True) -> dict[str, str]:
+    """Encode every distinct caption that is not cached yet; returns {caption: key} for all of them."""
+    from tqdm import tqdm
+
+    keys = {c: text_key(c, te_id, t5_max_length, apply_t5_attn_mask) for c in dict.fromkeys(captions)}
+    required = ("t5_out", "clip_pooled", "t5_attn_mask")
+    missing = [c for c, k in keys.items() if not cache.has(k, required)]
+    with tqdm(total=len(missing), desc="caching text-encoder outputs", unit="caption",
+              disable=not progress or not missing) as bar:
+        for chunk in batched(missing, batch_size):
+            t5, pooled, mask = encode(chunk)
+            for i, c in enumerate(chunk):
+                cache.put(keys[c], {"t5_out": t5[i], "clip_pooled": pooled[i], "t5_attn_mask": mask[i]},
+                          meta={"caption": c[:2000], "te_id": te_id})
+            bar.update(len(chunk))
+    return keys
+
+
+def text_encode_fn(encoders: Any, t5_max_length: int, apply_t5_attn_mask: bool) -> TextEncodeFn:
+    """Adapter for `library.flux.text_encoders.FluxTextEncoders.encode`."""
+
+    def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            out = encoders.encode(prompts, t5_max_length, apply_t5_attn_mask)
+        return out.t5_out, out.clip_pooled, out.t5_attn_mask
+
+    return encode
+
+
+def ae_encode_fn(ae: Any, device: torch.device | str, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Adapter for `AutoEncoder.encode`: float [-1, 1] images on CPU -> latents on CPU (deterministic mean)."""
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return ae.encode(x.to(device, dtype), sample=False).to("cpu")
+
+    return encode
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image ready for the AE: [-1, 1] float tensors, plus what is stored beside its latents."""
+
+    image: torch.Tensor  # [3, H, W]
+    loss_mask: torch.Tensor | None = None  # [1, H/8, W/8] in [0, 1]
+    cond: torch.Tensor | None = None  # [3, H, W] conditioning (Kontext reference) image
+
+
+@dataclass(frozen=True)
+class LatentJob:
+    key: str
+    path: Path  # the image, for messages and --skip_bad_images
+    group: tuple  # jobs with equal groups (bucket size, flip, cond) are encoded in one AE batch
+    flip_aug: bool
+
+
+def _encode_group(jobs: list[LatentJob], prepared: list[Prepared], encode: Callable[[torch.Tensor], torch.Tensor],
+                  cache: TensorCache, ae_id: str) -> None:
+    x = torch.stack([p.image for p in prepared])
+    out = {"latents": encode(x)}
+    if jobs[0].flip_aug:  # the AE is not flip-equivariant: encode the mirrored images too
+        out["latents_flipped"] = encode(torch.flip(x, dims=[3]))
+    if prepared[0].cond is not None:
+        c = torch.stack([p.cond for p in prepared])
+        out["cond_latents"] = encode(c)
+        if jobs[0].flip_aug:
+            out["cond_latents_flipped"] = encode(torch.flip(c, dims=[3]))
+    for i, (job, prep) in enumerate(zip(jobs, prepared)):
+        entry = {k: v[i] for k, v in out.items()}
+        if prep.loss_mask is not None:
+            entry["loss_mask"] = prep.loss_mask
+        cache.put(job.key, entry, meta={"image": str(job.path), "ae_id": ae_id})
+
+
+def latent_required(job: LatentJob, has_mask: bool, has_cond: bool) -> tuple[str, ...]:
+    names = ["latents"] + (["latents_flipped"] if job.flip_aug else [])
+    names += ["loss_mask"] if has_mask else []
+    names += (["cond_latents"] + (["cond_latents_flipped"] if job.flip_aug else [])) if has_cond else []
+    return tuple(names)
+
+
+def _prefetch(pool: Any, fn: Callable, items: list, depth: int) -> Iterator:
+    """pool.map with at most `depth` results in flight (Executor.map would decode every image up front)."""
+    from collections import deque
+
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def cache_latents(jobs: list[LatentJob], prepare: Callable[[LatentJob], Prepared],
+                  encode: Callable[[torch.Tensor], torch.Tensor], cache: TensorCache, ae_id: str,
+                  required: Callable[[LatentJob], tuple[str, ...]], batch_size: int = 1,
+                  skip_bad_images: bool = False, progress: bool = True, num_threads: int = 2) -> list[Path]:
+    """Encode every job whose entry is missing; returns the images skipped as unreadable.
+
+    Jobs are grouped by `group` and sorted, so each AE call gets one image size; images decode in a
+    small thread pool (Pillow releases the GIL) while the AE works on the previous batch.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from library.data.images import BadImageError
+
+    cache.remove_stale_temporaries()
+    missing = sorted({j.key: j for j in jobs if not cache.has(j.key, required(j))}.values(),
+                     key=lambda j: (j.group, str(j.path)))
+    chunks: list[list[LatentJob]] = []
+    for j in missing:
+        if chunks and chunks[-1][0].group == j.group and len(chunks[-1]) < batch_size:
+            chunks[-1].append(j)
+        else:
+            chunks.append([j])
+    bad: list[Path] = []
+
+    def load(chunk: list[LatentJob]) -> list[Prepared | BadImageError]:
+        out: list[Prepared | BadImageError] = []
+        for j in chunk:
+            try:
+                out.append(prepare(j))
+            except BadImageError as e:
+                out.append(e)
+        return out
+
+    with ThreadPoolExecutor(max_workers=num_threads) as pool, \
+            tqdm(total=len(missing), desc="caching latents", unit="img", disable=not progress or not missing) as bar:
+        for chunk, loaded in zip(chunks, _prefetch(pool, load, chunks, depth=2 * num_threads)):
+            good = [(j, p) for j, p in zip(chunk, loaded) if isinstance(p, Prepared)]
+            for j, p in zip(chunk, loaded):
+                if isinstance(p, BadImageError):
+                    if not skip_bad_images:
+                        raise p
+                    bad.append(j.path)
+            if good:
+                _encode_group([j for j, _ in good], [p for _, p in good], encode, cache, ae_id)
+            bar.update(len(chunk))
+    return bad

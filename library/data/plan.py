@@ -1,0 +1,90 @@
+"""The training plan printed before training and by --dry_run: images, repeats, buckets, steps.
+
+Step arithmetic follows kohya: an epoch is every batch of every dataset once; an optimizer step consumes
+`gradient_accumulation_steps` batches on each of `num_processes` processes; `--max_train_epochs`
+overrides `--max_train_steps` as epochs * ceil(batches / processes / accumulation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+from library.data.dataset import FluxDataset
+
+
+@dataclass(frozen=True)
+class SubsetPlan:
+    source: str
+    style: str
+    images: int
+    repeats: str  # "10" or "3..4" for balanced reg images
+    is_reg: bool
+    samples: int  # images x repeats per epoch
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    index: int
+    resolution: tuple[int, int]
+    batch_size: int
+    subsets: tuple[SubsetPlan, ...]
+    buckets: tuple[tuple[tuple[int, int], int], ...]  # ((W, H), samples per epoch)
+    batches: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    datasets: tuple[DatasetPlan, ...]
+    batches_per_epoch: int
+    steps_per_epoch: int
+    epochs: int
+    total_steps: int
+    validation_images: int = 0
+
+
+def build_plan(dataset: FluxDataset, max_train_steps: int | None = None, max_train_epochs: int | None = None,
+               gradient_accumulation_steps: int = 1, num_processes: int = 1,
+               validation: FluxDataset | None = None) -> Plan:
+    refs = dataset.batches(0)
+    plans = []
+    for i, ds in enumerate(dataset.cfg.datasets):
+        items = [it for it in dataset.items[i] if it.uid not in dataset.bad]
+        subs = []
+        for j, sub in enumerate(ds.subsets):
+            mine = [it for it in items if it.subset == j]
+            reps = sorted({it.repeats for it in mine}) or [sub.num_repeats]
+            subs.append(SubsetPlan(str(sub.image_dir or sub.metadata_file), ds.style, len(mine),
+                                   str(reps[0]) if len(reps) == 1 else f"{reps[0]}..{reps[-1]}", sub.is_reg,
+                                   sum(it.repeats for it in mine)))
+        counts = Counter()
+        for it in items:
+            counts[it.assignment.bucket] += it.repeats
+        plans.append(DatasetPlan(i, ds.resolution, ds.batch_size, tuple(subs), tuple(sorted(counts.items())),
+                                 sum(1 for r in refs if r.dataset == i)))
+    steps = math.ceil(len(refs) / num_processes / gradient_accumulation_steps)
+    if max_train_epochs:
+        epochs, total = max_train_epochs, max_train_epochs * steps
+    else:
+        total = max_train_steps if max_train_steps is not None else 1600  # kohya's default
+        epochs = math.ceil(total / steps) if steps else 0
+    n_val = sum(len(its) for its in validation.items) if validation else 0
+    return Plan(tuple(plans), len(refs), steps, epochs, total, n_val)
+
+
+def format_plan(plan: Plan) -> str:
+    lines = ["training plan"]
+    for d in plan.datasets:
+        lines.append(f"  dataset {d.index}: resolution {d.resolution[0]}x{d.resolution[1]}, "
+                     f"batch_size {d.batch_size}, {d.batches} batches per epoch")
+        for s in d.subsets:
+            reg = " (reg)" if s.is_reg else ""
+            lines.append(f"    subset {s.source}{reg}: {s.images} images x {s.repeats} repeats = {s.samples} samples")
+        for (w, h), n in d.buckets:
+            lines.append(f"    bucket {w}x{h}: {n} samples")
+    lines.append(f"  batches per epoch: {plan.batches_per_epoch}; steps per epoch: {plan.steps_per_epoch}")
+    lines.append(f"  epochs: {plan.epochs}; total optimizer steps: {plan.total_steps}")
+    if plan.validation_images:
+        lines.append(f"  validation images: {plan.validation_images}")
+    return "\n".join(lines)

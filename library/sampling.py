@@ -1,0 +1,198 @@
+"""FLUX.1 sampling: the shifted flow-matching schedule, seeded initial noise and the Euler sampler.
+
+Used by flux_minimal_inference.py and by the trainer's sample images. The numbers follow diffusers'
+FluxPipeline + FlowMatchEulerDiscreteScheduler and the BFL reference (`get_schedule` / `denoise`):
+
+- schedule: t_i = linspace(1, 0, steps + 1), time-shifted t' = e^mu / (e^mu + (1/t - 1)) with mu linear in
+  the image token count between (256, 0.5) and (4096, 1.15) (SD3 paper, "resolution-dependent shifting");
+  FLUX.1-schnell is sampled unshifted.
+- noise: unpacked latents [B, 16, 2*(H//16), 2*(W//16)] in float32 from a CPU `torch.Generator` seeded with
+  the seed, then packed — what diffusers (`randn_tensor`) and ComfyUI (`prepare_noise`) draw, so a seed
+  gives the same image across the three tools.
+- mu and the time shift themselves live once, in library/flow.py (the trainer's `flux_shift` uses them too).
+- Euler step x <- x + (t_next - t) * v, with the velocity v from the transformer. The running latents stay
+  float32 whatever the model dtype (diffusers' scheduler also upcasts for the update).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from tqdm import tqdm
+
+from library.flow import flux_mu, time_shift
+from library.flux.math import make_img_ids, make_txt_ids, pack_latents, unpack_latents
+from library.flux.text_encoders import FluxTextEncoders, TextEncoding, default_t5_max_length
+
+LATENT_CHANNELS = 16  # FLUX AE latent channels
+AE_DOWNSAMPLE = 8  # FLUX AE: image pixels per latent pixel
+PATCH = 2  # latents are packed in 2x2 patches, so image sizes are multiples of 16
+PNG_JSON_KEY = "flux_sample"  # PNG text chunk holding the settings as JSON (beside A1111's "parameters")
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """What defines one generated image (also written into the PNG metadata)."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    shift: bool = True
+    t5_max_length: int = 512
+    apply_t5_attn_mask: bool = False
+
+
+def latent_size(width: int, height: int) -> tuple[int, int]:
+    """Unpacked latent (h, w) for an image size: diffusers' 2 * (size // 16); sizes are floored to 16."""
+    step = AE_DOWNSAMPLE * PATCH
+    return PATCH * (height // step), PATCH * (width // step)
+
+
+def image_seq_len(width: int, height: int) -> int:
+    """Number of packed image tokens, the quantity the FLUX shift depends on."""
+    h, w = latent_size(width, height)
+    return (h // PATCH) * (w // PATCH)
+
+
+def get_schedule(steps: int, seq_len: int, shift: bool = True) -> torch.Tensor:
+    """The steps + 1 noise levels t_0 = 1 > … > t_steps = 0 (float32) of FLUX sampling.
+
+    Computed in float64 then rounded once, so it matches diffusers (sigmas) and BFL to float32 precision.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    if shift:
+        head = time_shift(flux_mu(seq_len), t[:-1])  # the last level is exactly 0 (1/t would divide by zero)
+        t = torch.cat([head, t[-1:]])
+    return t.float()
+
+
+def draw_noise(width: int, height: int, generator: torch.Generator, batch: int = 1) -> torch.Tensor:
+    """Initial latents [B, 16, h, w], float32 on the CPU, drawn as diffusers and ComfyUI draw them."""
+    h, w = latent_size(width, height)
+    return torch.randn((batch, LATENT_CHANNELS, h, w), generator=generator, dtype=torch.float32, device="cpu")
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded like `torch.Generator().manual_seed(seed)` in diffusers' docs."""
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+@torch.no_grad()
+def denoise(transformer: torch.nn.Module, noise: torch.Tensor, cond: TextEncoding, timesteps: torch.Tensor,
+            guidance: float | None, txt_mask: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
+    """Euler-integrate the flow from t = 1 (noise [B, 16, h, w]) to t = 0; returns clean latents, float32.
+
+    `guidance` is the embedded guidance of FLUX.1-dev (None for schnell); `txt_mask` is passed to the
+    transformer only when the caller wants kohya's --apply_t5_attn_mask behaviour.
+    """
+    param = next(transformer.parameters())
+    device, dtype = param.device, cond.t5_out.dtype if param.dtype == torch.float8_e4m3fn else param.dtype
+    batch, _, h, w = noise.shape
+    x = pack_latents(noise.to(device=device, dtype=torch.float32))
+    img_ids = make_img_ids(batch, h // PATCH, w // PATCH).to(device)
+    txt = cond.t5_out.to(device=device, dtype=dtype)
+    txt_ids = make_txt_ids(batch, txt.shape[1]).to(device)
+    y = cond.clip_pooled.to(device=device, dtype=dtype)
+    g = None if guidance is None else torch.full((batch,), float(guidance), device=device, dtype=dtype)
+    ts = timesteps.tolist()
+    for t_curr, t_next in tqdm(list(zip(ts[:-1], ts[1:])), desc="sampling", disable=not progress, leave=False):
+        t_vec = torch.full((batch,), t_curr, device=device, dtype=dtype)
+        v = transformer(img=x.to(dtype), img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t_vec, y=y,
+                        guidance=g, txt_mask=txt_mask)
+        x = x + (t_next - t_curr) * v.float()
+    return unpack_latents(x, h, w)
+
+
+def latents_to_pil(ae: torch.nn.Module, latents: torch.Tensor) -> list[Image.Image]:
+    """Decode scaled/shifted latents with the AE and quantise like diffusers' image processor."""
+    param = next(ae.parameters())
+    with torch.no_grad():
+        images = ae.decode(latents.to(device=param.device, dtype=param.dtype)).float()
+    images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.round(im * 255).astype(np.uint8)) for im in images]
+
+
+def generate_latents(transformer: torch.nn.Module, cond: TextEncoding, settings: SampleSettings,
+                     guidance_embed: bool, progress: bool = True) -> torch.Tensor:
+    """Clean latents [1, 16, h, w] for precomputed text conditioning (the trainer's cached-TE path)."""
+    noise = draw_noise(settings.width, settings.height, seeded_generator(settings.seed), batch=cond.t5_out.shape[0])
+    schedule = get_schedule(settings.steps, image_seq_len(settings.width, settings.height), settings.shift)
+    mask = cond.t5_attn_mask if settings.apply_t5_attn_mask else None
+    return denoise(transformer, noise, cond, schedule, settings.guidance if guidance_embed else None, mask, progress)
+
+
+def sample_settings(guidance_embed: bool, prompt: str, width: int, height: int, steps: int, guidance: float,
+                    seed: int, shift: bool | None = None, t5_max_length: int | None = None,
+                    apply_t5_attn_mask: bool = False) -> SampleSettings:
+    """Settings with FLUX's defaults filled in: dev (guidance-embedded) is shifted and reads 512 T5 tokens,
+    schnell is unshifted and reads 256; sizes are floored to multiples of 16."""
+    dev = bool(guidance_embed)
+    step = AE_DOWNSAMPLE * PATCH
+    width, height = width // step * step, height // step * step
+    return SampleSettings(prompt=prompt, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
+                          shift=dev if shift is None else shift,
+                          t5_max_length=t5_max_length or default_t5_max_length(dev),
+                          apply_t5_attn_mask=apply_t5_attn_mask)
+
+
+def generate_image(transformer: torch.nn.Module, ae: torch.nn.Module, text_encoders: FluxTextEncoders,
+                   prompt: str, width: int, height: int, steps: int, guidance: float, seed: int, *,
+                   shift: bool | None = None, t5_max_length: int | None = None, apply_t5_attn_mask: bool = False,
+                   progress: bool = True) -> Image.Image:
+    """One image for `prompt`: encode, sample with the FLUX schedule, decode. Sizes are floored to 16."""
+    s = sample_settings(bool(transformer.params.guidance_embed), prompt, width, height, steps, guidance, seed, shift, t5_max_length,
+                        apply_t5_attn_mask)
+    with torch.no_grad():
+        cond = text_encoders.encode([prompt], s.t5_max_length, s.apply_t5_attn_mask)
+    latents = generate_latents(transformer, cond, s, bool(transformer.params.guidance_embed), progress)
+    return latents_to_pil(ae, latents)[0]
+
+
+# ---------------------------------------------------------------- PNG with settings in its metadata
+
+
+def parameters_text(s: SampleSettings, model: str = "") -> str:
+    """A1111/kohya-style "parameters" text: the prompt, then one line of comma-separated settings."""
+    fields = [f"Steps: {s.steps}", "Sampler: Euler", f"Guidance: {s.guidance:g}", f"Seed: {s.seed}",
+              f"Size: {s.width}x{s.height}", f"Shift: {'FLUX' if s.shift else 'none'}",
+              f"T5 tokens: {s.t5_max_length}"]
+    if model:
+        fields.append(f"Model: {model}")
+    return f"{s.prompt}\n" + ", ".join(fields)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, settings: SampleSettings,
+             extra: dict | None = None) -> Path:
+    """Write `image` as PNG with "parameters" and a JSON chunk of `settings` (+ `extra`), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    info.add_text("parameters", parameters_text(settings, str((extra or {}).get("model", ""))))
+    info.add_text(PNG_JSON_KEY, json.dumps({**asdict(settings), **(extra or {})}, sort_keys=True))
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_png_settings(path: str | os.PathLike) -> dict:
+    """The JSON settings chunk written by `save_png` (empty dict when absent)."""
+    with Image.open(path) as im:
+        raw = im.text.get(PNG_JSON_KEY) if hasattr(im, "text") else None
+    return json.loads(raw) if raw else {}

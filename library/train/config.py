@@ -1,0 +1,339 @@
+"""Parsed kohya flags -> a frozen dataclass tree (the only form of configuration past the CLI edge).
+
+`build_config` resolves kohya's implied settings (e.g. --cache_latents_to_disk implies --cache_latents,
+--fp8_base_unet implies --fp8_base, --use_8bit_adam means AdamW8bit), then `validate` checks the hard
+errors of kohya's §1.2 and ours, raising `UserError` with the flag names. Validation never mutates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from library.errors import UserError
+from library.train.cli import ParsedArgs, non_default_values
+from library.train.flags import DATASET_FLAGS, FLAG_BY_NAME_DEFAULTS, INEFFECTIVE
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    pretrained_model_name_or_path: str | None
+    clip_l: str | None
+    t5xxl: str | None
+    ae: str | None
+    model_type: str
+    t5xxl_max_token_length: int | None
+    apply_t5_attn_mask: bool
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    mixed_precision: str  # "no" | "fp16" | "bf16"
+    full_bf16: bool
+    full_fp16: bool
+    fp8_base: bool
+    fp8_base_unet: bool
+    save_precision: str | None
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Everything library/flow.py and the loss need."""
+
+    timestep_sampling: str
+    sigmoid_scale: float
+    discrete_flow_shift: float
+    weighting_scheme: str
+    logit_mean: float
+    logit_std: float
+    mode_scale: float
+    model_prediction_type: str
+    guidance_scale: float
+    loss_type: str
+    huber_c: float
+    huber_schedule: str
+    huber_scale: float
+    ip_noise_gamma: float | None
+    ip_noise_gamma_random_strength: bool
+    prior_loss_weight: float
+    masked_loss: bool
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    gradient_checkpointing: bool
+    cpu_offload_checkpointing: bool
+    blocks_to_swap: int | None
+    cache_latents: bool
+    cache_latents_to_disk: bool
+    cache_text_encoder_outputs: bool
+    cache_text_encoder_outputs_to_disk: bool
+    vae_batch_size: int
+    text_encoder_batch_size: int | None
+    skip_cache_check: bool
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    optimizer_type: str  # resolved: never "" (AdamW when unset)
+    optimizer_args: tuple[str, ...]
+    learning_rate: float
+    unet_lr: float | None
+    text_encoder_lr: tuple[float, ...]
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    lr_scheduler: str
+    lr_scheduler_type: str
+    lr_scheduler_args: tuple[str, ...]
+    lr_warmup_steps: int | float
+    lr_decay_steps: int | float
+    lr_scheduler_num_cycles: int
+    lr_scheduler_power: float
+    lr_scheduler_min_lr_ratio: float | None
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    max_train_steps: int
+    max_train_epochs: int | None
+    train_batch_size: int
+    gradient_accumulation_steps: int
+    seed: int | None
+    max_data_loader_n_workers: int
+    persistent_data_loader_workers: bool
+    initial_epoch: int | None
+    initial_step: int | None
+    skip_until_initial_step: bool
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    torch_compile: bool
+    dynamo_backend: str
+    ddp_timeout: int | None
+
+
+@dataclass(frozen=True)
+class SaveConfig:
+    output_dir: str
+    output_name: str | None
+    save_model_as: str
+    save_every_n_epochs: int | None
+    save_every_n_steps: int | None
+    save_n_epoch_ratio: int | None
+    save_last_n_epochs: int | None
+    save_last_n_epochs_state: int | None
+    save_last_n_steps: int | None
+    save_last_n_steps_state: int | None
+    save_state: bool
+    save_state_on_train_end: bool
+    resume: str | None
+    no_metadata: bool
+    training_comment: str | None
+    metadata: Mapping[str, str]  # metadata_* flags that were set, without the prefix
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sample_prompts: str | None
+    sample_every_n_steps: int | None
+    sample_every_n_epochs: int | None
+    sample_at_first: bool
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    logging_dir: str | None
+    log_with: str | None
+    log_tracker_name: str | None
+    wandb_run_name: str | None
+    log_tracker_config: str | None
+    wandb_api_key: str | None
+    log_config: bool
+    console_log_level: str | None
+    console_log_file: str | None
+    console_log_simple: bool
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    network_module: str
+    network_dim: int | None
+    network_alpha: float
+    network_dropout: float | None
+    network_args: tuple[str, ...]
+    network_weights: str | None
+    dim_from_weights: bool
+    network_train_unet_only: bool
+    network_train_text_encoder_only: bool
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset_config: str | None
+    cli_values: Mapping[str, Any]  # only the dataset flags the user gave (kohya's CLI precedence level)
+    validate_config: bool
+    dry_run: bool
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig
+    precision: PrecisionConfig
+    objective: ObjectiveConfig
+    memory: MemoryConfig
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig
+    loop: LoopConfig
+    speed: SpeedConfig
+    save: SaveConfig
+    sample: SampleConfig
+    log: LogConfig
+    network: NetworkConfig
+    data: DataConfig
+    warnings: tuple[str, ...] = field(default=())
+    effective: Mapping[str, Any] = field(default_factory=dict)  # non-default values, as --output_config
+
+
+def _take(cls: type, values: Mapping[str, Any], **overrides: Any) -> Any:
+    """Build a dataclass from the same-named parsed values, with explicit overrides."""
+    kwargs = {f.name: values[f.name] for f in fields(cls) if f.name not in overrides and f.name in values}
+    return cls(**kwargs, **overrides)
+
+
+_OPTIMIZER_ALIASES = {"use_8bit_adam": "AdamW8bit", "use_lion_optimizer": "Lion"}
+
+
+def _optimizer_type(v: Mapping[str, Any]) -> str:
+    if v["optimizer_type"]:
+        return v["optimizer_type"]
+    for flag, name in _OPTIMIZER_ALIASES.items():
+        if v[flag]:
+            return name
+    return "AdamW"
+
+
+def _resolve(v: dict[str, Any]) -> dict[str, Any]:
+    """kohya's implied settings (§1.2), applied to a copy of the values."""
+    v = dict(v)
+    if v["caption_extention"] and v["caption_extension"] == FLAG_BY_NAME_DEFAULTS["caption_extension"]:
+        v["caption_extension"] = v["caption_extention"]
+    v["cache_latents"] = v["cache_latents"] or v["cache_latents_to_disk"]
+    v["cache_text_encoder_outputs"] = v["cache_text_encoder_outputs"] or v["cache_text_encoder_outputs_to_disk"]
+    v["fp8_base"] = v["fp8_base"] or v["fp8_base_unet"]
+    if v["split_mode"] and v["blocks_to_swap"] is None:
+        v["blocks_to_swap"] = 18
+    if v["huber_schedule"] == "snr":
+        pass  # implemented for flow matching in library/flow.huber_c_for (kohya raises here)
+    return v
+
+
+def build_config(parsed: ParsedArgs) -> TrainConfig:
+    v = _resolve(parsed.values)
+    given = parsed.given
+    cfg = TrainConfig(
+        model=_take(ModelConfig, v),
+        precision=_take(PrecisionConfig, v),
+        objective=_take(ObjectiveConfig, v),
+        memory=_take(MemoryConfig, v),
+        optimizer=_take(
+            OptimizerConfig, v,
+            optimizer_type=_optimizer_type(v),
+            optimizer_args=tuple(v["optimizer_args"] or ()),
+            text_encoder_lr=tuple(v["text_encoder_lr"] or ()),
+        ),
+        scheduler=_take(SchedulerConfig, v, lr_scheduler_args=tuple(v["lr_scheduler_args"] or ())),
+        loop=_take(LoopConfig, v),
+        speed=_take(SpeedConfig, v),
+        save=_take(
+            SaveConfig, v,
+            output_dir=v["output_dir"] or "output",
+            save_model_as=v["save_model_as"] or "safetensors",
+            metadata={k[len("metadata_"):]: v[k] for k in v if k.startswith("metadata_") and v[k] is not None},
+        ),
+        sample=_take(SampleConfig, v),
+        log=_take(LogConfig, v),
+        network=_take(
+            NetworkConfig, v,
+            network_module=v["network_module"] or "networks.lora_flux",
+            network_args=tuple(v["network_args"] or ()),
+        ),
+        data=DataConfig(
+            dataset_config=v["dataset_config"],
+            cli_values={k: v[k] for k in sorted(given & DATASET_FLAGS)},
+            validate_config=v["validate_config"],
+            dry_run=v["dry_run"],
+        ),
+        warnings=tuple(ineffective_warnings(v, given)),
+        effective=non_default_values(parsed),
+    )
+    validate(cfg)
+    return cfg
+
+
+def ineffective_warnings(values: Mapping[str, Any], given: frozenset[str]) -> list[str]:
+    """One line per set flag that does nothing for FLUX, naming the flag and why."""
+    out = []
+    for name, why in INEFFECTIVE.items():
+        if name in given and values[name] != FLAG_BY_NAME_DEFAULTS[name]:
+            out.append(f"--{name} has no effect for FLUX: {why}")
+    if "split_mode" in given:
+        out.append("--split_mode is deprecated: use --blocks_to_swap (18 blocks are swapped)")
+    if values["model_prediction_type"] == "sigma_scaled":
+        out.append(
+            "--model_prediction_type sigma_scaled (kohya's default): the x0 estimate is compared with the "
+            "latents (kohya compares it with the velocity); --model_prediction_type raw is recommended"
+        )
+    return out
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(f"command line: {message}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Hard errors (kohya §1.2 plus ours). Checks only; never changes the config."""
+    p, m, o, loop = cfg.precision, cfg.memory, cfg.objective, cfg.loop
+    _require(not (m.blocks_to_swap and m.cpu_offload_checkpointing),
+             "--blocks_to_swap and --cpu_offload_checkpointing cannot be combined; pick one")
+    _require(m.blocks_to_swap is None or 0 <= m.blocks_to_swap <= 35, "--blocks_to_swap must be in 0..35")
+    _require(not (p.full_bf16 and p.mixed_precision != "bf16"), "--full_bf16 needs --mixed_precision bf16")
+    _require(not (p.full_fp16 and p.mixed_precision != "fp16"), "--full_fp16 needs --mixed_precision fp16")
+    _require(not (p.fp8_base and p.mixed_precision == "no"),
+             "--fp8_base needs --mixed_precision bf16 or fp16 (fp8 weights are upcast for compute)")
+    _require(not (cfg.model.model_type == "chroma"), "--model_type chroma is not supported; use flux")
+    _require(loop.train_batch_size >= 1, "--train_batch_size must be at least 1")
+    _require(loop.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1")
+    _require(loop.max_train_steps >= 1 or (loop.max_train_epochs or 0) >= 1, "--max_train_steps must be positive")
+    _require(loop.initial_step is None or loop.initial_step < loop.max_train_steps or loop.max_train_epochs is not None,
+             "--initial_step must be smaller than --max_train_steps")
+    _require(o.huber_c > 0, "--huber_c must be positive")
+    _require(cfg.optimizer.learning_rate > 0, "--learning_rate must be positive")
+    _require(cfg.scheduler.lr_scheduler_num_cycles >= 1, "--lr_scheduler_num_cycles must be at least 1")
+    _require(cfg.network.network_module in ("networks.lora_flux", "networks.lora"),
+             f"--network_module {cfg.network.network_module}: only networks.lora_flux is supported")
+    _require(not (cfg.network.network_train_unet_only and cfg.network.network_train_text_encoder_only),
+             "--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    _require(len(cfg.optimizer.text_encoder_lr) <= 2, "--text_encoder_lr takes one or two values (CLIP-L [T5])")
+    for name in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps"):
+        value = getattr(cfg.save, name)
+        _require(value is None or value >= 1, f"--{name} must be at least 1")
+    for name in ("sample_every_n_steps", "sample_every_n_epochs"):
+        value = getattr(cfg.sample, name)
+        _require(value is None or value >= 1, f"--{name} must be at least 1")
+
+
+def config_as_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The whole resolved tree as plain JSON-able data (printed at start, saved beside the outputs)."""
+    tree = dataclasses.asdict(cfg)
+    tree.pop("effective", None)
+    tree.pop("warnings", None)
+    if tree["log"].get("wandb_api_key"):
+        tree["log"]["wandb_api_key"] = "***"
+    return json.loads(json.dumps(tree, default=str))

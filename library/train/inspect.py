@@ -1,0 +1,26 @@
+"""--validate_config and --dry_run: look at the data without loading a model or training.
+
+The dataset layer owns what is printed (library.dataset_config.format_resolved and the data plan); this
+module only routes the flags there with the CLI values the user gave.
+"""
+
+from __future__ import annotations
+
+from library.errors import UserError
+from library.train.config import TrainConfig
+
+
+def inspect_data(cfg: TrainConfig) -> int:
+    flag = "--validate_config" if cfg.data.validate_config else "--dry_run"
+    if not cfg.data.dataset_config:
+        raise UserError(f"command line: {flag} needs --dataset_config PATH")
+    from library.dataset_config import format_resolved, load_dataset_config  # noqa: PLC0415
+
+    resolved = load_dataset_config(cfg.data.dataset_config, cfg.data.cli_values)
+    if cfg.data.validate_config:
+        print(format_resolved(resolved))
+        return 0
+    from library.data.plan import format_plan, make_plan  # noqa: PLC0415 (owned by the data part)
+
+    print(format_plan(make_plan(resolved, cfg)))
+    return 0

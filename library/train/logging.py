@@ -1,0 +1,138 @@
+"""Console logging, warnings, the step/epoch loss record and the loss plot (a PNG drawn with Pillow).
+
+Trackers (TensorBoard, wandb) go through accelerate's `log`; this module only keeps what we print and
+plot ourselves. Nothing here runs at import time; the entry point calls `setup_console_logging`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from library.train.config import LogConfig
+
+log = logging.getLogger("flux_train")
+
+
+def setup_console_logging(cfg: LogConfig) -> None:
+    level = getattr(logging, (cfg.console_log_level or "INFO").upper())
+    fmt = "%(message)s" if cfg.console_log_simple else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler: logging.Handler = (
+        logging.FileHandler(cfg.console_log_file, encoding="utf-8") if cfg.console_log_file
+        else logging.StreamHandler(sys.stderr)
+    )
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def warn(message: str) -> None:
+    """A one-line user warning on stderr (also visible when logging is redirected to a file)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class LossRecord:
+    """Per-step losses and per-epoch means; the data behind the progress bar and the plot."""
+
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    epoch_means: list[tuple[int, float]] = field(default_factory=list)
+    _epoch_sum: float = 0.0
+    _epoch_n: int = 0
+
+    def add(self, step: int, loss: float) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+        self._epoch_sum += loss
+        self._epoch_n += 1
+
+    def end_epoch(self, epoch: int) -> float:
+        mean = self._epoch_sum / max(1, self._epoch_n)
+        self.epoch_means.append((epoch, mean))
+        self._epoch_sum, self._epoch_n = 0.0, 0
+        return mean
+
+    def moving_average(self, window: int = 20) -> float:
+        tail = self.losses[-window:]
+        return sum(tail) / max(1, len(tail))
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "losses": self.losses, "epoch_means": self.epoch_means,
+                "epoch_sum": self._epoch_sum, "epoch_n": self._epoch_n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.losses = list(state["steps"]), list(state["losses"])
+        self.epoch_means = [tuple(x) for x in state["epoch_means"]]  # type: ignore[misc]
+        self._epoch_sum, self._epoch_n = state["epoch_sum"], state["epoch_n"]
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def draw_loss_plot(record: LossRecord, path: Path, title: str = "training loss",
+                   size: tuple[int, int] = (800, 450)) -> Path:
+    """Step loss (light), its moving average (dark) and epoch means (dots), on linear axes; atomic write."""
+    w, h = size
+    left, right, top, bottom = 70, 20, 30, 40
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 8), title, fill="black")
+    finite = [(s, v) for s, v in zip(record.steps, record.losses) if math.isfinite(v)]
+    if finite:
+        xs, ys = [s for s, _ in finite], [v for _, v in finite]
+        x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+        y0, y1 = min(ys), max(ys)
+        y0, y1 = (y0 - 1e-3, y1 + 1e-3) if y1 - y0 < 1e-6 else (y0, y1)
+
+        def px(s: float, v: float) -> tuple[float, float]:
+            return (left + (s - x0) / (x1 - x0) * (w - left - right),
+                    top + (1 - (v - y0) / (y1 - y0)) * (h - top - bottom))
+
+        draw.rectangle([left, top, w - right, h - bottom], outline="black")
+        for i in range(5):  # y ticks
+            v = y0 + (y1 - y0) * i / 4
+            _, yy = px(x0, v)
+            draw.line([left - 4, yy, left, yy], fill="black")
+            draw.text((4, yy - 6), f"{v:.4g}", fill="black")
+        for i in range(5):  # x ticks
+            s = x0 + (x1 - x0) * i / 4
+            xx, _ = px(s, y0)
+            draw.line([xx, h - bottom, xx, h - bottom + 4], fill="black")
+            draw.text((xx - 10, h - bottom + 8), f"{int(round(s))}", fill="black")
+        draw.text((w // 2 - 15, h - 16), "step", fill="black")
+        if len(finite) > 1:
+            draw.line([px(s, v) for s, v in finite], fill=(170, 190, 230), width=1)
+            smooth = _smooth(ys, max(1, len(ys) // 20))
+            draw.line([px(s, v) for s, v in zip(xs, smooth)], fill=(20, 60, 160), width=2)
+        for epoch_end_step, mean in _epoch_points(record):
+            cx, cy = px(epoch_end_step, min(max(mean, y0), y1))
+            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=(200, 60, 20))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def _epoch_points(record: LossRecord) -> list[tuple[int, float]]:
+    """Epoch means placed at the last step of their epoch (epochs are equally long in steps)."""
+    if not record.epoch_means or not record.steps:
+        return []
+    per_epoch = max(1, len(record.steps) // max(1, len(record.epoch_means)))
+    return [(record.steps[min(len(record.steps) - 1, (i + 1) * per_epoch - 1)], m)
+            for i, (_, m) in enumerate(record.epoch_means)]

@@ -1,0 +1,133 @@
+"""Build the models for training in a named, ordered sequence.
+
+    load (meta device -> strict load, fp8 storage chosen at load so bf16 weights never sit in memory)
+    -> freeze -> inject LoRA -> block swap -> gradient checkpointing -> torch.compile
+
+`accelerator.prepare` (the optimizer) follows in the trainer. The text encoders and the AE are loaded
+only when something needs them (caching, live encoding, sample images) and freed when nothing does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from library.errors import UserError
+from library.train.config import TrainConfig
+from library.train.optim import parse_kv_args
+from library.train.precision import Dtypes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Models:
+    transformer: torch.nn.Module
+    ae: torch.nn.Module | None
+    text: Any | None  # FluxTextEncoders
+    guidance_embed: bool
+    t5_max_length: int
+
+
+def _need(path: str | None, flag: str) -> str:
+    if not path:
+        raise UserError(f"command line: --{flag} is required (a .safetensors file or a diffusers folder)")
+    return path
+
+
+def load_models(cfg: TrainConfig, dtypes: Dtypes, device: torch.device, need_text: bool, need_ae: bool) -> Models:
+    from library.flux.loading import load_autoencoder, load_transformer  # noqa: PLC0415
+    from library.flux.text_encoders import FluxTextEncoders, default_t5_max_length  # noqa: PLC0415
+
+    m = cfg.model
+    transformer = load_transformer(_need(m.pretrained_model_name_or_path, "pretrained_model_name_or_path"),
+                                   device, dtypes.compute, fp8=dtypes.fp8_base)
+    transformer.requires_grad_(False)
+    transformer.eval()  # FLUX has no dropout/batch-norm; eval keeps that explicit
+    guidance = bool(transformer.params.guidance_embed)
+    t5_len = m.t5xxl_max_token_length or default_t5_max_length(guidance)
+    text = FluxTextEncoders.load(_need(m.clip_l, "clip_l"), _need(m.t5xxl, "t5xxl"), device, dtypes.text) \
+        if need_text else None
+    if text is not None:
+        text.clip.requires_grad_(False)
+        text.t5.requires_grad_(False)
+    ae = load_autoencoder(_need(m.ae, "ae"), device, dtypes.ae) if need_ae else None
+    if ae is not None:
+        ae.requires_grad_(False)
+    return Models(transformer, ae, text, guidance, t5_len)
+
+
+def network_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """--network_args key=value strings -> keyword arguments (values stay strings, as kohya passes them)."""
+    out = {}
+    for item in cfg.network.network_args:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"command line: --network_args: expected key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def inject_lora(cfg: TrainConfig, models: Models, train_clip: bool, dtypes: Dtypes) -> tuple[Any, list[str]]:
+    """Create the LoRA (fresh, or shaped like --network_weights with --dim_from_weights) and wrap the Linears."""
+    from networks import lora_flux  # noqa: PLC0415
+
+    n = cfg.network
+    clip = models.text.clip if (train_clip and models.text is not None) else None
+    t5 = models.text.t5 if models.text is not None else None
+    kwargs = network_kwargs(cfg)
+    if n.dim_from_weights:
+        if not n.network_weights:
+            raise UserError("command line: --dim_from_weights needs --network_weights")
+        network = lora_flux.create_network_from_weights(1.0, n.network_weights, models.transformer, clip, t5,
+                                                        **kwargs)
+    else:
+        network = lora_flux.create_network(1.0, n.network_dim, n.network_alpha, models.transformer, clip, t5,
+                                           neuron_dropout=n.network_dropout, **kwargs)
+    names = network.apply_to(None, models.transformer, apply_text_encoder=train_clip,
+                             apply_unet=not n.network_train_text_encoder_only)
+    if n.network_weights and not n.dim_from_weights:
+        network.load_weights(n.network_weights)
+    network.to(dtype=dtypes.network)
+    network.train()
+    return network, names
+
+
+def apply_memory_and_speed(cfg: TrainConfig, transformer: torch.nn.Module, device: torch.device) -> None:
+    m = cfg.memory
+    if m.blocks_to_swap:
+        if device.type == "cpu":
+            log.warning("--blocks_to_swap %d: training on the CPU, nothing to swap; ignored", m.blocks_to_swap)
+        else:
+            transformer.enable_block_swap(m.blocks_to_swap, device)
+    if m.gradient_checkpointing or m.cpu_offload_checkpointing:
+        transformer.enable_gradient_checkpointing(cpu_offload=m.cpu_offload_checkpointing)
+    if cfg.speed.torch_compile:
+        # Compile block by block: one graph per block type is reused by every block (fast to compile) and
+        # checkpointing / block swap keep working between blocks.
+        for block in [*transformer.double_blocks, *transformer.single_blocks]:
+            block.compile(backend=cfg.speed.dynamo_backend, dynamic=False)
+
+
+def free(*modules: torch.nn.Module | None) -> None:
+    for module in modules:
+        if module is not None:
+            module.to("meta")  # drop the weights now rather than when the last reference goes
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def optimizer_groups(cfg: TrainConfig, network: Any) -> list[dict]:
+    o = cfg.optimizer
+    te_lr = list(o.text_encoder_lr) or None
+    groups = network.prepare_optimizer_params(te_lr, o.unet_lr, o.learning_rate)
+    if not groups:
+        raise UserError("command line: no LoRA parameter is trained (every learning rate is 0?)")
+    return groups
+
+
+def kohya_optimizer_args(cfg: TrainConfig) -> dict[str, Any]:
+    return parse_kv_args(cfg.optimizer.optimizer_args, "optimizer_args")

@@ -1,0 +1,108 @@
+"""Sample prompts for previews during training, in kohya's formats (.txt, .toml, .json).
+
+.txt: one prompt per line (blank lines and '#' comments skipped) with inline options split on " --":
+    a photo of sks dog --w 768 --h 512 --d 42 --s 20 --g 3.5 --l 1.0 --n blurry
+.toml: [prompt] defaults and [[prompt.subset]] entries, each merged over the defaults.
+.json: a list of strings or of objects with the same keys (prompt, width, height, seed, sample_steps,
+guidance_scale, scale, negative_prompt).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import toml
+
+from library.errors import UserError
+
+# kohya's option letters -> our field names
+_OPTIONS = {"w": "width", "h": "height", "d": "seed", "s": "sample_steps", "g": "guidance_scale", "l": "scale",
+            "n": "negative_prompt", "ss": "sample_sampler", "cn": "controlnet_image", "ctr": "cfg_trunc_ratio",
+            "rcfg": "renorm_cfg", "fs": "flow_shift"}
+_UNUSED = ("sample_sampler", "controlnet_image", "cfg_trunc_ratio", "renorm_cfg", "flow_shift")
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    index: int
+    prompt: str
+    width: int = 512
+    height: int = 512
+    seed: int | None = None
+    sample_steps: int = 20
+    guidance_scale: float = 3.5
+    scale: float = 1.0  # true CFG (kohya --l); 1.0 = off
+    negative_prompt: str = ""
+
+
+def _round16(v: Any, where: str) -> int:
+    try:
+        return max(64, int(v) // 16 * 16)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: expected an integer size, got {v!r}") from None
+
+
+def _make(index: int, d: dict[str, Any], where: str) -> SamplePrompt:
+    if "prompt" not in d or not str(d["prompt"]).strip():
+        raise UserError(f"{where}: no prompt text")
+    try:
+        return SamplePrompt(
+            index=index, prompt=str(d["prompt"]).strip(),
+            width=_round16(d.get("width", 512), where), height=_round16(d.get("height", 512), where),
+            seed=None if d.get("seed") is None else int(d["seed"]),
+            sample_steps=min(1000, max(1, int(d.get("sample_steps", 20)))),
+            guidance_scale=float(d.get("guidance_scale", 3.5)), scale=float(d.get("scale", 1.0)),
+            negative_prompt=str(d.get("negative_prompt", "") or ""),
+        )
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{where}: bad option value ({err})") from None
+
+
+def parse_line(line: str, where: str) -> dict[str, Any]:
+    """'prompt --w 512 --d 1' -> {'prompt': 'prompt', 'width': '512', 'seed': '1'} (case-insensitive keys)."""
+    parts = line.split(" --")
+    out: dict[str, Any] = {"prompt": parts[0].strip()}
+    for part in parts[1:]:
+        key, _, value = part.strip().partition(" ")
+        name = _OPTIONS.get(key.lower())
+        if name is None:
+            raise UserError(f"{where}: unknown option --{key} (known: {', '.join('--' + k for k in _OPTIONS)})")
+        out[name] = value.strip()
+    return out
+
+
+def load_prompts(path: str | Path) -> list[SamplePrompt]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: --sample_prompts file not found")
+    suffix = path.suffix.lower()
+    entries: list[dict[str, Any]] = []
+    if suffix == ".toml":
+        try:
+            doc = toml.load(path)
+        except toml.TomlDecodeError as err:
+            raise UserError(f"{path}: not valid TOML: {err}") from None
+        base = {k: v for k, v in doc.get("prompt", {}).items() if k != "subset"}
+        entries = [{**base, **sub} for sub in doc.get("prompt", {}).get("subset", [])]
+    elif suffix == ".json":
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: not valid JSON: {err}") from None
+        if not isinstance(doc, list):
+            raise UserError(f"{path}: expected a JSON list of prompts")
+        entries = [{"prompt": e} if isinstance(e, str) else dict(e) for e in doc]
+    else:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        entries = [parse_line(line.strip(), f"{path}:{i + 1}") for i, line in enumerate(lines)
+                   if line.strip() and not line.strip().startswith("#")]
+    return [_make(i, e, f"{path}: prompt {i + 1}") for i, e in enumerate(entries)]
+
+
+def ignored_options(prompts: list[SamplePrompt]) -> list[str]:
+    """Options that the FLUX sampler does not use (kohya ignores them too), for a warning."""
+    return [f"prompt {p.index + 1}: --l {p.scale:g}/--n (true CFG) is not supported; sampled without it"
+            for p in prompts if p.scale != 1.0]

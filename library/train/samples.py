@@ -1,0 +1,72 @@
+"""Sample images during training (kohya's --sample_prompts / --sample_every_n_* / --sample_at_first).
+
+The prompts are encoded once, before the text encoders may be freed (kohya does the same when text-encoder
+outputs are cached). Images use library/sampling.py, the sampler and seed convention of
+flux_minimal_inference.py, so a preview with `--d 42` is the image inference gives for seed 42 with the
+LoRA at strength 1. A prompt without `--d` gets seed `--seed` + its index, the same at every sampling, so
+previews of successive steps are comparable. Files: output_dir/sample/<name>_<step>_<NN>_<prompt>.png
+(`e<epoch>` instead of the step for epoch-triggered samples).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.train.prompts import SamplePrompt
+
+
+@dataclass
+class EncodedPrompt:
+    prompt: SamplePrompt
+    cond: Any  # TextEncoding on the CPU
+
+
+def encode_prompts(prompts: list[SamplePrompt], text: Any, t5_max_length: int,
+                   apply_t5_attn_mask: bool) -> list[EncodedPrompt]:
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            enc = text.encode([p.prompt], t5_max_length, apply_t5_attn_mask)
+            cpu = type(enc)(**{k: v.detach().cpu() for k, v in vars(enc).items()})
+            out.append(EncodedPrompt(p, cpu))
+    return out
+
+
+def _slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:n] or "prompt"
+
+
+def sample_path(out_dir: Path, name: str, step: int, epoch: int | None, index: int, prompt: str) -> Path:
+    tag = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+    return out_dir / "sample" / f"{name}_{tag}_{index:02d}_{_slug(prompt)}.png"
+
+
+def write_samples(prompts: list[EncodedPrompt], transformer: torch.nn.Module, ae: torch.nn.Module,
+                  out_dir: Path, name: str, step: int, epoch: int | None, base_seed: int, guidance_embed: bool,
+                  t5_max_length: int, apply_t5_attn_mask: bool, autocast: Any) -> list[Path]:
+    from library.sampling import generate_latents, latents_to_pil, sample_settings, save_png  # noqa: PLC0415
+
+    paths = []
+    device = next(p for p in transformer.parameters()).device
+    rng = torch.get_rng_state()  # sampling draws from its own generators; keep the global stream untouched
+    try:
+        for e in prompts:
+            p = e.prompt
+            seed = p.seed if p.seed is not None else base_seed + p.index
+            s = sample_settings(transformer, p.prompt, p.width, p.height, p.sample_steps, p.guidance_scale, seed,
+                                t5_max_length=t5_max_length, apply_t5_attn_mask=apply_t5_attn_mask)
+            cond = type(e.cond)(**{k: v.to(device) for k, v in vars(e.cond).items()})
+            with torch.no_grad(), autocast():
+                latents = generate_latents(transformer, cond, s, guidance_embed, progress=False)
+            image = latents_to_pil(ae, latents)[0]
+            path = sample_path(out_dir, name, step, epoch, p.index, p.prompt)
+            save_png(image, path, s, extra={"step": step, "epoch": epoch, "lora": name})
+            paths.append(path)
+    finally:
+        torch.set_rng_state(rng)
+    return paths

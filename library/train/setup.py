@@ -1,0 +1,220 @@
+"""Everything before the first step: accelerator, data, caches, models, LoRA, optimizer, scheduler.
+
+`setup` returns a `Run`, the plain bag of objects the loop in trainer.py uses. Order:
+accelerator -> data (scan, buckets) -> models -> caches (latents, text) -> sample prompts encoded ->
+unneeded encoders freed -> LoRA injected -> memory/speed options -> optimizer, scheduler -> prepare.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.errors import UserError
+from library.train import models as M
+from library.train.checkpoint import Names
+from library.train.config import TrainConfig, config_as_dict
+from library.train.logging import warn
+from library.train.optim import build_optimizer, build_scheduler, is_relative_step_adafactor
+from library.train.precision import Dtypes, resolve_dtypes
+from library.train.samples import EncodedPrompt, encode_prompts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    accelerator: Any
+    dtypes: Dtypes
+    seed: int
+    dataset: Any  # library.data.dataset.FluxDataset
+    loader: Any  # library.data.dataset.BatchLoader
+    models: M.Models
+    network: Any
+    train_clip: bool
+    optimizer: Any
+    scheduler: Any
+    names: Names
+    out_dir: Path
+    total_steps: int
+    num_epochs: int
+    steps_per_epoch: int
+    prompts: list[EncodedPrompt]
+    metadata: dict[str, str]
+
+
+def make_accelerator(cfg: TrainConfig) -> Any:
+    from accelerate import Accelerator  # noqa: PLC0415
+    from accelerate.utils import InitProcessGroupKwargs  # noqa: PLC0415
+    import datetime  # noqa: PLC0415
+
+    log_with = cfg.log.log_with or ("tensorboard" if cfg.log.logging_dir else None)
+    trackers = ["tensorboard", "wandb"] if log_with == "all" else ([log_with] if log_with else None)
+    if trackers and "wandb" in trackers:
+        try:
+            import wandb  # noqa: F401, PLC0415
+        except ImportError:
+            raise UserError("command line: --log_with wandb: wandb is not installed (pip install wandb)") from None
+    kwargs = [InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg.speed.ddp_timeout))] \
+        if cfg.speed.ddp_timeout else []
+    # Gradient accumulation and the LR schedule are stepped by the trainer itself (resumable, exact).
+    return Accelerator(mixed_precision=cfg.precision.mixed_precision, log_with=trackers,
+                       project_dir=cfg.log.logging_dir or cfg.save.output_dir, kwargs_handlers=kwargs)
+
+
+def _data(cfg: TrainConfig, acc: Any, seed: int) -> tuple[Any, Any]:
+    from library.data.dataset import BatchLoader, build_datasets  # noqa: PLC0415
+    from library.dataset_config import load_dataset_config  # noqa: PLC0415
+
+    if not cfg.data.dataset_config:
+        raise UserError("command line: --dataset_config PATH is required (a kohya dataset TOML); "
+                        "see dataset_configs/ for examples")
+    resolved = load_dataset_config(cfg.data.dataset_config, cfg.data.cli_values)
+    skip_bad = bool(cfg.data.cli_values.get("skip_bad_images"))
+    dataset, _validation = build_datasets(resolved, seed, skip_bad, progress=acc.is_main_process)
+    loader = BatchLoader(dataset, cfg.loop.max_data_loader_n_workers if cfg.loop.persistent_data_loader_workers
+                         or cfg.loop.max_data_loader_n_workers else 0, acc.process_index, acc.num_processes)
+    if len(loader) == 0:
+        raise UserError(f"{cfg.data.dataset_config}: no images found in any subset")
+    return dataset, loader
+
+
+def _schedule(cfg: TrainConfig, batches_per_rank: int) -> tuple[int, int, int]:
+    """(total optimizer steps, epochs, steps per epoch); --max_train_epochs overrides --max_train_steps."""
+    per_epoch = max(1, math.ceil(batches_per_rank / cfg.loop.gradient_accumulation_steps))
+    if cfg.loop.max_train_epochs:
+        return cfg.loop.max_train_epochs * per_epoch, cfg.loop.max_train_epochs, per_epoch
+    total = cfg.loop.max_train_steps
+    return total, math.ceil(total * cfg.loop.gradient_accumulation_steps / batches_per_rank), per_epoch
+
+
+def _cache(cfg: TrainConfig, acc: Any, run_models: M.Models, dataset: Any, epochs: int, dtypes: Dtypes) -> None:
+    from library.cache import ae_encode_fn, checkpoint_identity, text_encode_fn  # noqa: PLC0415
+
+    mem = cfg.memory
+    main = acc.is_main_process
+    if mem.cache_latents:
+        # On disk the main process writes first and the others then read its files; in memory each
+        # process needs every latent it may be given, so each encodes them itself.
+        with acc.main_process_first() if mem.cache_latents_to_disk else _null():
+            dataset.cache_latents(ae_encode_fn(run_models.ae, acc.device, dtypes.ae), checkpoint_identity(cfg.model.ae),
+                                  mem.cache_latents_to_disk, skip_cache_check=mem.skip_cache_check,
+                                  batch_size=mem.vae_batch_size, progress=main)
+    if mem.cache_text_encoder_outputs:
+        te_id = checkpoint_identity(cfg.model.clip_l) + checkpoint_identity(cfg.model.t5xxl)
+        with acc.main_process_first() if mem.cache_text_encoder_outputs_to_disk else _null():
+            dataset.cache_text_outputs(
+                text_encode_fn(run_models.text, run_models.t5_max_length, cfg.model.apply_t5_attn_mask), te_id,
+                run_models.t5_max_length, cfg.model.apply_t5_attn_mask, range(epochs),
+                mem.cache_text_encoder_outputs_to_disk, skip_cache_check=mem.skip_cache_check,
+                batch_size=mem.text_encoder_batch_size or 8, progress=main)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _train_clip(cfg: TrainConfig) -> bool:
+    n = cfg.network
+    if n.network_train_unet_only:
+        return False
+    if cfg.memory.cache_text_encoder_outputs:
+        warn("CLIP-L LoRA training needs live text encoding, but --cache_text_encoder_outputs is set: training "
+             "the transformer LoRA only (add --network_train_unet_only to silence this)")
+        return False
+    return True
+
+
+def setup(cfg: TrainConfig) -> Run:
+    acc = make_accelerator(cfg)
+    seed = cfg.loop.seed if cfg.loop.seed is not None else 42
+    torch.manual_seed(seed)  # LoRA init (kaiming) is identical on every rank and every run
+    dtypes = resolve_dtypes(cfg.precision)
+    out_dir = Path(cfg.save.output_dir)
+    if acc.is_main_process:
+        _write_config(cfg, out_dir)
+    dataset, loader = _data(cfg, acc, seed)
+    total, epochs, per_epoch = _schedule(cfg, len(loader))
+    dataset.max_train_steps = total
+    train_clip = _train_clip(cfg)
+    prompts_spec = _load_prompts(cfg)
+    models = M.load_models(cfg, dtypes, acc.device, need_text=True, need_ae=True)
+    _cache(cfg, acc, models, dataset, epochs, dtypes)
+    prompts = encode_prompts(prompts_spec, models.text, models.t5_max_length, cfg.model.apply_t5_attn_mask)
+    if cfg.memory.cache_text_encoder_outputs and not train_clip:
+        M.free(models.text.clip, models.text.t5)
+        models.text = None
+    if cfg.memory.cache_latents and not prompts:
+        M.free(models.ae)
+        models.ae = None
+    torch.manual_seed(seed)
+    network, names_replaced = M.inject_lora(cfg, models, train_clip, dtypes)
+    log.info("LoRA: %d modules wrapped, %d trainable parameters", len(names_replaced),
+             sum(p.numel() for p in network.parameters() if p.requires_grad))
+    M.apply_memory_and_speed(cfg, models.transformer, acc.device)
+    optimizer = build_optimizer(M.optimizer_groups(cfg, network), cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, total, cfg.optimizer.learning_rate,
+                                is_relative_step_adafactor(cfg.optimizer))
+    optimizer = acc.prepare(optimizer)
+    ext = "." + cfg.save.save_model_as
+    return Run(cfg, acc, dtypes, seed, dataset, loader, models, network, train_clip, optimizer, scheduler,
+               Names(out_dir, cfg.save.output_name, ext), out_dir, total, epochs, per_epoch, prompts,
+               _metadata(cfg, models, dataset, total, epochs, seed))
+
+
+def _load_prompts(cfg: TrainConfig) -> list:
+    if not cfg.sample.sample_prompts:
+        return []
+    from library.train.prompts import ignored_options, load_prompts  # noqa: PLC0415
+
+    prompts = load_prompts(cfg.sample.sample_prompts)
+    for line in ignored_options(prompts):
+        warn(f"{cfg.sample.sample_prompts}: {line}")
+    return prompts
+
+
+def _write_config(cfg: TrainConfig, out_dir: Path) -> None:
+    """Print the effective configuration and save it beside the outputs (JSON tree + re-runnable TOML)."""
+    from library.train.cli import write_toml_atomic  # noqa: PLC0415
+
+    tree = config_as_dict(cfg)
+    print("effective configuration:\n" + json.dumps(tree, indent=1), flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = cfg.save.output_name or "last"
+    tmp = out_dir / f".{name}_config.json.tmp"
+    tmp.write_text(json.dumps(tree, indent=1), encoding="utf-8")
+    tmp.replace(out_dir / f"{name}_config.json")
+    write_toml_atomic(out_dir / f"{name}_args.toml", {k: v for k, v in cfg.effective.items()})
+
+
+def _metadata(cfg: TrainConfig, models: M.Models, dataset: Any, total: int, epochs: int, seed: int) -> dict[str, str]:
+    from networks.lora_metadata import build_kohya_metadata  # noqa: PLC0415
+
+    ds = dataset.cfg.datasets[0]
+    training = {"learning_rate": cfg.optimizer.learning_rate, "unet_lr": cfg.optimizer.unet_lr,
+                "text_encoder_lr": list(cfg.optimizer.text_encoder_lr), "max_train_steps": total,
+                "num_epochs": epochs, "seed": seed, "optimizer": cfg.optimizer.optimizer_type,
+                "lr_scheduler": cfg.scheduler.lr_scheduler, "mixed_precision": cfg.precision.mixed_precision,
+                "timestep_sampling": cfg.objective.timestep_sampling,
+                "model_prediction_type": cfg.objective.model_prediction_type,
+                "discrete_flow_shift": cfg.objective.discrete_flow_shift,
+                "guidance_scale": cfg.objective.guidance_scale, "training_comment": cfg.save.training_comment,
+                "output_name": cfg.save.output_name, "apply_t5_attn_mask": cfg.model.apply_t5_attn_mask,
+                "network_train_unet_only": cfg.network.network_train_unet_only}
+    return build_kohya_metadata(cfg.network.network_dim or 4, cfg.network.network_alpha,
+                                dict(M.network_kwargs(cfg)) or None, title=cfg.save.metadata.get("title") or
+                                cfg.save.output_name or "LoRA", schnell=not models.guidance_embed,
+                                resolution=ds.resolution, training={k: v for k, v in training.items() if v is not None},
+                                no_metadata=cfg.save.no_metadata,
+                                modelspec_extra={k: v for k, v in cfg.save.metadata.items() if k != "title"})

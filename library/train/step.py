@@ -1,0 +1,88 @@
+"""One training step's forward: batch -> (noise, σ) -> noisy latents -> FLUX -> loss (kohya §5).
+
+Noise and σ are drawn per sample from a generator seeded by (seed, step, image, occurrence), so they do
+not depend on how samples are split into batches or across processes: a resumed run draws the same noise
+as the uninterrupted one, and two processes at batch B draw what one process at batch 2B draws.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from library import flow
+from library.flux.math import make_img_ids, make_txt_ids, pack_latents, unpack_latents
+from library.train.config import ObjectiveConfig
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    latents: torch.Tensor  # [B, 16, h, w] float32
+    t5_out: torch.Tensor  # [B, S, 4096]
+    clip_pooled: torch.Tensor  # [B, 768]
+    t5_attn_mask: torch.Tensor  # [B, S]
+    sample_weights: torch.Tensor  # [B] prior_loss_weight for regularization images, else 1
+    loss_mask: torch.Tensor | None  # [B, 1, h, w]
+    keys: tuple[str, ...]  # one per sample: what seeds its noise
+
+
+def sample_generator(seed: int, step: int, key: str) -> torch.Generator:
+    digest = hashlib.blake2b(f"{seed}:{step}:{key}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+def sample_keys(paths: list[str]) -> tuple[str, ...]:
+    """The image path plus its occurrence in the batch (repeats of one image get different noise)."""
+    seen: dict[str, int] = {}
+    keys = []
+    for p in paths:
+        seen[p] = seen.get(p, -1) + 1
+        keys.append(f"{p}#{seen[p]}")
+    return tuple(keys)
+
+
+def draw_noise_and_sigmas(obj: ObjectiveConfig, latents: torch.Tensor, keys: tuple[str, ...], seed: int,
+                          step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noise for the target, noise in the input (perturbed), σ), each per sample from its own generator."""
+    noise, noise_in, sigmas = [], [], []
+    for i, key in enumerate(keys):
+        g = sample_generator(seed, step, key)
+        n = torch.randn(latents[i].shape, generator=g, dtype=torch.float32)
+        s = flow.sample_sigmas(obj.timestep_sampling, 1, g, latent_hw=tuple(latents.shape[-2:]),
+                               sigmoid_scale=obj.sigmoid_scale, discrete_flow_shift=obj.discrete_flow_shift,
+                               weighting_scheme=obj.weighting_scheme, logit_mean=obj.logit_mean,
+                               logit_std=obj.logit_std, mode_scale=obj.mode_scale)
+        n_in = flow.perturb_noise(n[None], obj.ip_noise_gamma, obj.ip_noise_gamma_random_strength, g)[0]
+        noise.append(n)
+        noise_in.append(n_in)
+        sigmas.append(s)
+    dev = latents.device
+    return torch.stack(noise).to(dev), torch.stack(noise_in).to(dev), torch.cat(sigmas).to(dev)
+
+
+def flow_matching_loss(transformer: torch.nn.Module, x: StepInputs, obj: ObjectiveConfig, seed: int, step: int,
+                       guidance_embed: bool, apply_t5_attn_mask: bool, autocast: Any) -> torch.Tensor:
+    latents = x.latents.float()
+    noise, noise_in, sigmas = draw_noise_and_sigmas(obj, latents, x.keys, seed, step)
+    noisy = flow.noisy_input(latents, noise_in, sigmas)
+    b, _, h, w = latents.shape
+    dev = latents.device
+    dtype = x.t5_out.dtype
+    guidance = torch.full((b,), obj.guidance_scale, device=dev) if guidance_embed else None
+    with autocast():
+        packed = transformer(img=pack_latents(noisy), img_ids=make_img_ids(b, h // 2, w // 2).to(dev),
+                             txt=x.t5_out, txt_ids=make_txt_ids(b, x.t5_out.shape[1]).to(dev, dtype),
+                             timesteps=sigmas, y=x.clip_pooled, guidance=guidance,
+                             txt_mask=x.t5_attn_mask.bool() if apply_t5_attn_mask else None)
+    pred = unpack_latents(packed.float(), h, w)
+    p, t = flow.prediction_and_target(obj.model_prediction_type, pred, noisy, latents, noise, sigmas)
+    huber_c = None
+    if obj.loss_type in ("huber", "smooth_l1"):
+        huber_c = flow.huber_c_for(obj.huber_schedule, obj.huber_c, obj.huber_scale, sigmas)
+    loss = flow.elementwise_loss(p, t, obj.loss_type, huber_c)
+    weighting = flow.loss_weighting(obj.weighting_scheme, sigmas) if obj.model_prediction_type == "sigma_scaled" \
+        else None
+    return flow.reduce_loss(loss, weighting, x.loss_mask, x.sample_weights)

@@ -1,0 +1,89 @@
+"""LoRA files saved by the project (plain + CLIP-L, split_qkv, per-layer ranks) and the deltas they mean."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from networks.lora_flux import create_network
+from tests.interop.helpers import randomize_network, tiny_clip, tiny_flux
+
+HERE = Path(__file__).resolve().parent
+VARIANTS = {
+    "plain": dict(network_dim=4, network_alpha=2.0, args={}),
+    "split_qkv": dict(network_dim=4, network_alpha=4.0, args={"split_qkv": "True"}),
+    "per_layer": dict(network_dim=4, network_alpha=2.0,
+                      args={"img_attn_dim": "8", "single_dim": "2", "network_reg_dims": "txt_mlp=3"}),
+}
+
+
+@dataclass
+class LoRACase:
+    name: str
+    file: Path
+    unet: dict[str, torch.Tensor]  # BFL weight key → expected ΔW (fp32)
+    te: dict[str, torch.Tensor]  # CLIP-L weight key (text_model.…weight) → expected ΔW
+
+
+@dataclass
+class InteropSetup:
+    transformer_file: Path
+    params: object
+    clip_shapes: dict[str, list[int]]  # "text_model.encoder…weight" → shape
+    cases: dict[str, LoRACase]
+
+
+def build_setup(tmp: Path) -> InteropSetup:
+    model, clip = tiny_flux(), tiny_clip()
+    tf = tmp / "transformer.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tf))
+    clip_shapes = {("" if k.startswith("text_model.") else "text_model.") + k: list(v.shape)
+                   for k, v in clip.state_dict().items()}
+    cases = {}
+    for i, (name, v) in enumerate(VARIANTS.items()):
+        net = create_network(1.0, v["network_dim"], v["network_alpha"], model, clip, None, **v["args"])
+        randomize_network(net, seed=10 + i)
+        path = tmp / f"{name}.safetensors"
+        net.save_weights(path, torch.float32, {"ss_network_module": "networks.lora_flux"})
+        unet, te = {}, {}
+        for a in net.adapters():
+            t = net._targets[a.lora_name]
+            d = a.to_weight().delta() if not a.split_dims else _split_delta(a)
+            if t.component == "unet":
+                unet[t.path + ".weight"] = d
+            else:
+                te[("" if t.path.startswith("text_model.") else "text_model.") + t.path + ".weight"] = d
+        cases[name] = LoRACase(name, path, unet, te)
+    return InteropSetup(tf, model.params, clip_shapes, cases)
+
+
+def _split_delta(a) -> torch.Tensor:
+    """ΔW of a split_qkv module from its *trained* parts (not from the fused file): what training learned."""
+    rows = [(u.weight.float() @ d.weight.float()) * a.scale for d, u in zip(a.lora_down, a.lora_up)]
+    return torch.cat(rows, dim=0)
+
+
+def comfy_unet_config(p) -> dict:
+    return {"image_model": "flux", "guidance_embed": p.guidance_embed, "in_channels": p.in_channels // 4,
+            "out_channels": p.out_channels // 4, "vec_in_dim": p.vec_in_dim, "context_in_dim": p.context_in_dim,
+            "hidden_size": p.hidden_size, "mlp_ratio": p.mlp_ratio, "num_heads": p.num_heads, "depth": p.depth,
+            "depth_single_blocks": p.depth_single_blocks, "axes_dim": [16, 56, 56], "theta": 10000,
+            "patch_size": 2, "qkv_bias": p.qkv_bias}
+
+
+def run_helper(script: str, spec: dict, tmp: Path, timeout: int = 300) -> None:
+    """Run tests/interop/<script> on a JSON spec in a fresh interpreter (offline, no GPU)."""
+    spec_file = tmp / f"{script}.spec.json"
+    spec_file.write_text(json.dumps(spec))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(HERE.parents[1])}
+    res = subprocess.run([sys.executable, str(HERE / script), str(spec_file)], capture_output=True, text=True,
+                         timeout=timeout, env=env, cwd=str(tmp))
+    if res.returncode != 0:
+        raise AssertionError(f"{script} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
