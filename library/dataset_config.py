@@ -14,23 +14,19 @@ Nothing here opens an image or a model: path checks only stat and list directori
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
-import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 from library.data import schema as S
-from library.data.schema import CONTROL, DREAMBOOTH, FINETUNE, GENERAL, DATASET, SUBSET, Key
+from library.data.schema import (CONTROL, DATASET, DREAMBOOTH, FINETUNE, FLUX_MULTIPLE, GENERAL, SUBSET, Key,
+                                 parse_value, show, unknown_key_error)
 from library.errors import UserError
 
 log = logging.getLogger(__name__)
-
-_FLUX_MULTIPLE = 16  # AE /8 and 2x2 patchify: every trained size must be a multiple of 16 pixels
-
 
 @dataclass(frozen=True)
 class SubsetConfig:
@@ -111,6 +107,7 @@ def read_document(path: Path) -> dict[str, Any]:
         try:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
+            # (no kohya file was found that toml 0.10 reads and tomllib rejects; toml 0.10 reads some garbage as {})
             raise UserError(f"{path}:{_toml_position(e)}: TOML syntax error: {_toml_message(e)}") from None
     if not isinstance(doc, dict):
         raise UserError(f"{path}: expected a table with [general] and [[datasets]] at the top level")
@@ -131,116 +128,12 @@ def _toml_message(e: tomllib.TOMLDecodeError) -> str:
     return msg.split(" (at line")[0]
 
 
-# ---------------------------------------------------------------------------------------------- values
-
-def parse_value(key: Key, raw: Any, from_cli: bool = False) -> tuple[Any, str | None]:
-    """Check one value's type and range; returns (value, error or None). CLI strings are parsed too."""
-    kind = key.kind
-    if kind == "bool":
-        return (raw, None) if isinstance(raw, bool) else (None, f"expected true or false, got {_show(raw)}")
-    if kind == "int":
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            return None, f"expected an integer, got {_show(raw)}"
-        return raw, _range_error(key, raw)
-    if kind == "float":
-        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
-            return None, f"expected a number, got {_show(raw)}"
-        return float(raw), _range_error(key, float(raw))
-    if kind in ("str", "path"):
-        if not isinstance(raw, str):
-            return None, f"expected a string, got {_show(raw)}"
-        if kind == "path" and not raw.strip():
-            return None, "expected a path, got an empty string"
-        if key.name == "resize_interpolation" and raw not in S.INTERPOLATIONS:
-            return None, f"unknown interpolation {raw!r}; use one of {', '.join(S.INTERPOLATIONS)}"
-        if key.name == "caption_extension" and raw and not raw.startswith("."):
-            raw = "." + raw  # kohya adds the missing dot
-        return raw, None
-    if kind == "resolution":
-        return _parse_resolution(raw)
-    if kind == "float_pair":
-        if isinstance(raw, str):
-            raw = [p.strip() for p in raw.split(",")]
-            try:
-                raw = [float(p) for p in raw]
-            except ValueError:
-                return None, f"expected two numbers like \"2.0,4.0\", got {_show(raw)}"
-        if (not isinstance(raw, list) or len(raw) != 2
-                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in raw)):
-            return None, f"expected [low, high], got {_show(raw)}"
-        lo, hi = float(raw[0]), float(raw[1])
-        if not 0 < lo <= hi:
-            return None, f"expected 0 < low <= high, got [{lo}, {hi}]"
-        return (lo, hi), None
-    if kind == "dict":
-        return (raw, None) if isinstance(raw, dict) else (None, f"expected a table, got {_show(raw)}")
-    raise AssertionError(kind)
-
-
-def _parse_resolution(raw: Any) -> tuple[tuple[int, int] | None, str | None]:
-    """kohya accepts N and [W, H] in TOML and "N" / "W,H" on the CLI; we also accept those strings in TOML."""
-    bad = (None, f"expected N, [width, height] or \"width,height\", got {_show(raw)}")
-    if isinstance(raw, str):
-        parts = [p.strip() for p in raw.replace("x", ",").split(",")]
-        if not all(p.isdigit() for p in parts):
-            return bad
-        raw = [int(p) for p in parts]
-        raw = raw[0] if len(raw) == 1 else raw
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        raw = [raw, raw]
-    if (not isinstance(raw, list) or len(raw) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) for v in raw)):
-        return bad
-    w, h = raw
-    if w < _FLUX_MULTIPLE or h < _FLUX_MULTIPLE:
-        return None, f"expected sizes of at least {_FLUX_MULTIPLE}, got {w}x{h}"
-    return (w, h), None
-
-
-def _range_error(key: Key, v: float) -> str | None:
-    if key.min is not None and v < key.min:
-        return f"must be >= {key.min:g}, got {v:g}"
-    if key.max is not None and (v >= key.max if key.max_exclusive else v > key.max):
-        op = "<" if key.max_exclusive else "<="
-        return f"must be {op} {key.max:g}, got {v:g}"
-    return None
-
-
-def _show(v: Any) -> str:
-    s = json.dumps(v) if isinstance(v, (bool, int, float, str, list, type(None))) else repr(v)
-    return s if len(s) < 60 else s[:57] + "..."
-
-
-def _unknown_key_error(where: str, name: str, level: str) -> str:
-    spot = f"{where}.{name}" if where else name
-    key = S.KEY_BY_NAME.get(name)
-    if key is not None:  # a real key at the wrong level
-        allowed = " or ".join({GENERAL: "[general]", DATASET: "[[datasets]]", SUBSET: "[[datasets.subsets]]"}[lv]
-                              for lv in (GENERAL, DATASET, SUBSET) if lv in key.levels)
-        return f"{spot}: not allowed in {_level_name(level)}; set it in {allowed}"
-    if name in S.CLI_ONLY:
-        return f"{spot}: only settable on the command line ({S.CLI_ONLY[name]})"
-    if name in S.ALIASES:
-        return f"{spot}: unknown key; did you mean {S.ALIASES[name]}?"
-    candidates = [k.name for k in S.KEYS if level in k.levels] + (["general", "datasets"] if level == "top" else [])
-    if level == DATASET:
-        candidates.append("subsets")
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]}?" if close else ""
-    return f"{spot}: unknown key{hint}"
-
-
-def _level_name(level: str) -> str:
-    return {"top": "the top level", GENERAL: "[general]", DATASET: "[[datasets]]",
-            SUBSET: "[[datasets.subsets]]"}[level]
-
-
 # ---------------------------------------------------------------------------------------------- structure
 
 def _parse_table(table: Any, level: str, where: str, errors: list[str]) -> dict[str, Any]:
     """Type-check every key of one table; unknown keys and bad values go to `errors`."""
     if not isinstance(table, dict):
-        errors.append(f"{where}: expected a table, got {_show(table)}")
+        errors.append(f"{where}: expected a table, got {show(table)}")
         return {}
     out: dict[str, Any] = {}
     for name, raw in table.items():
@@ -248,7 +141,7 @@ def _parse_table(table: Any, level: str, where: str, errors: list[str]) -> dict[
             continue
         key = S.KEY_BY_NAME.get(name)
         if key is None or level not in key.levels:
-            errors.append(_unknown_key_error(where, name, level))
+            errors.append(unknown_key_error(where, name, level))
             continue
         value, err = parse_value(key, raw)
         if err:
@@ -339,14 +232,14 @@ def _resolve_subset(raw: dict[str, Any], chain: list[tuple[str, dict[str, Any]]]
 
 def _bucket_checks(ds: dict[str, Any], where: str, errors: list[str], warnings: list[str]) -> None:
     steps, res = ds["bucket_reso_steps"], ds["resolution"]
-    if steps % _FLUX_MULTIPLE:
-        errors.append(f"{where}.bucket_reso_steps: must be a multiple of {_FLUX_MULTIPLE} for FLUX, got {steps}")
+    if steps % FLUX_MULTIPLE:
+        errors.append(f"{where}.bucket_reso_steps: must be a multiple of {FLUX_MULTIPLE} for FLUX, got {steps}")
         return
     if res is None:
         return
     if not ds["enable_bucket"]:
-        if res[0] % _FLUX_MULTIPLE or res[1] % _FLUX_MULTIPLE:
-            errors.append(f"{where}.resolution: {res[0]}x{res[1]} must be a multiple of {_FLUX_MULTIPLE} "
+        if res[0] % FLUX_MULTIPLE or res[1] % FLUX_MULTIPLE:
+            errors.append(f"{where}.resolution: {res[0]}x{res[1]} must be a multiple of {FLUX_MULTIPLE} "
                           "without enable_bucket")
         return
     if ds["bucket_no_upscale"]:
@@ -387,7 +280,7 @@ def _resolve_dataset(i: int, raw: Any, general: dict[str, Any], cli: dict[str, A
     ds_vals = _parse_table(raw, DATASET, where, ctx.errors)
     raw_subsets = raw.get("subsets", []) if isinstance(raw, dict) else []
     if not isinstance(raw_subsets, list):
-        ctx.errors.append(f"{where}.subsets: expected [[datasets.subsets]] tables, got {_show(raw_subsets)}")
+        ctx.errors.append(f"{where}.subsets: expected [[datasets.subsets]] tables, got {show(raw_subsets)}")
         raw_subsets = []
     subs = [_parse_table(s, SUBSET, f"{where}.subsets[{j}]", ctx.errors) for j, s in enumerate(raw_subsets)]
     if not subs:
@@ -463,12 +356,12 @@ def load_dataset_config(path: str | Path, cli_values: Mapping[str, Any] | None =
                cache_latents=bool(cli_values.get("cache_latents") or cli_values.get("cache_latents_to_disk")))
     for name in doc:
         if name not in ("general", "datasets"):
-            ctx.errors.append(_unknown_key_error("", name, "top"))
+            ctx.errors.append(unknown_key_error("", name, "top"))
     general = _parse_table(doc.get("general", {}), GENERAL, "general", ctx.errors)
     cli = _cli_level(cli_values, ctx.errors)
     raw_datasets = doc.get("datasets", [])
     if not isinstance(raw_datasets, list):
-        ctx.errors.append(f"datasets: expected [[datasets]] tables, got {_show(raw_datasets)}")
+        ctx.errors.append(f"datasets: expected [[datasets]] tables, got {show(raw_datasets)}")
         raw_datasets = []
     if not raw_datasets:
         ctx.errors.append("datasets: no [[datasets]] defined; add [[datasets]] with at least one "

@@ -335,3 +335,25 @@ def test_tensor_cache_memory_roundtrip():
     c = TensorCache(None, "latents")
     c.put("k", {"latents": torch.ones(2, 2)})
     assert c.has("k", ["latents"]) and torch.equal(c.get("k")["latents"], torch.ones(2, 2))
+
+
+def test_bad_image_while_caching(tmp_path, caplog):
+    import io
+    import logging
+
+    from library.data.images import BadImageError
+
+    cfg = basic(tmp_path, n=3)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (tmp_path / "imgs" / "cut.jpg").write_bytes(buf.getvalue()[:-1500])  # header fine: passes the scan
+    with pytest.raises(BadImageError, match="cut.jpg"):
+        cache(dataset(cfg), FakeAE())
+    train, _ = build_datasets(load_dataset_config(cfg), seed=0, skip_bad_images=True, progress=False)
+    train.skip_bad_images = True
+    ae = FakeAE()
+    with caplog.at_level(logging.WARNING):
+        cache(train, ae)
+    assert "cut.jpg" in caplog.text and ae.images == 0  # the three good ones were cached by the first run
+    paths = [p for b in BatchLoader(train).iter_epoch(0) for p in b.paths]
+    assert len(paths) == 3 and not any(p.endswith("cut.jpg") for p in paths)

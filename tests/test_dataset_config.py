@@ -349,3 +349,70 @@ def test_kohya_doc_examples(tmp_path, imgdir):
         load_dataset_config(_write(tmp_path, {"resolution": 1024, "interpolation_type": "bicubic"}, {},
                                    [{"image_dir": str(imgdir)}]))
     assert "general.interpolation_type: unknown key; did you mean resize_interpolation?" in str(e.value)
+
+
+def test_validate_config_opens_no_image(tmp_path, imgdir, monkeypatch):
+    """--validate_config reads the schema and lists folders only: opening an image fails this test."""
+    import PIL.Image
+
+    def refuse(*a, **k):
+        raise AssertionError("an image was opened")
+
+    monkeypatch.setattr(PIL.Image, "open", refuse)
+    cfg = load_dataset_config(_write(tmp_path, {"resolution": 512, "enable_bucket": True}, {},
+                                     [{"image_dir": str(imgdir)}]))
+    assert "image_dir" in format_resolved(cfg)
+
+
+KOHYA_README_EXAMPLE = """
+[general]
+shuffle_caption = true
+caption_extension = '.txt'
+keep_tokens = 1
+
+# This is a DreamBooth-style dataset
+[[datasets]]
+resolution = 512
+batch_size = 4
+keep_tokens = 2
+
+  [[datasets.subsets]]
+  image_dir = '{hoge}'
+  class_tokens = 'hoge girl'
+  # This subset uses keep_tokens = 2 (the value of the parent datasets)
+
+  [[datasets.subsets]]
+  image_dir = '{fuga}'
+  class_tokens = 'fuga boy'
+  keep_tokens = 3
+
+  [[datasets.subsets]]
+  is_reg = true
+  image_dir = '{reg}'
+  class_tokens = 'human'
+  keep_tokens = 1
+
+# This is a fine-tuning dataset
+[[datasets]]
+resolution = [768, 768]
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = '{piyo}'
+  metadata_file = '{piyo}/piyo_md.json'
+  # This subset uses keep_tokens = 1 (the value of [general])
+"""
+
+
+def test_kohya_config_readme_example(tmp_path):
+    """The main example of kohya's docs/config_README-en.md, paths replaced: resolves as its comments say."""
+    dirs = {n: _images(tmp_path / n) for n in ("hoge", "fuga", "reg", "piyo")}
+    (dirs["piyo"] / "piyo_md.json").write_text("{}")
+    p = tmp_path / "kohya.toml"
+    p.write_text(KOHYA_README_EXAMPLE.format(**{k: str(v) for k, v in dirs.items()}))
+    db, ft = load_dataset_config(p).datasets
+    assert (db.style, ft.style) == ("dreambooth", "finetune")
+    assert [s.keep_tokens for s in db.subsets] == [2, 3, 1] and ft.subsets[0].keep_tokens == 1
+    assert [s.is_reg for s in db.subsets] == [False, False, True]
+    assert all(s.shuffle_caption and s.caption_extension == ".txt" for s in db.subsets)
+    assert (db.resolution, db.batch_size, ft.resolution, ft.batch_size) == ((512, 512), 4, (768, 768), 2)

@@ -145,3 +145,34 @@ def test_cli_wrong_text_encoder_file_exits_2_without_traceback(tiny_ckpts, tmp_p
 def test_cli_single_file_needs_the_text_encoders(tiny_ckpts, tmp_path) -> None:
     res = run_cli("--ckpt_path", tiny_ckpts.transformer, "--output_dir", tmp_path)
     assert res.returncode == 2 and "--clip_l is required" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_lora_weights_change_the_image_and_merge_equals_on_the_fly(dev, tiny_ckpts, tmp_path) -> None:
+    """--lora_weights PATH;MULT goes through networks.lora_flux; merged and on-the-fly LoRA give one image."""
+    import flux_minimal_inference as fmi
+    from library.flux.text_encoders import load_clip_l
+    from networks.lora_flux import create_network
+
+    net = create_network(1.0, 4, 4.0, load_transformer(tiny_ckpts.transformer, "cpu", torch.float32),
+                         load_clip_l(tiny_ckpts.clip_l, "cpu", torch.float32))
+    net.apply_to()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.get_trainable_params():  # lora_up starts at zero: give every module an effect
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    lora = tmp_path / "lora.safetensors"
+    net.save_weights(lora, torch.float32, {})
+    c = CASE
+    base = ["--ckpt_path", str(tiny_ckpts.transformer), "--clip_l", str(tiny_ckpts.clip_l), "--t5xxl",
+            str(tiny_ckpts.t5xxl), "--ae", str(tiny_ckpts.ae), "--prompt", c["prompt"], "--width", str(c["width"]),
+            "--height", str(c["height"]), "--steps", str(c["steps"]), "--seed", str(c["seed"]), "--dtype",
+            "float32", "--device", "cpu", "--output_dir", str(tmp_path)]
+    runs = {"lora": ["--lora_weights", f"{lora};0.8"],
+            "merged": ["--lora_weights", f"{lora};0.8", "--merge_lora_weights"]}
+    images = {}
+    for name, extra in runs.items():
+        assert fmi.main(base + extra + ["--output_name", name]) == 0
+        images[name] = Image.open(tmp_path / f"{name}.png").convert("RGB")
+    assert psnr(images["lora"], dev[1]) < BAR - 10  # dev[1]: the same settings without LoRA (diffusers)
+    assert psnr(images["lora"], images["merged"]) >= BAR
+    assert read_png_settings(tmp_path / "lora.png")["lora_weights"] == [[str(lora), 0.8]]

@@ -183,3 +183,20 @@ def test_make_tiny_checkpoints_cli(tmp_path):
                           str(out / "flux1-tiny-schnell.safetensors")], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.startswith("error: ")
+
+
+def test_fp8_file_and_comfyui_prefix(tiny_ckpts, reference, tmp_path):
+    """A ComfyUI-saved fp8 file (`diffusion_model.` prefix, e4m3 weights) loads in both modes."""
+    from library.flux.model import to_fp8
+
+    sd = _sd(tiny_ckpts.transformer)
+    fp8_sd = {f"diffusion_model.{k}": (to_fp8(v) if v.ndim == 2 else v) for k, v in sd.items()}
+    path = tmp_path / "flux1-dev-fp8.safetensors"
+    save_file_atomic(fp8_sd, path)
+    up = load_transformer(path, "cpu", torch.float32)
+    assert up.double_blocks[0].img_attn.qkv.weight.dtype == torch.float32
+    assert torch.equal(up.img_in.weight, fp8_sd["diffusion_model.img_in.weight"].float())
+    kept = load_transformer(path, "cpu", torch.float32, fp8=True)
+    w = kept.single_blocks[0].linear1.weight
+    assert w.dtype == torch.float8_e4m3fn
+    assert torch.equal(w.view(torch.uint8), fp8_sd["diffusion_model.single_blocks.0.linear1.weight"].view(torch.uint8))

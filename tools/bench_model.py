@@ -76,13 +76,19 @@ def inputs(device: torch.device, p: FluxParams) -> dict:
 
 
 @torch.no_grad()
-def bench_mode(path: Path, fp8: bool, device: torch.device, repeats: int) -> dict:
+def bench_mode(path: Path, mode: str, device: torch.device, repeats: int) -> dict:
+    """`mode`: "bf16" or "fp8", optionally "+swapN" (kohya --blocks_to_swap N)."""
+    fp8 = mode.startswith("fp8")
+    swap = int(mode.split("+swap")[1]) if "+swap" in mode else 0
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     torch.cuda.synchronize(device)
     start = time.perf_counter()
-    model = load_transformer(path, device, torch.bfloat16, fp8=fp8)
+    model = load_transformer(path, "cpu" if swap else device, torch.bfloat16, fp8=fp8)
+    model.requires_grad_(False)
+    if swap:
+        model.enable_block_swap(swap, device)
     torch.cuda.synchronize(device)
     load_s = time.perf_counter() - start
     weights_gib = torch.cuda.memory_allocated(device) / GiB
@@ -99,7 +105,7 @@ def bench_mode(path: Path, fp8: bool, device: torch.device, repeats: int) -> dic
         b.record()
         torch.cuda.synchronize(device)
         times.append(a.elapsed_time(b))
-    result = {"mode": "fp8 e4m3 storage" if fp8 else "bf16", "load_s": round(load_s, 2),
+    result = {"mode": mode, "load_s": round(load_s, 2),
               "weights_gib": round(weights_gib, 2), "load_peak_gib": round(load_peak_gib, 2),
               "forward_ms_median": round(statistics.median(times), 1), "forward_ms_all": [round(t, 1) for t in times],
               "forward_peak_gib": round(torch.cuda.max_memory_allocated(device) / GiB, 2),
@@ -108,14 +114,62 @@ def bench_mode(path: Path, fp8: bool, device: torch.device, repeats: int) -> dic
     return result
 
 
+def check_block_swap(device: torch.device) -> dict:
+    """Outputs and gradients with block swap (weights really moving host <-> GPU) equal those without."""
+    p = FluxParams(in_channels=64, out_channels=64, vec_in_dim=64, context_in_dim=64, hidden_size=256,
+                   mlp_ratio=4.0, num_heads=2, depth=3, depth_single_blocks=4, qkv_bias=True, guidance_embed=True)
+    torch.manual_seed(0)
+    model = Flux(p)
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            t.normal_(0, t.shape[-1] ** -0.5 if t.ndim == 2 else 0.1)
+    gen = torch.Generator().manual_seed(0)
+    inp = dict(img=torch.randn(2, 12, 64, generator=gen), img_ids=make_img_ids(2, 3, 4),
+               txt=torch.randn(2, 5, 64, generator=gen), txt_ids=make_txt_ids(2, 5), timesteps=torch.rand(2),
+               y=torch.randn(2, 64, generator=gen), guidance=torch.full((2,), 3.5))
+    inp = {k: v.to(device) for k, v in inp.items()}
+
+    def step():
+        model.zero_grad()
+        img = inp["img"].clone().requires_grad_(True)
+        out = model(**{**inp, "img": img})
+        (out ** 2).mean().backward()
+        grads = [q.grad.to("cpu") for q in model.parameters() if q.requires_grad]
+        return out.detach().cpu(), img.grad.cpu(), grads
+
+    model.requires_grad_(False)  # frozen base (as under LoRA) plus trainable weights inside swapped blocks
+    for block in (model.double_blocks[2], model.single_blocks[3]):
+        for q in block.parameters():
+            if q.ndim == 1:
+                q.requires_grad_(True)
+    model.to(device)
+    ref = step()
+    result = {}
+    model.enable_block_swap(4, device)  # 2 double + 4 single
+    for ckpt in (False, True):
+        if ckpt:
+            model.enable_gradient_checkpointing()
+        got = step()
+        diff = max([(a - b).abs().max().item() for a, b in zip(ref[:2], got[:2])]
+                   + [(a - b).abs().max().item() for a, b in zip(ref[2], got[2])])
+        on_gpu = [n for n, q in model.named_parameters() if q.device.type == "cuda" and not q.requires_grad
+                  and n.startswith(tuple(f"{b}." for b in model.block_swap.names))]
+        result[f"checkpointing={ckpt}"] = {"max_abs_diff": diff, "swapped_params_left_on_gpu": len(on_gpu)}
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for the ~24 GB random checkpoint")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--modes", default="bf16,fp8")
+    parser.add_argument("--modes", default="bf16,fp8", help='comma list of bf16, fp8, bf16+swap18, ...')
+    parser.add_argument("--check-swap", action="store_true", help="only check block swap on the GPU (small model)")
     args = parser.parse_args()
     device = torch.device("cuda")
+    if args.check_swap:
+        print(json.dumps(check_block_swap(device)))
+        return 0
     args.work.mkdir(parents=True, exist_ok=True)
     path = args.work / "flux1-dev-random.safetensors"
     results = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
@@ -126,7 +180,7 @@ def main() -> int:
     print(json.dumps(results), flush=True)
     results["runs"] = []
     for mode in filter(None, args.modes.split(",")):  # --modes "" only writes the checkpoint
-        r = bench_mode(path, mode == "fp8", device, args.repeats)
+        r = bench_mode(path, mode, device, args.repeats)
         print(json.dumps(r), flush=True)
         results["runs"].append(r)
     if args.out:

@@ -11,6 +11,7 @@ gets epoch + 1, as kohya counts for caption_dropout_every_n_epochs.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,6 @@ from library.data.buckets import crop_ltrb, make_batches
 from library.data.captions import CaptionSpec, process_caption
 from library.data.images import BadImageError, load_image, resize_crop
 from library.data.scan import Item, balance_reg, scan, split_validation
-from library.data.schema import CONTROL
 from library.dataset_config import ResolvedDatasetConfig
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class FluxDataset:
 
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], ae_id: str, to_disk: bool,
                       cache_dir: Path | None = None, skip_cache_check: bool = False, batch_size: int = 1,
-                      progress: bool = True) -> None:
+                      progress: bool = True, num_threads: int | None = None) -> None:
         """Encode (or reuse) the latents of every image; later batches read `latents` from the cache.
 
         On disk the entries go to `cache_dir`, or `<image_dir>/.flux_cache/` per subset (kohya also writes
@@ -207,7 +207,7 @@ class FluxDataset:
             self.latent_keys[it.uid] = job.key
         for root, jobs in jobs_by_root.items():
             bad = cache_latents(jobs, self._prepare, encode, caches[root], ae_id, self._required, batch_size,
-                                self.skip_bad_images, progress)
+                                self.skip_bad_images, progress, num_threads or min(8, os.cpu_count() or 1))
             for p in bad:
                 log.warning("skipping unreadable image %s", p)
                 self.bad |= {it.uid for it in items if it.path == p}
@@ -247,6 +247,12 @@ class FluxDataset:
         captions = self.caption_variants(epochs)
         if any(s.caption_dropout_rate > 0 or s.caption_dropout_every_n_epochs > 0 for s in self.specs.values()):
             captions.append("")
+        n_images = len(self.by_uid)
+        if len(captions) > 4 * n_images:  # shuffling makes nearly every (sample, epoch) a new caption
+            log.warning("caching %d caption variants for %d images over %d epochs (about %.1f GiB at FLUX-dev's "
+                        "512x4096 bf16 T5 output); fewer epochs, or no --cache_text_encoder_outputs with "
+                        "shuffle_caption, keeps this small", len(captions), n_images, len(epochs),
+                        len(captions) * 512 * 4096 * 2 / 2**30)
         first = next(it for its in self.items for it in its)
         root = (cache_dir or self._cache_root(first, None)) if to_disk else None
         self.text_cache = TensorCache(root, "text", skip_cache_check)

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from library.data.dataset import FluxDataset
+from library.dataset_config import ResolvedDatasetConfig
 
 
 @dataclass(frozen=True)
@@ -88,3 +89,13 @@ def format_plan(plan: Plan) -> str:
     if plan.validation_images:
         lines.append(f"  validation images: {plan.validation_images}")
     return "\n".join(lines)
+
+
+def make_plan(resolved: ResolvedDatasetConfig, seed: int = 0, max_train_steps: int | None = None, max_train_epochs: int | None = None,
+              gradient_accumulation_steps: int = 1, num_processes: int = 1, skip_bad_images: bool = False,
+              progress: bool = True) -> Plan:
+    """--dry_run: scan the images of a resolved config (headers only, no model) and plan the run."""
+    from library.data.dataset import build_datasets
+
+    train, val = build_datasets(resolved, seed, skip_bad_images, progress)
+    return build_plan(train, max_train_steps, max_train_epochs, gradient_accumulation_steps, num_processes, val)

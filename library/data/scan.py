@@ -132,6 +132,9 @@ def scan(cfg: ResolvedDatasetConfig, skip_bad_images: bool = False, progress: bo
                 errors.append(f"{cfg.path}: datasets[{i}].subsets[{j}].face_crop_aug_range: face-centred crops "
                               "are not supported by this trainer; remove the key")
             rows_by_subset[i, j] = _subset_sources(sub, ds.style, f"datasets[{i}].subsets[{j}]", errors)
+            if not rows_by_subset[i, j]:
+                errors.append(f"{cfg.path}: datasets[{i}].subsets[{j}]: no images "
+                              f"({sub.metadata_file or sub.image_dir} lists none)")
     unknown = [r[0] for rows in rows_by_subset.values() for r in rows if r[3] is None]
     sizes = _read_sizes(unknown, skip_bad_images, progress)
     bad = [v for v in sizes.values() if isinstance(v, BadImageError)]

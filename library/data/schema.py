@@ -13,12 +13,17 @@ the tuple-typed `(",",)` defect).
 
 from __future__ import annotations
 
+import difflib
+import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 GENERAL, DATASET, SUBSET = "general", "dataset", "subset"
 DREAMBOOTH, FINETUNE, CONTROL = "dreambooth", "finetune", "control"
 ALL_STYLES = frozenset({DREAMBOOTH, FINETUNE, CONTROL})
+
+FLUX_MULTIPLE = 16  # AE /8 and 2x2 patchify: every trained size must be a multiple of 16 pixels
 
 # Pillow filters behind kohya's resize_interpolation names ("area" is Pillow's BOX filter).
 INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
@@ -109,3 +114,107 @@ ALIASES = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats", "
            "caption_extention": "caption_extension", "interpolation_type": "resize_interpolation"}
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif", ".jxl")
+
+
+# ---------------------------------------------------------------------------------------------- values
+
+def parse_value(key: Key, raw: Any, from_cli: bool = False) -> tuple[Any, str | None]:
+    """Check one value's type and range; returns (value, error or None). CLI strings are parsed too."""
+    kind = key.kind
+    if kind == "bool":
+        return (raw, None) if isinstance(raw, bool) else (None, f"expected true or false, got {show(raw)}")
+    if kind == "int":
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            return None, f"expected an integer, got {show(raw)}"
+        return raw, _range_error(key, raw)
+    if kind == "float":
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+            return None, f"expected a number, got {show(raw)}"
+        return float(raw), _range_error(key, float(raw))
+    if kind in ("str", "path"):
+        if not isinstance(raw, str):
+            return None, f"expected a string, got {show(raw)}"
+        if kind == "path" and not raw.strip():
+            return None, "expected a path, got an empty string"
+        if key.name == "resize_interpolation" and raw not in INTERPOLATIONS:
+            return None, f"unknown interpolation {raw!r}; use one of {', '.join(INTERPOLATIONS)}"
+        if key.name == "caption_extension" and raw and not raw.startswith("."):
+            raw = "." + raw  # kohya adds the missing dot
+        return raw, None
+    if kind == "resolution":
+        return _parse_resolution(raw)
+    if kind == "float_pair":
+        if isinstance(raw, str):
+            raw = [p.strip() for p in raw.split(",")]
+            try:
+                raw = [float(p) for p in raw]
+            except ValueError:
+                return None, f"expected two numbers like \"2.0,4.0\", got {show(raw)}"
+        if (not isinstance(raw, list) or len(raw) != 2
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in raw)):
+            return None, f"expected [low, high], got {show(raw)}"
+        lo, hi = float(raw[0]), float(raw[1])
+        if not 0 < lo <= hi:
+            return None, f"expected 0 < low <= high, got [{lo}, {hi}]"
+        return (lo, hi), None
+    if kind == "dict":
+        return (raw, None) if isinstance(raw, dict) else (None, f"expected a table, got {show(raw)}")
+    raise AssertionError(kind)
+
+
+def _parse_resolution(raw: Any) -> tuple[tuple[int, int] | None, str | None]:
+    """kohya accepts N and [W, H] in TOML and "N" / "W,H" on the CLI; we also accept those strings in TOML."""
+    bad = (None, f"expected N, [width, height] or \"width,height\", got {show(raw)}")
+    if isinstance(raw, str):
+        parts = [p.strip() for p in raw.replace("x", ",").split(",")]
+        if not all(p.isdigit() for p in parts):
+            return bad
+        raw = [int(p) for p in parts]
+        raw = raw[0] if len(raw) == 1 else raw
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = [raw, raw]
+    if (not isinstance(raw, list) or len(raw) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in raw)):
+        return bad
+    w, h = raw
+    if w < FLUX_MULTIPLE or h < FLUX_MULTIPLE:
+        return None, f"expected sizes of at least {FLUX_MULTIPLE}, got {w}x{h}"
+    return (w, h), None
+
+
+def _range_error(key: Key, v: float) -> str | None:
+    if key.min is not None and v < key.min:
+        return f"must be >= {key.min:g}, got {v:g}"
+    if key.max is not None and (v >= key.max if key.max_exclusive else v > key.max):
+        op = "<" if key.max_exclusive else "<="
+        return f"must be {op} {key.max:g}, got {v:g}"
+    return None
+
+
+def show(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, (bool, int, float, str, list, type(None))) else repr(v)
+    return s if len(s) < 60 else s[:57] + "..."
+
+
+def unknown_key_error(where: str, name: str, level: str) -> str:
+    spot = f"{where}.{name}" if where else name
+    key = KEY_BY_NAME.get(name)
+    if key is not None:  # a real key at the wrong level
+        allowed = " or ".join({GENERAL: "[general]", DATASET: "[[datasets]]", SUBSET: "[[datasets.subsets]]"}[lv]
+                              for lv in (GENERAL, DATASET, SUBSET) if lv in key.levels)
+        return f"{spot}: not allowed in {_level_name(level)}; set it in {allowed}"
+    if name in CLI_ONLY:
+        return f"{spot}: only settable on the command line ({CLI_ONLY[name]})"
+    if name in ALIASES:
+        return f"{spot}: unknown key; did you mean {ALIASES[name]}?"
+    candidates = [k.name for k in KEYS if level in k.levels] + (["general", "datasets"] if level == "top" else [])
+    if level == DATASET:
+        candidates.append("subsets")
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"{spot}: unknown key{hint}"
+
+
+def _level_name(level: str) -> str:
+    return {"top": "the top level", GENERAL: "[general]", DATASET: "[[datasets]]",
+            SUBSET: "[[datasets.subsets]]"}[level]

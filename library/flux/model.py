@@ -114,6 +114,8 @@ class Flux(nn.Module):
 
     def enable_gradient_checkpointing(self, cpu_offload: bool = False) -> None:
         """Recompute each block in backward; with `cpu_offload`, block inputs are kept in host memory."""
+        if cpu_offload and self.block_swap is not None:
+            raise UserError("--cpu_offload_checkpointing cannot be combined with --blocks_to_swap (as in kohya)")
         self.gradient_checkpointing = True
         self.cpu_offload_checkpointing = cpu_offload
 
@@ -123,7 +125,13 @@ class Flux(nn.Module):
 
     def enable_block_swap(self, n: int, device: torch.device | str) -> None:
         """Keep `n` blocks' weights in host memory and bring each to `device` just for its use (kohya
-        --blocks_to_swap): n//2 double blocks and 2*(n - n//2) single blocks, the last ones of each list."""
+        --blocks_to_swap): n//2 double blocks and 2*(n - n//2) single blocks, the last ones of each list.
+
+        Moves the rest of the model to `device`. Call it after freezing the base weights (and injecting
+        LoRA): only parameters with requires_grad=False are swapped, trainable ones stay on `device`.
+        The swapped weights are treated as read-only (their host copy is the master)."""
+        if self.cpu_offload_checkpointing:
+            raise UserError("--blocks_to_swap cannot be combined with --cpu_offload_checkpointing (as in kohya)")
         if self.block_swap is not None:
             self.block_swap.remove()
         self.block_swap = BlockSwap(self, n, torch.device(device))
@@ -158,11 +166,12 @@ class Flux(nn.Module):
             img = torch.cat((img, cond), dim=1)
             img_ids = torch.cat((img_ids, cond_ids), dim=1)
         img = self.img_in(img)
-        vec = self.time_in(timestep_embedding(timesteps, TIME_EMBED_DIM))
+        # Embeddings follow the activations' dtype, so float32 timesteps / guidance work with a bf16 model.
+        vec = self.time_in(timestep_embedding(timesteps, TIME_EMBED_DIM).to(img.dtype))
         if self.params.guidance_embed:
             if guidance is None:
                 raise ValueError("this FLUX model has a guidance embedding (dev): pass `guidance`")
-            vec = vec + self.guidance_in(timestep_embedding(guidance, TIME_EMBED_DIM))
+            vec = vec + self.guidance_in(timestep_embedding(guidance, TIME_EMBED_DIM).to(img.dtype))
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
@@ -201,9 +210,11 @@ class Fp8Linear(nn.Linear):
 
 def to_fp8(t: torch.Tensor) -> torch.Tensor:
     """Saturating cast to e4m3 (a plain cast would turn out-of-range values into NaN)."""
-    if t.dtype == FP8_DTYPE:
-        return t
-    return t.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE) if t.device.type != "meta" else t.to(FP8_DTYPE)
+    if t.dtype == FP8_DTYPE or t.device.type == "meta":
+        return t.to(FP8_DTYPE)
+    if t.element_size() == 1:  # another fp8 flavour (e5m2 files): clamp needs a wider dtype
+        t = t.to(torch.bfloat16)
+    return t.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def apply_fp8_storage(model: Flux, compute_dtype: torch.dtype) -> list[str]:
@@ -250,17 +261,14 @@ class BlockSwap:
         self.record = False
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._ready: dict[int, torch.cuda.Event] = {}
-        swapped = {id(b) for b in self.blocks}
-        for module in model.children():
-            if isinstance(module, nn.ModuleList):
-                for block in module:
-                    block.to("cpu" if id(block) in swapped else device)
-            else:
-                module.to(device)
-        self.host = [{name: self._pin(p.data) for name, p in b.named_parameters()} for b in self.blocks]
+        model.to(device)
+        # Only frozen weights move: trainable ones (LoRA) stay where the optimizer and their grads live.
+        self.host = [{name: self._pin(p.data) for name, p in b.named_parameters() if not p.requires_grad}
+                     for b in self.blocks]
         for i, b in enumerate(self.blocks):
             for name, p in b.named_parameters():
-                p.data = self.host[i][name]
+                if name in self.host[i]:
+                    p.data = self.host[i][name]
         self._handles = []
         for i, block in enumerate(self.blocks):
             self._handles += [
@@ -292,7 +300,7 @@ class BlockSwap:
         if i not in self.resident:
             self.resident.add(i)
             self._log("in", i)
-            params = dict(self.blocks[i].named_parameters())
+            params = {n: p for n, p in self.blocks[i].named_parameters() if n in self.host[i]}
             if self._stream is None:
                 for name, p in params.items():
                     p.data = self.host[i][name].to(self.device)
@@ -318,7 +326,8 @@ class BlockSwap:
             if pending is not None:  # a prefetch never waited for: its copy must finish before the free
                 torch.cuda.current_stream(self.device).wait_event(pending)
             for name, p in self.blocks[i].named_parameters():
-                p.data = self.host[i][name]  # the device copy is freed once nothing else uses it
+                if name in self.host[i]:
+                    p.data = self.host[i][name]  # the device copy is freed once nothing else uses it
 
     def evict_all(self) -> None:
         for i in sorted(self.resident):

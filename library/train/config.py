@@ -171,6 +171,9 @@ class NetworkConfig:
     dim_from_weights: bool
     network_train_unet_only: bool
     network_train_text_encoder_only: bool
+    scale_weight_norms: float | None
+    base_weights: tuple[str, ...]
+    base_weights_multiplier: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,8 @@ def build_config(parsed: ParsedArgs) -> TrainConfig:
             NetworkConfig, v,
             network_module=v["network_module"] or "networks.lora_flux",
             network_args=tuple(v["network_args"] or ()),
+            base_weights=tuple(v["base_weights"] or ()),
+            base_weights_multiplier=tuple(v["base_weights_multiplier"] or ()),
         ),
         data=DataConfig(
             dataset_config=v["dataset_config"],

@@ -363,13 +363,9 @@ INEFFECTIVE: dict[str, str] = {
     "max_validation_steps": "validation loss is not implemented yet",
     "disable_mmap_load_safetensors": "safetensors are always read through mmap",
     "lr_scheduler_timescale": "only inverse_sqrt uses it",
-    "scale_weight_norms": "max-norm regularization is not implemented",
-    "base_weights": "merging LoRAs before training is not implemented; merge with networks/flux_merge_lora.py",
-    "base_weights_multiplier": "merging LoRAs before training is not implemented",
     "log_prefix": "the log directory is --logging_dir",
     "ddp_gradient_as_bucket_view": "the trainer picks DDP options itself",
     "ddp_static_graph": "the trainer picks DDP options itself",
-    "network_dropout": "neuron dropout is not implemented by networks.lora_flux",
 }
 
 FLAG_BY_NAME_DEFAULTS: dict[str, Any] = {f.name: f.default for f in FLAGS}

@@ -22,5 +22,9 @@ def inspect_data(cfg: TrainConfig) -> int:
         return 0
     from library.data.plan import format_plan, make_plan  # noqa: PLC0415 (owned by the data part)
 
-    print(format_plan(make_plan(resolved, cfg)))
+    loop = cfg.loop
+    print(format_plan(make_plan(resolved, seed=loop.seed or 0, max_train_steps=loop.max_train_steps,
+                                max_train_epochs=loop.max_train_epochs,
+                                gradient_accumulation_steps=loop.gradient_accumulation_steps,
+                                skip_bad_images=bool(cfg.data.cli_values.get("skip_bad_images")))))
     return 0

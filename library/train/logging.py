@@ -44,7 +44,7 @@ class LossRecord:
 
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
-    epoch_means: list[tuple[int, float]] = field(default_factory=list)
+    epoch_means: list[tuple[int, float, int]] = field(default_factory=list)  # (epoch, mean, its last step)
     _epoch_sum: float = 0.0
     _epoch_n: int = 0
 
@@ -56,9 +56,14 @@ class LossRecord:
 
     def end_epoch(self, epoch: int) -> float:
         mean = self._epoch_sum / max(1, self._epoch_n)
-        self.epoch_means.append((epoch, mean))
+        self.epoch_means.append((epoch, mean, self.steps[-1] if self.steps else 0))
         self._epoch_sum, self._epoch_n = 0.0, 0
         return mean
+
+    @property
+    def epoch_open(self) -> bool:
+        """Steps were recorded since the last `end_epoch` (training stopped inside an epoch)."""
+        return self._epoch_n > 0
 
     def moving_average(self, window: int = 20) -> float:
         tail = self.losses[-window:]
@@ -119,7 +124,7 @@ def draw_loss_plot(record: LossRecord, path: Path, title: str = "training loss",
             draw.line([px(s, v) for s, v in finite], fill=(170, 190, 230), width=1)
             smooth = _smooth(ys, max(1, len(ys) // 20))
             draw.line([px(s, v) for s, v in zip(xs, smooth)], fill=(20, 60, 160), width=2)
-        for epoch_end_step, mean in _epoch_points(record):
+        for _, mean, epoch_end_step in record.epoch_means:
             cx, cy = px(epoch_end_step, min(max(mean, y0), y1))
             draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=(200, 60, 20))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,10 +134,10 @@ def draw_loss_plot(record: LossRecord, path: Path, title: str = "training loss",
     return path
 
 
-def _epoch_points(record: LossRecord) -> list[tuple[int, float]]:
-    """Epoch means placed at the last step of their epoch (epochs are equally long in steps)."""
-    if not record.epoch_means or not record.steps:
-        return []
-    per_epoch = max(1, len(record.steps) // max(1, len(record.epoch_means)))
-    return [(record.steps[min(len(record.steps) - 1, (i + 1) * per_epoch - 1)], m)
-            for i, (_, m) in enumerate(record.epoch_means)]
+
+def write_loss_csv(record: LossRecord, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    rows = ["step,loss"] + [f"{s},{v!r}" for s, v in zip(record.steps, record.losses)]
+    tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -60,6 +60,24 @@ def load_models(cfg: TrainConfig, dtypes: Dtypes, device: torch.device, need_tex
     return Models(transformer, ae, text, guidance, t5_len)
 
 
+def merge_base_weights(cfg: TrainConfig, models: Models) -> None:
+    """--base_weights: LoRAs merged into the frozen transformer before the new LoRA is injected."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from networks.lora_flux import merge_lora_into_models  # noqa: PLC0415
+
+    files, mults = cfg.network.base_weights, cfg.network.base_weights_multiplier
+    if not files:
+        return
+    if mults and len(mults) != len(files):
+        raise UserError("command line: --base_weights_multiplier needs one value per --base_weights file")
+    if cfg.precision.fp8_base:
+        raise UserError("command line: --base_weights cannot be merged into --fp8_base weights; merge first "
+                        "with networks/flux_merge_lora.py")
+    pairs = [(Path(f), float(mults[i]) if mults else 1.0) for i, f in enumerate(files)]
+    merge_lora_into_models(models.transformer, None, None, pairs)
+
+
 def network_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     """--network_args key=value strings -> keyword arguments (values stay strings, as kohya passes them)."""
     out = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,10 @@ def make_accelerator(cfg: TrainConfig) -> Any:
             raise UserError("command line: --log_with wandb: wandb is not installed (pip install wandb)") from None
     kwargs = [InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg.speed.ddp_timeout))] \
         if cfg.speed.ddp_timeout else []
+    # Several processes on a machine without GPUs (accelerate launch --multi_gpu on CPU): gloo, data parallel.
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     # Gradient accumulation and the LR schedule are stepped by the trainer itself (resumable, exact).
-    return Accelerator(mixed_precision=cfg.precision.mixed_precision, log_with=trackers,
+    return Accelerator(mixed_precision=cfg.precision.mixed_precision, log_with=trackers, cpu=cpu_ddp,
                        project_dir=cfg.log.logging_dir or cfg.save.output_dir, kwargs_handlers=kwargs)
 
 
@@ -158,6 +161,7 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.memory.cache_latents and not prompts:
         M.free(models.ae)
         models.ae = None
+    M.merge_base_weights(cfg, models)
     torch.manual_seed(seed)
     network, names_replaced = M.inject_lora(cfg, models, train_clip, dtypes)
     log.info("LoRA: %d modules wrapped, %d trainable parameters", len(names_replaced),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from networks.lora_flux import create_network
 from tests.interop.helpers import randomize_network, tiny_clip, tiny_flux
@@ -38,6 +38,9 @@ class InteropSetup:
     params: object
     clip_shapes: dict[str, list[int]]  # "text_model.encoder…weight" → shape
     cases: dict[str, LoRACase]
+    kohya_bug_file: Path  # negative control: the split_qkv file with kohya's unscaled alpha (sd-scripts#2204)
+    diffusers_file: Path  # written by diffusers' save_lora_weights
+    diffusers_fused: dict[str, torch.Tensor]  # ΔW diffusers applies for it (diffusers keys)
 
 
 def build_setup(tmp: Path) -> InteropSetup:
@@ -61,7 +64,13 @@ def build_setup(tmp: Path) -> InteropSetup:
             else:
                 te[("" if t.path.startswith("text_model.") else "text_model.") + t.path + ".weight"] = d
         cases[name] = LoRACase(name, path, unet, te)
-    return InteropSetup(tf, model.params, clip_shapes, cases)
+    bug = load_file(str(cases["split_qkv"].file))
+    for k in bug:
+        if k.endswith(("qkv.alpha", "linear1.alpha")):
+            bug[k] = torch.tensor(VARIANTS["split_qkv"]["network_alpha"])
+    save_file(bug, str(tmp / "kohya_bug.safetensors"))
+    dfile, dfused = diffusers_written_lora(tmp, model.params)
+    return InteropSetup(tf, model.params, clip_shapes, cases, tmp / "kohya_bug.safetensors", dfile, dfused)
 
 
 def _split_delta(a) -> torch.Tensor:
@@ -87,3 +96,32 @@ def run_helper(script: str, spec: dict, tmp: Path, timeout: int = 300) -> None:
                          timeout=timeout, env=env, cwd=str(tmp))
     if res.returncode != 0:
         raise AssertionError(f"{script} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+
+
+def diffusers_written_lora(tmp: Path, p) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A LoRA written by diffusers itself (PEFT adapter, `save_lora_weights`, lora_alpha ≠ r in the metadata),
+    and the ΔW diffusers applies when fusing it (diffusers weight key → ΔW)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=p.in_channels, num_layers=p.depth,
+                                num_single_layers=p.depth_single_blocks, attention_head_dim=128,
+                                num_attention_heads=p.num_heads, joint_attention_dim=p.context_in_dim,
+                                pooled_projection_dim=p.vec_in_dim, guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+    targets = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
+               "proj_mlp", "ff.net.2", "norm1.linear", "norm.linear", "norm_out.linear"]
+    tr.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    path = tmp / "diffusers_written.safetensors"
+    FluxPipeline.save_lora_weights(str(tmp), transformer_lora_layers=get_peft_model_state_dict(tr),
+                                   transformer_lora_adapter_metadata={"r": 4, "lora_alpha": 8},
+                                   weight_name=path.name)
+    before = {k: v.clone() for k, v in tr.state_dict().items() if "lora_" not in k}
+    tr.fuse_lora(lora_scale=1.0)
+    after = tr.state_dict()
+    deltas = {}
+    for k, v in after.items():  # keys keep PEFT's ".base_layer" after fusing
+        if k in before and not torch.equal(v, before[k]):
+            deltas[k.replace(".base_layer", "")] = v.float() - before[k].float()
+    return path, deltas

@@ -3,7 +3,8 @@
 Run in a subprocess by tests/test_lora_interop.py (ComfyUI imports a torchvision stub and reads argv):
     python comfy_check.py spec.json
 spec: {"transformer": BFL safetensors, "unet_config": {...}, "clip_shapes": {clip key: shape},
-       "cases": [{"lora": file, "out": path stem}, ...]}.
+       "cases": [{"lora": file, "out": path stem}, ...],
+       "extract": {"diffs": safetensors of BFL key → ΔW, "rank": r, "out": file}  (optional, runs first)}.
 Writes, per case, <out>.safetensors ("unet:<bfl key>" / "te:<clip key>" → patched − original weight, fp32)
 and <out>.json ({"not_loaded": [lora keys ComfyUI warned about], "patches": n, "applied": n}).
 """
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -63,12 +65,32 @@ def main(spec_path: str) -> None:
             return {k: None for k in spec["clip_shapes"]}
 
     key_map = comfy.lora.model_lora_keys_clip(FakeClip(), key_map)
+    if "extract" in spec:
+        _extract(spec["extract"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for case in spec["cases"]:
         model.diffusion_model.load_state_dict({k[len("diffusion_model."):]: v for k, v in before.items()
                                                if k.startswith("diffusion_model.")}, strict=True)
         cap.messages.clear()
         _run_case(comfy, model, key_map, case, spec, cap, before)
+
+
+def _extract(job: dict) -> None:
+    """Write a LoRA the way ComfyUI's "Extract and Save Lora" node does (its own SVD + key naming)."""
+    # the node module imports ComfyUI's node API (which needs PyAV); its SVD function does not
+    api = types.ModuleType("comfy_api.latest")
+    api.ComfyExtension = object
+    api.io = types.SimpleNamespace(ComfyNode=object, NodeOutput=object)
+    sys.modules.setdefault("comfy_api.latest", api)
+    from comfy_extras.nodes_lora_extract import extract_lora
+    from safetensors.torch import load_file, save_file
+
+    out = {}
+    for k, diff in load_file(job["diffs"]).items():  # k: BFL weight key
+        up, down = extract_lora(diff, job["rank"])
+        out[f"diffusion_model.{k[:-len('.weight')]}.lora_up.weight"] = up.contiguous().half()
+        out[f"diffusion_model.{k[:-len('.weight')]}.lora_down.weight"] = down.contiguous().half()
+    save_file(out, job["out"])
 
 
 def _run_case(comfy, model, key_map, case, spec, cap, before) -> None:

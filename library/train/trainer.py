@@ -1,0 +1,323 @@
+"""The training loop: setup, then `for step: forward/backward -> optimizer step -> log -> sample -> save`.
+
+Multi-process (accelerate launch --num_processes N): each rank takes every N-th batch (BatchLoader), the
+LoRA gradients are averaged across ranks before each optimizer step (one all-reduce of a flat buffer;
+no DDP wrapper, since the LoRA lives inside the frozen transformer), and only rank 0 writes files.
+Gradient accumulation and the LR schedule are counted here, in the saved state, so resuming is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from library.errors import UserError
+from library.train import checkpoint as C
+from library.train.config import TrainConfig
+from library.train.logging import LossRecord, draw_loss_plot, write_loss_csv
+from library.train.optim import group_lrs
+from library.train.samples import write_samples
+from library.train.setup import Run, setup
+from library.train.step import StepInputs, flow_matching_loss, sample_keys
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class State:
+    global_step: int = 0
+    micro: int = 0  # micro-batches accumulated since the last optimizer step
+    record: LossRecord = field(default_factory=LossRecord)
+    stop_signal: int = 0  # the signal number that asked us to stop (SIGINT/SIGTERM)
+
+
+def train(cfg: TrainConfig) -> None:
+    run = setup(cfg)
+    state = State()
+    if cfg.save.resume:
+        resume(run, state, cfg.save.resume)
+    previous = _install_signal_handlers(state)
+    acc = run.accelerator
+    _init_trackers(run)
+    bar = _progress(run, state)
+    try:
+        if cfg.sample.sample_at_first:
+            sample(run, state.global_step, None)
+        log.info("start training: %d steps, %d epochs, %d steps per epoch", run.total_steps, run.num_epochs,
+                 run.steps_per_epoch)
+        done = state.global_step >= run.total_steps
+        for epoch in range(run.loader.epoch, run.num_epochs):
+            for batch in run.loader.iter_epoch(epoch):
+                loss = forward_backward(run, batch, state)
+                state.micro += 1
+                if state.micro < cfg.loop.gradient_accumulation_steps:
+                    continue
+                done = after_optimizer_step(run, state, loss, bar)
+                if done:
+                    break
+            if done:
+                break
+            if state.micro:  # leftover accumulated micro-batches at the epoch end still make a step
+                after_optimizer_step(run, state, loss, bar)
+            end_epoch(run, state, epoch)
+            if state.stop_signal or state.global_step >= run.total_steps:
+                break
+        finish(run, state)
+    finally:
+        bar.close()
+        acc.end_training()
+        _restore_signal_handlers(previous)
+    if state.stop_signal:
+        sys.exit(128 + state.stop_signal)
+
+
+def after_optimizer_step(run: Run, state: State, loss: float, bar: Any) -> bool:
+    """Step the optimizer, then log, sample and save as scheduled; True when training must stop."""
+    optimizer_step(run)
+    state.micro = 0
+    state.global_step += 1
+    step, cfg = state.global_step, run.cfg
+    state.record.add(step, loss)
+    log_step(run, state, loss, bar)
+    if cfg.sample.sample_every_n_steps and not cfg.sample.sample_every_n_epochs \
+            and step % cfg.sample.sample_every_n_steps == 0:
+        sample(run, step, None)
+    if cfg.save.save_every_n_steps and step % cfg.save.save_every_n_steps == 0 and step < run.total_steps:
+        save(run, state, run.names.step(step), cfg.save.save_state)
+        if run.accelerator.is_main_process:
+            C.prune_steps(run.names, step, cfg.save.save_last_n_steps, cfg.save.save_last_n_steps_state)
+    state.stop_signal = _agree(run, state.stop_signal)
+    return bool(state.stop_signal) or step >= run.total_steps
+
+
+def forward_backward(run: Run, batch: Any, state: State) -> float:
+    inputs = make_inputs(run, batch)
+    obj, cfg = run.cfg.objective, run.cfg
+    loss = flow_matching_loss(run.models.transformer, inputs, obj, run.seed, state.global_step,
+                              run.models.guidance_embed, cfg.model.apply_t5_attn_mask, run.accelerator.autocast)
+    if _agree(run, int(not torch.isfinite(loss).item())):
+        stop_non_finite(run, state, float(loss.item()))
+    run.accelerator.backward(loss / cfg.loop.gradient_accumulation_steps)
+    return float(loss.item())
+
+
+def optimizer_step(run: Run) -> None:
+    acc = run.accelerator
+    params = [p for p in run.network.parameters() if p.requires_grad and p.grad is not None]
+    if acc.num_processes > 1 and params:
+        # Average LoRA gradients across ranks: one flat all-reduce (the LoRA is tiny next to the model).
+        flat = torch.cat([p.grad.reshape(-1).float() for p in params])
+        flat = acc.reduce(flat, reduction="mean")
+        offset = 0
+        for p in params:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
+            offset += n
+    if run.cfg.optimizer.max_grad_norm and params:
+        acc.clip_grad_norm_(params, run.cfg.optimizer.max_grad_norm)
+    run.optimizer.step()
+    if not acc.optimizer_step_was_skipped:
+        run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.cfg.network.scale_weight_norms:  # max-norm regularization of each LoRA pair
+        run.network.apply_max_norm_regularization(run.cfg.network.scale_weight_norms)
+
+
+def make_inputs(run: Run, batch: Any) -> StepInputs:
+    dev, cdtype = run.accelerator.device, run.dtypes.compute
+    if batch.latents is not None:
+        latents = batch.latents.to(dev, torch.float32)
+    else:
+        with torch.no_grad():
+            ae = run.models.ae
+            latents = ae.encode(batch.images.to(dev, next(ae.parameters()).dtype)).float()
+    if batch.t5_out is not None:
+        t5, pooled, mask = batch.t5_out, batch.clip_pooled, batch.t5_attn_mask
+    else:
+        t5, pooled, mask = encode_live(run, list(batch.captions))
+    weights = torch.where(batch.is_reg.bool(), torch.tensor(run.cfg.objective.prior_loss_weight), torch.tensor(1.0))
+    return StepInputs(latents=latents, t5_out=t5.to(dev, cdtype), clip_pooled=pooled.to(dev, cdtype),
+                      t5_attn_mask=mask.to(dev), sample_weights=weights.to(dev),
+                      loss_mask=None if batch.loss_mask is None else batch.loss_mask.to(dev),
+                      keys=sample_keys(list(batch.paths)))
+
+
+def encode_live(run: Run, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Text conditioning at the step: T5 without grad; CLIP-L with grad when its LoRA is trained."""
+    text, m = run.models.text, run.models
+    clip_ids, t5_ids, t5_mask = text.tokenize(captions, m.t5_max_length)
+    dev = text.device
+    with torch.no_grad():
+        mask = t5_mask.to(dev) if run.cfg.model.apply_t5_attn_mask else None
+        t5 = text.t5(t5_ids.to(dev), attention_mask=mask).last_hidden_state
+    with torch.set_grad_enabled(run.train_clip), run.accelerator.autocast():
+        pooled = text.clip(clip_ids.to(dev)).pooler_output
+    return t5, pooled, t5_mask
+
+
+def log_step(run: Run, state: State, loss: float, bar: Any) -> None:
+    now = time.perf_counter()
+    step_time = now - getattr(run, "_last_step_time", now)
+    run._last_step_time = now  # type: ignore[attr-defined]
+    lrs = group_lrs(run.optimizer)
+    avg = state.record.moving_average()
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}", avr_loss=f"{avg:.4f}", lr=f"{lrs[0]:.2e}" if lrs else "-")
+    logs = {"loss/current": loss, "loss/average": avg, "time/step_s": step_time}
+    for g, lr in zip(run.optimizer.param_groups, lrs):
+        logs[f"lr/{g.get('name', 'group')}"] = lr
+    run.accelerator.log(logs, step=state.global_step)
+
+
+def end_epoch(run: Run, state: State, epoch: int) -> None:
+    mean = state.record.end_epoch(epoch + 1)
+    cfg, acc = run.cfg, run.accelerator
+    acc.log({"loss/epoch": mean}, step=state.global_step)
+    if acc.is_main_process:
+        log.info("epoch %d/%d: mean loss %.5f", epoch + 1, run.num_epochs, mean)
+    n = epoch + 1
+    if cfg.sample.sample_every_n_epochs and n % cfg.sample.sample_every_n_epochs == 0:
+        sample(run, state.global_step, n)
+    every = cfg.save.save_every_n_epochs
+    if every and n % every == 0 and n < run.num_epochs and state.global_step < run.total_steps:
+        save(run, state, run.names.epoch(n), cfg.save.save_state)
+        if acc.is_main_process:
+            C.prune_epochs(run.names, n, every, cfg.save.save_last_n_epochs, cfg.save.save_last_n_epochs_state)
+
+
+def sample(run: Run, step: int, epoch: int | None) -> None:
+    acc = run.accelerator
+    if run.prompts and acc.is_main_process:
+        paths = write_samples(run.prompts, run.models.transformer, run.models.ae, run.out_dir,
+                              run.cfg.save.output_name or "sample", step, epoch, run.seed, run.models.guidance_embed,
+                              run.models.t5_max_length, run.cfg.model.apply_t5_attn_mask, acc.autocast)
+        log.info("wrote %d sample image(s) under %s", len(paths), run.out_dir / "sample")
+    acc.wait_for_everyone()
+
+
+def save(run: Run, state: State, lora_path: Any, with_state: bool) -> None:
+    """Write the LoRA (and the state beside it); rank 0 writes, the other ranks only contribute RNG states."""
+    from accelerate.utils import gather_object  # noqa: PLC0415
+
+    acc = run.accelerator
+    rng = gather_object([C.rng_state()]) if with_state and acc.num_processes > 1 else [C.rng_state()]
+    if acc.is_main_process:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        md = {**run.metadata, "ss_steps": str(state.global_step), "ss_epoch": str(run.loader.epoch)}
+        run.network.save_weights(lora_path, run.dtypes.save, md)
+        log.info("saved %s", lora_path)
+        if with_state:
+            train_state = {"global_step": state.global_step, "loader": run.loader.state_dict(),
+                           "record": state.record.state_dict(), "total_steps": run.total_steps}
+            C.save_state(C.Names.state_of(lora_path), run.network.state_dict(), run.optimizer, run.scheduler,
+                         rng, train_state)
+    acc.wait_for_everyone()
+
+
+def resume(run: Run, state: State, path: str) -> None:
+    loaded = C.load_state(path)
+    try:
+        run.network.load_state_dict(loaded.network, strict=True)
+    except RuntimeError as err:
+        raise UserError(f"{path}: --resume: the saved LoRA does not match this network ({str(err)[:200]}); "
+                        "use the same --network_dim/--network_args as the interrupted run") from None
+    run.optimizer.load_state_dict(loaded.optimizer)
+    run.scheduler.load_state_dict(loaded.scheduler)
+    rank = run.accelerator.process_index
+    C.set_rng_state(loaded.rng[rank] if rank < len(loaded.rng) else loaded.rng[0])
+    ts = loaded.train_state
+    state.global_step = int(ts["global_step"])
+    state.record.load_state_dict(ts["record"])
+    run.loader.load_state_dict(ts["loader"])
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.global_step, run.loader.epoch,
+             run.loader.index)
+
+
+def stop_non_finite(run: Run, state: State, loss: float) -> None:
+    written = sorted(p.name for p in run.out_dir.glob(f"*{run.names.ext}")) if run.out_dir.is_dir() else []
+    _plot(run, state)
+    raise UserError(
+        f"training stopped: the loss is {loss} at step {state.global_step + 1}; nothing was saved after the last "
+        f"good step (kept: {', '.join(written) or 'no LoRA yet'}). Try a lower --learning_rate, "
+        "--mixed_precision bf16 instead of fp16, or --max_grad_norm 1.0")
+
+
+def finish(run: Run, state: State) -> None:
+    cfg = run.cfg
+    if state.record.epoch_open:
+        state.record.end_epoch(run.loader.epoch + 1)
+    if state.stop_signal:
+        name = signal.Signals(state.stop_signal).name
+        lora = run.names.step(state.global_step)
+        save(run, state, lora, with_state=True)
+        if run.accelerator.is_main_process:
+            log.warning("%s: saved %s and %s; continue with --resume %s", name, lora, C.Names.state_of(lora),
+                        C.Names.state_of(lora))
+    else:
+        save(run, state, run.names.final(), cfg.save.save_state or cfg.save.save_state_on_train_end)
+    _plot(run, state)
+
+
+def _plot(run: Run, state: State) -> None:
+    """The loss plot (PNG) and the numbers behind it (CSV: step, loss) beside the outputs."""
+    if run.accelerator.is_main_process and state.record.steps:
+        stem = run.out_dir / f"{run.cfg.save.output_name or 'last'}_loss"
+        path = draw_loss_plot(state.record, stem.with_suffix(".png"))
+        write_loss_csv(state.record, stem.with_suffix(".csv"))
+        log.info("loss plot: %s", path)
+
+
+def _agree(run: Run, flag: int) -> int:
+    """The maximum of a per-rank flag over all ranks (so every rank stops at the same step)."""
+    if run.accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([flag], device=run.accelerator.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _install_signal_handlers(state: State) -> dict[int, Any]:
+    """SIGINT/SIGTERM finish the current step, then save a state and the LoRA and exit (128 + signal)."""
+    def handler(signum: int, frame: Any) -> None:
+        if state.stop_signal:  # a second signal: stop now
+            raise KeyboardInterrupt
+        state.stop_signal = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a state...", file=sys.stderr)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+    for sig, h in previous.items():
+        signal.signal(sig, h)
+
+
+def _init_trackers(run: Run) -> None:
+    cfg = run.cfg
+    if not run.accelerator.log_with:
+        return
+    import toml  # noqa: PLC0415
+
+    init_kwargs = toml.load(cfg.log.log_tracker_config) if cfg.log.log_tracker_config else {}
+    if cfg.log.wandb_run_name:
+        init_kwargs.setdefault("wandb", {})["name"] = cfg.log.wandb_run_name
+    config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.effective.items()} \
+        if cfg.log.log_config else {}
+    run.accelerator.init_trackers(cfg.log.log_tracker_name or "network_train", config=config,
+                                  init_kwargs=init_kwargs)
+
+
+def _progress(run: Run, state: State) -> Any:
+    from tqdm import tqdm  # noqa: PLC0415
+
+    return tqdm(total=run.total_steps, initial=state.global_step, desc="steps", smoothing=0.1,
+                disable=not run.accelerator.is_main_process, dynamic_ncols=True)

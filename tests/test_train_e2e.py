@@ -1,0 +1,194 @@
+"""End-to-end training through flux_train_network.py on tiny checkpoints and 32 px real images (CPU)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "dataset_configs" / "data"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Small copies (64 px) of 2 dog photos (class tokens) and 2 captioned images, with data TOMLs."""
+    root = tmp_path_factory.mktemp("train_data")
+    for sub, names in (("dog", ["00.jpg", "01.jpg"]), ("captioned", ["chelsea.png", "coffee.png"])):
+        (root / sub).mkdir()
+        src = DATA / ("dreambooth_dog" if sub == "dog" else "clip_skimage_captioned")
+        for name in names:
+            with Image.open(src / name) as im:
+                im.convert("RGB").resize((64, 64 * im.height // im.width)).save(root / sub / name)
+            caption = (src / name).with_suffix(".txt")
+            if caption.exists():
+                (root / sub / caption.name).write_text(caption.read_text())
+    (root / "data.toml").write_text(
+        '[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 32\nbatch_size = 2\n'
+        f'[[datasets.subsets]]\nimage_dir = "{root / "dog"}"\nclass_tokens = "sks dog"\n'
+        f'[[datasets.subsets]]\nimage_dir = "{root / "captioned"}"\n')
+    (root / "dog.toml").write_text(  # 2 images, one bucket: for the data-parallel comparison
+        f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = "{root / "dog"}"\nclass_tokens = "sks dog"\n')
+    (root / "prompts.txt").write_text("a photo of sks dog --w 32 --h 32 --d 5 --s 3 --g 3.5\n")
+    return root
+
+
+def base_args(ckpts, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(ckpts.transformer), "--clip_l", str(ckpts.clip_l),
+        "--t5xxl", str(ckpts.t5xxl), "--ae", str(ckpts.ae), "--dataset_config", str(data / "data.toml"),
+        "--output_dir", str(out), "--output_name", "lora", "--network_module", "networks.lora_flux",
+        "--network_dim", "4", "--network_alpha", "4", "--network_train_unet_only", "--optimizer_type", "AdamW",
+        "--learning_rate", "2e-3", "--seed", "3", "--model_prediction_type", "raw", "--cache_latents",
+        "--cache_text_encoder_outputs", "--t5xxl_max_token_length", "16", "--max_data_loader_n_workers", "0",
+        *extra,
+    ]
+
+
+def train_in_process(argv: list[str]) -> None:
+    from accelerate.state import AcceleratorState, PartialState
+
+    import flux_train_network
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    assert flux_train_network.main(argv) == 0
+
+
+def losses(out: Path) -> list[float]:
+    lines = (out / "lora_loss.csv").read_text().splitlines()[1:]
+    return [float(line.split(",")[1]) for line in lines]
+
+
+def test_thirty_steps_lower_the_loss_and_write_everything(tiny_ckpts, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    train_in_process(base_args(tiny_ckpts, data, out, "--max_train_steps", "30", "--learning_rate", "5e-3",
+                               "--sample_prompts", str(data / "prompts.txt"), "--sample_every_n_steps", "15"))
+    got = losses(out)
+    assert len(got) == 30
+    first, last = sum(got[:3]) / 3, sum(got[-5:]) / 5
+    assert last < 0.6 * first, (first, last, got)
+    sd = load_file(str(out / "lora.safetensors"))
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in sd and all(
+        v.dtype == torch.float32 for v in sd.values())
+    assert sorted(p.name for p in (out / "sample").iterdir()) == [
+        "lora_000015_00_a_photo_of_sks_dog.png", "lora_000030_00_a_photo_of_sks_dog.png"]
+    with Image.open(out / "lora_loss.png") as im:
+        assert im.size == (800, 450)
+    assert (out / "lora_config.json").is_file() and "network_dim = 4" in (out / "lora_args.toml").read_text()
+
+
+def _state_names(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name.endswith("-state"))
+
+
+def test_resume_after_step_k_equals_the_uninterrupted_run(tiny_ckpts, data: Path, tmp_path: Path) -> None:
+    common = ("--max_train_steps", "6", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2",
+              "--gradient_accumulation_steps", "1")
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_in_process(base_args(tiny_ckpts, data, a, *common, "--save_every_n_steps", "3", "--save_state"))
+    assert _state_names(a) == ["lora-state", "lora-step00000003-state"]
+    train_in_process(base_args(tiny_ckpts, data, b, *common, "--resume", str(a / "lora-step00000003-state")))
+    full, resumed = load_file(str(a / "lora.safetensors")), load_file(str(b / "lora.safetensors"))
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k  # bit for bit
+    step3 = load_file(str(a / "lora-step00000003.safetensors"))
+    assert any(not torch.equal(step3[k], full[k]) for k in full)  # the last 3 steps did change the LoRA
+    assert losses(b)[:3] == losses(a)[:3] and losses(b)[3:] == losses(a)[3:]
+
+
+def test_sigterm_saves_a_loadable_state_and_lora(tiny_ckpts, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(REPO / "flux_train_network.py"),
+                             *base_args(tiny_ckpts, data, out, "--max_train_steps", "10000")],
+                            cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    for line in proc.stderr:  # wait until the loop runs
+        if "start training" in line or time.time() > deadline:
+            break
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, rest
+    assert "continue with --resume" in rest
+    states = _state_names(out)
+    assert len(states) == 1 and states[0].startswith("lora-step")
+    from library.train.checkpoint import load_state
+
+    state = load_state(out / states[0])
+    step = state.train_state["global_step"]
+    assert step >= 1 and (out / f"lora-step{step:08d}.safetensors").is_file()
+    lora = load_file(str(out / f"lora-step{step:08d}.safetensors"))
+    assert torch.equal(lora["lora_unet_single_blocks_1_linear2.lora_up.weight"],
+                       state.network["lora_unet_single_blocks_1_linear2.lora_up.weight"])
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_file(tiny_ckpts, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "flux_train_network.py"),
+                           *base_args(tiny_ckpts, data, out, "--max_train_steps", "50", "--learning_rate", "1e30",
+                                      "--optimizer_type", "SGDNesterov", "--max_grad_norm", "0",
+                                      "--save_every_n_steps", "1", "--save_last_n_steps", "1")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    msg = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(msg) == 1 and "training stopped: the loss is" in msg[0] and "Traceback" not in proc.stderr
+    assert not (out / "lora.safetensors").exists()
+    kept = sorted(p.name for p in out.glob("lora-step*.safetensors"))
+    assert kept and kept[-1] in msg[0]
+    assert all(torch.isfinite(t).all() for t in load_file(str(out / kept[-1])).values())
+
+
+def test_kohya_style_command_line_runs(tiny_ckpts, data: Path, tmp_path: Path) -> None:
+    """Prodigy + cosine_with_restarts + rank 256 + flux_shift + raw + torch.compile + all four caching flags."""
+    out = tmp_path / "out"
+    argv = base_args(tiny_ckpts, data, out) + [
+        "--optimizer_type", "Prodigy", "--optimizer_args", "decouple=True", "weight_decay=0.01", "d_coef=1",
+        "use_bias_correction=True", "--learning_rate", "1.0", "--lr_scheduler", "cosine_with_restarts",
+        "--lr_scheduler_num_cycles", "2", "--network_dim", "256", "--network_alpha", "128",
+        "--timestep_sampling", "flux_shift", "--model_prediction_type", "raw", "--torch_compile",
+        "--cache_latents", "--cache_latents_to_disk", "--cache_text_encoder_outputs",
+        "--cache_text_encoder_outputs_to_disk", "--gradient_checkpointing", "--max_train_steps", "3",
+        "--guidance_scale", "1.0", "--sdpa", "--save_precision", "bf16",
+        "--dynamo_backend", "aot_eager"]  # inductor codegen takes minutes on 2 CPU cores; the GPU runs use it
+    train_in_process(argv)
+    sd = load_file(str(out / "lora.safetensors"))
+    down = sd["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
+    assert down.shape[0] == 256 and down.dtype == torch.bfloat16
+    assert len(losses(out)) == 3 and all(torch.isfinite(torch.tensor(losses(out))))
+    assert list((data / "dog").glob(".flux_cache/**/*")), "latents were cached to disk beside the images"
+
+
+def test_two_gloo_processes_match_one_process_at_twice_the_batch(tiny_ckpts, data: Path, tmp_path: Path) -> None:
+    def args(out: Path, batch: int) -> list[str]:
+        a = base_args(tiny_ckpts, data, out, "--max_train_steps", "3", "--train_batch_size", str(batch))
+        a[a.index("--dataset_config") + 1] = str(data / "dog.toml")
+        return a
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_in_process(args(one, 2))
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                "29517"]
+    proc = subprocess.run([*launcher, str(REPO / "flux_train_network.py"), *args(two, 1)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("effective configuration") == 1  # only rank 0 prints and writes
+    a, b = load_file(str(one / "lora.safetensors")), load_file(str(two / "lora.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    assert any(a[k].abs().max() > 0 for k in a if "lora_up" in k)  # the LoRA did train
+    la, lb = losses(one), losses(two)
+    assert len(la) == len(lb) == 3
