@@ -5,7 +5,8 @@
         --width 1024 --height 768 --steps 28 --guidance 3.5 --seed 42 --output_dir out
 
 --ckpt_path may also be a diffusers FLUX folder; --clip_l, --t5xxl and --ae then default to its parts.
-Every PNG carries its prompt and settings ("parameters" text as A1111/kohya write it, plus a JSON chunk).
+Also kohya's --negative_prompt/--cfg_scale (true CFG), per-model dtypes and --interactive. Every PNG
+carries its prompt and settings ("parameters" text as A1111/kohya write it, plus a JSON chunk).
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from pathlib import Path
 from library.errors import UserError, run_main
 
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
-          "float32": "float32", "fp32": "float32"}
+          "float32": "float32", "fp32": "float32", "float": "float32",
+          "float8_e4m3fn": "float8_e4m3fn", "fp8": "float8_e4m3fn", "fp8_e4m3fn": "float8_e4m3fn"}
+FP8 = "float8_e4m3fn"
 SIZE_STEP = 16  # AE downsampling (8) x latent packing (2)
+KOHYA_WIDTH, KOHYA_HEIGHT = 1360, 768  # kohya's defaults
 
 
 @dataclass(frozen=True)
@@ -32,22 +36,33 @@ class InferenceArgs:
     t5xxl: Path
     ae: Path
     prompt: str
+    negative_prompt: str
     width: int
     height: int
     steps: int | None
     guidance: float
+    cfg_scale: float
     seed: int | None
     t5xxl_max_token_length: int | None
     apply_t5_attn_mask: bool
     no_shift: bool
-    dtype: str
-    ae_dtype: str | None
+    clip_l_dtype: str
+    t5xxl_dtype: str
+    flux_dtype: str  # compute dtype of the transformer
+    flux_fp8: bool  # block weights stored as float8 e4m3
+    ae_dtype: str
     device: str | None
-    fp8: bool
     lora_weights: tuple[tuple[Path, float], ...]
     merge_lora_weights: bool
+    interactive: bool
     output_dir: Path
     output_name: str | None
+
+
+def _dtype_arg(text: str) -> str:
+    if text.lower() not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[text.lower()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,12 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ae", help="autoencoder (ae.safetensors); default: the diffusers folder's vae/")
     g = p.add_argument_group("prompt and image")
     g.add_argument("--prompt", default="A photo of a cat")
-    g.add_argument("--width", type=int, default=1024, help="floored to a multiple of 16")
-    g.add_argument("--height", type=int, default=1024, help="floored to a multiple of 16")
+    g.add_argument("--negative_prompt", default=None, help="used only with --cfg_scale != 1 (default: empty)")
+    g.add_argument("--width", type=int, default=KOHYA_WIDTH, help="floored to a multiple of 16 (default 1360)")
+    g.add_argument("--height", type=int, default=KOHYA_HEIGHT, help="floored to a multiple of 16 (default 768)")
     g.add_argument("--seed", type=int, default=None, help="default: random (written into the PNG)")
+    g.add_argument("--interactive", action="store_true",
+                   help="keep the models loaded and read prompts from stdin (options --w --h --s --d --g --n --c)")
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, default=None, help="default: 50 for dev, 4 for schnell")
     g.add_argument("--guidance", type=float, default=3.5, help="embedded guidance (FLUX.1-dev; ignored by schnell)")
+    g.add_argument("--cfg_scale", type=float, default=1.0,
+                   help="true classifier-free guidance with --negative_prompt; 1 = off (two passes per step)")
     g.add_argument("--t5xxl_max_token_length", type=int, default=None, help="default: 512 dev, 256 schnell")
     g.add_argument("--apply_t5_attn_mask", action="store_true", help="mask T5 padding (in T5 and the transformer)")
     g.add_argument("--no_shift", action="store_true", help="sample without FLUX's resolution-dependent shift")
@@ -72,11 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_weights", nargs="*", default=[], metavar="PATH[;MULT]",
                    help="LoRA file(s), each optionally with ';multiplier' (default 1.0)")
     g.add_argument("--merge_lora_weights", action="store_true", help="merge the LoRA(s) into the weights")
-    g = p.add_argument_group("precision and device")
-    g.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="compute dtype")
-    g.add_argument("--ae_dtype", default=None, choices=sorted(DTYPES), help="AE dtype (default: --dtype)")
+    g = p.add_argument_group("precision and device (dtypes: bf16, fp16, fp32, fp8 = float8_e4m3fn)")
+    g.add_argument("--dtype", type=_dtype_arg, default="bfloat16", help="base dtype of every model (default bf16)")
+    g.add_argument("--flux_dtype", type=_dtype_arg, default=None,
+                   help="transformer dtype; fp8 stores its block weights in float8 e4m3 and computes in bf16")
+    g.add_argument("--clip_l_dtype", type=_dtype_arg, default=None, help="CLIP-L dtype (fp8: computes in bf16)")
+    g.add_argument("--t5xxl_dtype", type=_dtype_arg, default=None, help="T5 dtype (fp8: computes in bf16)")
+    g.add_argument("--ae_dtype", type=_dtype_arg, default=None, help="AE dtype")
+    g.add_argument("--fp8", action="store_true", help="same as --flux_dtype fp8")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    g.add_argument("--fp8", action="store_true", help="store the transformer's block weights as float8 e4m3")
+    g.add_argument("--offload", action="store_true",
+                   help="accepted for kohya compatibility: each model is already freed once it is no longer needed")
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default=".", help="folder for the PNG (created if missing)")
     g.add_argument("--output_name", default=None, help="file name stem (default: timestamp_seed)")
@@ -104,6 +130,10 @@ def _component(explicit: str | None, ckpt: Path, flag: str, subfolder: str) -> P
                     f"({ckpt} is not)")
 
 
+def _compute(dtype: str) -> str:
+    return "bfloat16" if dtype == FP8 else dtype  # fp8 weights are upcast; the math runs in bf16
+
+
 def parse_args(argv: list[str] | None = None) -> InferenceArgs:
     a = build_parser().parse_args(argv)
     ckpt = Path(a.ckpt_path)
@@ -113,15 +143,18 @@ def parse_args(argv: list[str] | None = None) -> InferenceArgs:
         value = getattr(a, name)
         if value is not None and value < (SIZE_STEP if name in ("width", "height") else 1):
             raise UserError(f"--{name} {value}: too small")
+    flux = a.flux_dtype or a.dtype
     return InferenceArgs(
         ckpt_path=ckpt, clip_l=_component(a.clip_l, ckpt, "--clip_l", "text_encoder"),
         t5xxl=_component(a.t5xxl, ckpt, "--t5xxl", "text_encoder_2"), ae=_component(a.ae, ckpt, "--ae", "vae"),
-        prompt=a.prompt, width=a.width // SIZE_STEP * SIZE_STEP, height=a.height // SIZE_STEP * SIZE_STEP,
-        steps=a.steps, guidance=a.guidance, seed=a.seed, t5xxl_max_token_length=a.t5xxl_max_token_length,
-        apply_t5_attn_mask=a.apply_t5_attn_mask, no_shift=a.no_shift, dtype=DTYPES[a.dtype],
-        ae_dtype=DTYPES[a.ae_dtype] if a.ae_dtype else None, device=a.device, fp8=a.fp8,
+        prompt=a.prompt, negative_prompt=a.negative_prompt or "", width=a.width // SIZE_STEP * SIZE_STEP,
+        height=a.height // SIZE_STEP * SIZE_STEP, steps=a.steps, guidance=a.guidance, cfg_scale=a.cfg_scale,
+        seed=a.seed, t5xxl_max_token_length=a.t5xxl_max_token_length, apply_t5_attn_mask=a.apply_t5_attn_mask,
+        no_shift=a.no_shift, clip_l_dtype=_compute(a.clip_l_dtype or a.dtype),
+        t5xxl_dtype=_compute(a.t5xxl_dtype or a.dtype), flux_dtype=_compute(flux), flux_fp8=a.fp8 or flux == FP8,
+        ae_dtype=_compute(a.ae_dtype or a.dtype), device=a.device,
         lora_weights=tuple(parse_lora_arg(x) for x in a.lora_weights), merge_lora_weights=a.merge_lora_weights,
-        output_dir=Path(a.output_dir), output_name=a.output_name)
+        interactive=a.interactive, output_dir=Path(a.output_dir), output_name=a.output_name)
 
 
 def _output_path(args: InferenceArgs, seed: int) -> Path:
@@ -147,47 +180,126 @@ def _is_dev(ckpt_path: Path) -> bool:
     return any(k.endswith(("guidance_in.in_layer.weight", "guidance_embedder.linear_1.weight")) for k in keys)
 
 
-def generate(args: InferenceArgs) -> Path:
-    import torch  # noqa: PLC0415 - keep --help fast
+@dataclass
+class Request:
+    """One image to make: what the command line or an interactive line asks for."""
 
-    from library.flux.loading import load_autoencoder, load_transformer
-    from library.flux.text_encoders import FluxTextEncoders, default_t5_max_length
-    from library.sampling import generate_latents, latents_to_pil, sample_settings, save_png
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int | None
+    guidance: float
+    cfg_scale: float
+    seed: int | None
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype)
-    # Text encoders first and freed after encoding, so T5 and the transformer need not fit together;
-    # a LoRA may also patch CLIP-L, so with LoRAs the transformer is loaded before encoding.
-    text_encoders = FluxTextEncoders.load(args.clip_l, args.t5xxl, device, dtype)
-    transformer = load_transformer(args.ckpt_path, device, dtype, fp8=args.fp8) if args.lora_weights else None
-    if args.lora_weights:
-        from networks.lora_flux import apply_lora_weights  # noqa: PLC0415 - optional
 
-        apply_lora_weights(transformer, text_encoders.clip, list(args.lora_weights), args.merge_lora_weights)
-    dev = _is_dev(args.ckpt_path) if transformer is None else bool(transformer.params.guidance_embed)
-    seed = args.seed if args.seed is not None else random.randrange(2**32)
-    settings = sample_settings(dev, args.prompt, args.width, args.height, args.steps or (50 if dev else 4),
-                               args.guidance, seed, shift=False if args.no_shift else None,
-                               t5_max_length=args.t5xxl_max_token_length or default_t5_max_length(dev),
-                               apply_t5_attn_mask=args.apply_t5_attn_mask)
-    with torch.no_grad():
-        cond = text_encoders.encode([settings.prompt], settings.t5_max_length, settings.apply_t5_attn_mask)
-    del text_encoders
-    if transformer is None:
-        transformer = load_transformer(args.ckpt_path, device, dtype, fp8=args.fp8)
-    latents = generate_latents(transformer, cond, settings, dev)
-    del transformer
-    ae = load_autoencoder(args.ae, device, getattr(torch, args.ae_dtype or args.dtype))
-    image = latents_to_pil(ae, latents)[0]
-    extra = {"model": args.ckpt_path.name, "model_type": "dev" if dev else "schnell", "dtype": args.dtype,
-             "lora_weights": [[str(p), m] for p, m in args.lora_weights], "merge_lora_weights": args.merge_lora_weights}
-    return save_png(image, _output_path(args, seed), settings, extra)
+class Generator:
+    """The loaded models. Without --interactive, each model is freed as soon as it is no longer needed
+    (text encoders after encoding, the transformer after sampling), so they need not fit in memory together."""
+
+    def __init__(self, args: InferenceArgs):
+        import torch  # noqa: PLC0415 - keep --help fast
+
+        from library.flux.text_encoders import FluxTextEncoders, load_clip_l, load_t5xxl
+
+        self.args, self.torch = args, torch
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.text_encoders = FluxTextEncoders(load_clip_l(args.clip_l, self.device, getattr(torch, args.clip_l_dtype)),
+                                              load_t5xxl(args.t5xxl, self.device, getattr(torch, args.t5xxl_dtype)))
+        # A LoRA may patch CLIP-L too, so with LoRAs (or --interactive) the transformer comes first.
+        self.transformer = self._load_transformer() if args.lora_weights or args.interactive else None
+        if args.lora_weights:
+            from networks.lora_flux import apply_lora_weights  # noqa: PLC0415 - optional
+
+            apply_lora_weights(self.transformer, self.text_encoders.clip, list(args.lora_weights),
+                               args.merge_lora_weights)
+        self.dev = _is_dev(args.ckpt_path) if self.transformer is None else bool(self.transformer.params.guidance_embed)
+        self.ae = self._load_ae() if args.interactive else None
+
+    def _load_transformer(self):
+        from library.flux.loading import load_transformer  # noqa: PLC0415
+
+        a = self.args
+        return load_transformer(a.ckpt_path, self.device, getattr(self.torch, a.flux_dtype), fp8=a.flux_fp8)
+
+    def _load_ae(self):
+        from library.flux.loading import load_autoencoder  # noqa: PLC0415
+
+        return load_autoencoder(self.args.ae, self.device, getattr(self.torch, self.args.ae_dtype))
+
+    def __call__(self, req: Request) -> Path:
+        from library.sampling import encode_prompts, generate_latents, latents_to_pil, sample_settings, save_png
+
+        a, keep = self.args, self.args.interactive
+        seed = req.seed if req.seed is not None else random.randrange(2**32)
+        s = sample_settings(self.dev, req.prompt, req.width, req.height, req.steps or (50 if self.dev else 4),
+                            req.guidance, seed, shift=False if a.no_shift else None,
+                            t5_max_length=a.t5xxl_max_token_length, apply_t5_attn_mask=a.apply_t5_attn_mask,
+                            negative_prompt=req.negative_prompt, cfg_scale=req.cfg_scale)
+        cond, neg = encode_prompts(self.text_encoders, s)
+        if not keep:
+            self.text_encoders = None
+        transformer = self.transformer or self._load_transformer()
+        latents = generate_latents(transformer, cond, s, self.dev, neg_cond=neg)
+        if not keep:
+            self.transformer = transformer = None
+        ae = self.ae or self._load_ae()
+        image = latents_to_pil(ae, latents)[0]
+        extra = {"model": a.ckpt_path.name, "model_type": "dev" if self.dev else "schnell", "dtype": a.flux_dtype,
+                 "fp8": a.flux_fp8, "lora_weights": [[str(p), m] for p, m in a.lora_weights],
+                 "merge_lora_weights": a.merge_lora_weights}
+        return save_png(image, _output_path(a, seed), s, extra)
+
+
+def parse_interactive_line(line: str, last: Request) -> Request:
+    """kohya's interactive syntax: 'prompt --w 1024 --h 768 --s 28 --d 42 --g 3.5 --n negative --c 1.0'."""
+    prompt, *options = line.split(" --")
+    req = Request(**{**last.__dict__, "prompt": prompt.strip(), "seed": None})
+    fields = {"w": ("width", int), "h": ("height", int), "s": ("steps", int), "d": ("seed", int),
+              "g": ("guidance", float), "c": ("cfg_scale", float), "n": ("negative_prompt", str)}
+    for opt in options:
+        key, _, value = opt.strip().partition(" ")
+        if key not in fields:
+            raise UserError(f"unknown option --{key} (use --w --h --s --d --g --n --c)")
+        name, kind = fields[key]
+        try:
+            setattr(req, name, kind(value.strip()) if key != "n" or value.strip() != "-" else "")
+        except ValueError:
+            raise UserError(f"--{key} {value.strip()!r}: not a {kind.__name__}") from None
+    step = SIZE_STEP
+    req.width, req.height = max(step, req.width // step * step), max(step, req.height // step * step)
+    return req
+
+
+def interactive(gen: Generator, first: Request) -> None:
+    print("Enter a prompt (empty line to exit). Options: --w W --h H --s STEPS --d SEED --g GUIDANCE "
+          "--n NEGATIVE ('-' for none) --c CFG_SCALE")
+    last = first
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            line = ""
+        if not line:
+            return
+        try:
+            last = parse_interactive_line(line, last)
+        except UserError as err:
+            print(f"error: {err}")
+            continue
+        print(f"saved {gen(last)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    path = generate(args)
-    print(f"saved {path}")
+    first = Request(args.prompt, args.negative_prompt, args.width, args.height, args.steps, args.guidance,
+                    args.cfg_scale, args.seed)
+    gen = Generator(args)
+    if args.interactive:
+        interactive(gen, first)
+    else:
+        print(f"saved {gen(first)}")
     return 0
 
 

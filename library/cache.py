@@ -111,10 +111,13 @@ class DigestIndex:
     def save(self) -> None:
         if self.path is None or not self._dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self._entries))
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self._entries))
+            os.replace(tmp, self.path)
+        except OSError:
+            return  # only a speed-up for --skip_cache_check; the cache itself reports unwritable folders
         self._dirty = False
 
 
@@ -150,7 +153,11 @@ class TensorCache:
         if self.root is None:
             self._memory[key] = tensors
         else:
-            save_file_atomic(tensors, self.file(key), metadata=meta)
+            try:
+                save_file_atomic(tensors, self.file(key), metadata=meta)
+            except OSError as e:  # read-only dataset folder, full disk
+                raise UserError(f"{self.root}: cannot write the {self.kind} cache ({e.strerror or e}); make it "
+                                "writable and free space, or cache in memory (without _to_disk)") from None
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
         if self.root is None:

@@ -8,7 +8,7 @@ FluxPipeline + FlowMatchEulerDiscreteScheduler and the BFL reference (`get_sched
   FLUX.1-schnell is sampled unshifted.
 - noise: unpacked latents [B, 16, 2*(H//16), 2*(W//16)] in float32 from a CPU `torch.Generator` seeded with
   the seed, then packed — what diffusers (`randn_tensor`) and ComfyUI (`prepare_noise`) draw, so a seed
-  gives the same image across the three tools.
+  starts from the same noise in the three tools (and gives diffusers' FluxPipeline image exactly in fp32).
 - mu and the time shift themselves live once, in library/flow.py (the trainer's `flux_shift` uses them too).
 - Euler step x <- x + (t_next - t) * v, with the velocity v from the transformer. The running latents stay
   float32 whatever the model dtype (diffusers' scheduler also upcasts for the update).
@@ -50,6 +50,12 @@ class SampleSettings:
     shift: bool = True
     t5_max_length: int = 512
     apply_t5_attn_mask: bool = False
+    negative_prompt: str = ""
+    cfg_scale: float = 1.0  # true classifier-free guidance (two passes per step) only when != 1
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.cfg_scale != 1.0
 
 
 def latent_size(width: int, height: int) -> tuple[int, int]:
@@ -89,29 +95,41 @@ def seeded_generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int(seed))
 
 
+class _Conditioning:
+    """One prompt's transformer inputs, moved to the model's device and compute dtype once."""
+
+    def __init__(self, enc: TextEncoding, device: torch.device, dtype: torch.dtype, use_mask: bool):
+        self.txt = enc.t5_out.to(device=device, dtype=dtype)
+        self.y = enc.clip_pooled.to(device=device, dtype=dtype)
+        self.txt_ids = make_txt_ids(self.txt.shape[0], self.txt.shape[1]).to(device)
+        self.mask = enc.t5_attn_mask.to(device) if use_mask else None
+
+
 @torch.no_grad()
 def denoise(transformer: torch.nn.Module, noise: torch.Tensor, cond: TextEncoding, timesteps: torch.Tensor,
-            guidance: float | None, txt_mask: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
+            guidance: float | None, apply_t5_attn_mask: bool = False, progress: bool = True,
+            neg_cond: TextEncoding | None = None, cfg_scale: float = 1.0) -> torch.Tensor:
     """Euler-integrate the flow from t = 1 (noise [B, 16, h, w]) to t = 0; returns clean latents, float32.
 
-    `guidance` is the embedded guidance of FLUX.1-dev (None for schnell); `txt_mask` is passed to the
-    transformer only when the caller wants kohya's --apply_t5_attn_mask behaviour.
+    `guidance` is the embedded guidance of FLUX.1-dev (None for schnell). With `neg_cond`, each step also
+    predicts the negative prompt's velocity and uses v_neg + cfg_scale * (v - v_neg) (true CFG, as kohya's
+    --cfg_scale and diffusers' true_cfg_scale). `apply_t5_attn_mask` hands T5's padding mask to the
+    transformer (kohya's --apply_t5_attn_mask).
     """
     param = next(transformer.parameters())
     device, dtype = param.device, cond.t5_out.dtype if param.dtype == torch.float8_e4m3fn else param.dtype
     batch, _, h, w = noise.shape
     x = pack_latents(noise.to(device=device, dtype=torch.float32))
     img_ids = make_img_ids(batch, h // PATCH, w // PATCH).to(device)
-    txt = cond.t5_out.to(device=device, dtype=dtype)
-    txt_ids = make_txt_ids(batch, txt.shape[1]).to(device)
-    y = cond.clip_pooled.to(device=device, dtype=dtype)
+    conds = [_Conditioning(c, device, dtype, apply_t5_attn_mask) for c in (cond, neg_cond) if c is not None]
     g = None if guidance is None else torch.full((batch,), float(guidance), device=device, dtype=dtype)
     ts = timesteps.tolist()
     for t_curr, t_next in tqdm(list(zip(ts[:-1], ts[1:])), desc="sampling", disable=not progress, leave=False):
         t_vec = torch.full((batch,), t_curr, device=device, dtype=dtype)
-        v = transformer(img=x.to(dtype), img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t_vec, y=y,
-                        guidance=g, txt_mask=txt_mask)
-        x = x + (t_next - t_curr) * v.float()
+        v = [transformer(img=x.to(dtype), img_ids=img_ids, txt=c.txt, txt_ids=c.txt_ids, timesteps=t_vec, y=c.y,
+                         guidance=g, txt_mask=c.mask).float() for c in conds]
+        velocity = v[0] if len(v) == 1 else v[1] + cfg_scale * (v[0] - v[1])
+        x = x + (t_next - t_curr) * velocity
     return unpack_latents(x, h, w)
 
 
@@ -125,17 +143,34 @@ def latents_to_pil(ae: torch.nn.Module, latents: torch.Tensor) -> list[Image.Ima
 
 
 def generate_latents(transformer: torch.nn.Module, cond: TextEncoding, settings: SampleSettings,
-                     guidance_embed: bool, progress: bool = True) -> torch.Tensor:
-    """Clean latents [1, 16, h, w] for precomputed text conditioning (the trainer's cached-TE path)."""
+                     guidance_embed: bool, progress: bool = True,
+                     neg_cond: TextEncoding | None = None) -> torch.Tensor:
+    """Clean latents [B, 16, h, w] for precomputed text conditioning (the trainer's cached-TE path);
+    `neg_cond` (the negative prompt's encoding) is used when `settings.cfg_scale` != 1."""
+    if settings.uses_cfg and neg_cond is None:
+        raise ValueError("cfg_scale != 1 needs the negative prompt's encoding (neg_cond)")
     noise = draw_noise(settings.width, settings.height, seeded_generator(settings.seed), batch=cond.t5_out.shape[0])
     schedule = get_schedule(settings.steps, image_seq_len(settings.width, settings.height), settings.shift)
-    mask = cond.t5_attn_mask if settings.apply_t5_attn_mask else None
-    return denoise(transformer, noise, cond, schedule, settings.guidance if guidance_embed else None, mask, progress)
+    return denoise(transformer, noise, cond, schedule, settings.guidance if guidance_embed else None,
+                   settings.apply_t5_attn_mask, progress, neg_cond if settings.uses_cfg else None, settings.cfg_scale)
+
+
+def encode_prompts(text_encoders: FluxTextEncoders, settings: SampleSettings) -> tuple[TextEncoding,
+                                                                                        TextEncoding | None]:
+    """(prompt encoding, negative prompt encoding or None when CFG is off), without gradients."""
+    with torch.no_grad():
+        cond = text_encoders.encode([settings.prompt], settings.t5_max_length, settings.apply_t5_attn_mask)
+        neg = None
+        if settings.uses_cfg:
+            neg = text_encoders.encode([settings.negative_prompt], settings.t5_max_length,
+                                       settings.apply_t5_attn_mask)
+    return cond, neg
 
 
 def sample_settings(guidance_embed: bool, prompt: str, width: int, height: int, steps: int, guidance: float,
                     seed: int, shift: bool | None = None, t5_max_length: int | None = None,
-                    apply_t5_attn_mask: bool = False) -> SampleSettings:
+                    apply_t5_attn_mask: bool = False, negative_prompt: str = "",
+                    cfg_scale: float = 1.0) -> SampleSettings:
     """Settings with FLUX's defaults filled in: dev (guidance-embedded) is shifted and reads 512 T5 tokens,
     schnell is unshifted and reads 256; sizes are floored to multiples of 16."""
     dev = bool(guidance_embed)
@@ -144,20 +179,20 @@ def sample_settings(guidance_embed: bool, prompt: str, width: int, height: int, 
     return SampleSettings(prompt=prompt, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
                           shift=dev if shift is None else shift,
                           t5_max_length=t5_max_length or default_t5_max_length(dev),
-                          apply_t5_attn_mask=apply_t5_attn_mask)
+                          apply_t5_attn_mask=apply_t5_attn_mask, negative_prompt=negative_prompt or "",
+                          cfg_scale=cfg_scale)
 
 
 def generate_image(transformer: torch.nn.Module, ae: torch.nn.Module, text_encoders: FluxTextEncoders,
                    prompt: str, width: int, height: int, steps: int, guidance: float, seed: int, *,
                    shift: bool | None = None, t5_max_length: int | None = None, apply_t5_attn_mask: bool = False,
-                   progress: bool = True) -> Image.Image:
+                   negative_prompt: str = "", cfg_scale: float = 1.0, progress: bool = True) -> Image.Image:
     """One image for `prompt`: encode, sample with the FLUX schedule, decode. Sizes are floored to 16."""
-    s = sample_settings(bool(transformer.params.guidance_embed), prompt, width, height, steps, guidance, seed, shift, t5_max_length,
-                        apply_t5_attn_mask)
-    with torch.no_grad():
-        cond = text_encoders.encode([prompt], s.t5_max_length, s.apply_t5_attn_mask)
-    latents = generate_latents(transformer, cond, s, bool(transformer.params.guidance_embed), progress)
-    return latents_to_pil(ae, latents)[0]
+    dev = bool(transformer.params.guidance_embed)
+    s = sample_settings(dev, prompt, width, height, steps, guidance, seed, shift, t5_max_length,
+                        apply_t5_attn_mask, negative_prompt, cfg_scale)
+    cond, neg = encode_prompts(text_encoders, s)
+    return latents_to_pil(ae, generate_latents(transformer, cond, s, dev, progress, neg))[0]
 
 
 # ---------------------------------------------------------------- PNG with settings in its metadata
@@ -168,9 +203,12 @@ def parameters_text(s: SampleSettings, model: str = "") -> str:
     fields = [f"Steps: {s.steps}", "Sampler: Euler", f"Guidance: {s.guidance:g}", f"Seed: {s.seed}",
               f"Size: {s.width}x{s.height}", f"Shift: {'FLUX' if s.shift else 'none'}",
               f"T5 tokens: {s.t5_max_length}"]
+    if s.uses_cfg:
+        fields.insert(2, f"CFG scale: {s.cfg_scale:g}")
     if model:
         fields.append(f"Model: {model}")
-    return f"{s.prompt}\n" + ", ".join(fields)
+    negative = f"Negative prompt: {s.negative_prompt}\n" if s.uses_cfg else ""
+    return f"{s.prompt}\n{negative}" + ", ".join(fields)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, settings: SampleSettings,

@@ -139,8 +139,8 @@ def _classify_diffusers(stem: str, prefix: str) -> tuple[str, str, int | None] |
     if mapped is None:
         return None
     bfl, split, idx = mapped
-    return K.kohya_name("unet", bfl), "diffusers", (idx if split.kind != "one" and split.kind != "swap" else
-                                                    (-1 if split.kind == "swap" else None))
+    part = {"one": None, "swap": -1}.get(split.kind, idx)  # -1: norm_out, rows to swap back
+    return K.kohya_name("unet", bfl), "diffusers", part
 
 
 def _peft_alpha(metadata: dict[str, str] | None) -> float | None:

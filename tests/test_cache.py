@@ -354,6 +354,16 @@ def test_bad_image_while_caching(tmp_path, caplog):
     ae = FakeAE()
     with caplog.at_level(logging.WARNING):
         cache(train, ae)
-    assert "cut.jpg" in caplog.text and ae.images == 0  # the three good ones were cached by the first run
+    assert "cut.jpg" in caplog.text and ae.images == 3
     paths = [p for b in BatchLoader(train).iter_epoch(0) for p in b.paths]
     assert len(paths) == 3 and not any(p.endswith("cut.jpg") for p in paths)
+
+
+def test_unwritable_cache_folder_is_a_user_error(tmp_path):
+    from library.errors import UserError
+
+    cfg = basic(tmp_path, n=1)
+    blocker = tmp_path / "imgs" / ".flux_cache"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.raises(UserError, match="cannot write the latents cache"):
+        cache(dataset(cfg), FakeAE())

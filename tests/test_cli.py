@@ -158,3 +158,14 @@ def test_ineffective_flag_warns_with_its_reason() -> None:
     assert f"warning: --min_snr_gamma has no effect for FLUX: {INEFFECTIVE['min_snr_gamma']}" in proc.stderr
     assert proc.stderr.count("warning:") == 1  # nothing else was set that does nothing
     assert proc.returncode == 2 and "--dataset_config" in proc.stderr  # --dry_run needs a dataset config
+
+
+def test_validate_config_and_dry_run_go_to_the_data_layer() -> None:
+    proc = _run("--dataset_config", "dataset_configs/demo_data.toml", "--validate_config",
+                "--model_prediction_type", "raw")
+    assert proc.returncode == 0, proc.stderr
+    assert "[[datasets]]" in proc.stdout and "class_tokens" in proc.stdout
+    proc = _run("--dataset_config", "dataset_configs/demo_data.toml", "--dry_run", "--max_train_epochs", "3",
+                "--model_prediction_type", "raw")
+    assert proc.returncode == 0, proc.stderr
+    assert "plan" in proc.stdout.lower()

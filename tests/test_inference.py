@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from library.errors import UserError
 from library.flux.loading import load_autoencoder, load_transformer
 from library.flux.text_encoders import FluxTextEncoders
 from library.sampling import generate_image, read_png_settings
@@ -147,32 +148,31 @@ def test_cli_single_file_needs_the_text_encoders(tiny_ckpts, tmp_path) -> None:
     assert res.returncode == 2 and "--clip_l is required" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_cli_lora_weights_change_the_image_and_merge_equals_on_the_fly(dev, tiny_ckpts, tmp_path) -> None:
-    """--lora_weights PATH;MULT goes through networks.lora_flux; merged and on-the-fly LoRA give one image."""
-    import flux_minimal_inference as fmi
-    from library.flux.text_encoders import load_clip_l
-    from networks.lora_flux import create_network
+def test_true_cfg_with_negative_prompt_equals_diffusers(dev, tiny_ckpts) -> None:
+    """kohya's --negative_prompt/--cfg_scale = diffusers' negative_prompt/true_cfg_scale (v_neg + s (v - v_neg))."""
+    ours, plain = dev
+    neg = "blurry, low quality"
+    ref = diffusers_image(tiny_ckpts.diffusers, **CASE, negative_prompt=neg, true_cfg_scale=2.0)
+    image = generate_image(ours.transformer, ours.ae, ours.te, **CASE, negative_prompt=neg, cfg_scale=2.0,
+                           progress=False)
+    assert psnr(image, ref) >= BAR
+    assert psnr(plain, ref) < BAR - 10  # CFG really changed the image
 
-    net = create_network(1.0, 4, 4.0, load_transformer(tiny_ckpts.transformer, "cpu", torch.float32),
-                         load_clip_l(tiny_ckpts.clip_l, "cpu", torch.float32))
-    net.apply_to()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.get_trainable_params():  # lora_up starts at zero: give every module an effect
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    lora = tmp_path / "lora.safetensors"
-    net.save_weights(lora, torch.float32, {})
-    c = CASE
-    base = ["--ckpt_path", str(tiny_ckpts.transformer), "--clip_l", str(tiny_ckpts.clip_l), "--t5xxl",
-            str(tiny_ckpts.t5xxl), "--ae", str(tiny_ckpts.ae), "--prompt", c["prompt"], "--width", str(c["width"]),
-            "--height", str(c["height"]), "--steps", str(c["steps"]), "--seed", str(c["seed"]), "--dtype",
-            "float32", "--device", "cpu", "--output_dir", str(tmp_path)]
-    runs = {"lora": ["--lora_weights", f"{lora};0.8"],
-            "merged": ["--lora_weights", f"{lora};0.8", "--merge_lora_weights"]}
-    images = {}
-    for name, extra in runs.items():
-        assert fmi.main(base + extra + ["--output_name", name]) == 0
-        images[name] = Image.open(tmp_path / f"{name}.png").convert("RGB")
-    assert psnr(images["lora"], dev[1]) < BAR - 10  # dev[1]: the same settings without LoRA (diffusers)
-    assert psnr(images["lora"], images["merged"]) >= BAR
-    assert read_png_settings(tmp_path / "lora.png")["lora_weights"] == [[str(lora), 0.8]]
+
+def test_kohya_dtype_flags_and_interactive_syntax(tiny_ckpts) -> None:
+    import flux_minimal_inference as fmi
+
+    base = ["--ckpt_path", str(tiny_ckpts.diffusers)]
+    a = fmi.parse_args(base + ["--dtype", "bf16", "--flux_dtype", "fp8", "--t5xxl_dtype", "fp16"])
+    assert (a.flux_dtype, a.flux_fp8, a.t5xxl_dtype, a.clip_l_dtype, a.ae_dtype) == \
+        ("bfloat16", True, "float16", "bfloat16", "bfloat16")
+    a = fmi.parse_args(base + ["--width", "1000", "--height", "700"])
+    assert (a.width, a.height, a.clip_l, a.ae) == (992, 688, tiny_ckpts.diffusers, tiny_ckpts.diffusers)
+    first = fmi.Request("a cat", "", 1360, 768, None, 3.5, 1.0, 1)
+    req = fmi.parse_interactive_line("a dog --w 512 --h 300 --s 8 --d 5 --g 2.5 --n ugly --c 3", first)
+    assert req == fmi.Request("a dog", "ugly", 512, 288, 8, 2.5, 3.0, 5)
+    assert fmi.parse_interactive_line("a fox", req).seed is None  # a new random seed unless given
+    with pytest.raises(UserError, match="--x"):
+        fmi.parse_interactive_line("a fox --x 1", req)
+    with pytest.raises(SystemExit):
+        fmi.parse_args(base + ["--dtype", "int8"])

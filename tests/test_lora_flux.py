@@ -284,3 +284,25 @@ def test_apply_lora_weights_merge_equals_on_the_fly(model, tmp_path):
     ids = torch.tensor([[1, 5, 7, 2]])
     assert torch.allclose(clip(ids).pooler_output, merged_c(ids).pooler_output, atol=1e-5)
     assert not torch.allclose(tiny_clip()(ids).pooler_output, merged_c(ids).pooler_output, atol=1e-4)
+
+
+def test_t5_only_with_train_t5xxl(model, tmp_path):
+    from transformers import T5Config, T5EncoderModel
+
+    t5 = T5EncoderModel(T5Config(d_model=16, d_ff=32, num_layers=2, num_heads=2, d_kv=8, vocab_size=50,
+                                 feed_forward_proj="gated-gelu")).eval().requires_grad_(False)
+    assert not any(n.startswith("lora_te3_") for n in names(create_network(1.0, 4, 1, model, None, t5)))
+    net = create_network(1.0, 4, 1, model, None, t5, train_t5xxl="True")
+    te3 = {n for n in names(net) if n.startswith("lora_te3_")}
+    assert len(te3) == 2 * 7 and "lora_te3_encoder_block_1_layer_1_DenseReluDense_wi_0" in te3
+    groups = {g["name"]: g["lr"] for g in net.prepare_optimizer_params([1e-5, 3e-5], 1e-4, 1e-3)}
+    assert groups == {"unet": 1e-4, "textencoder 2": 3e-5}
+    net.save_weights(tmp_path / "t5.safetensors", torch.float32, {})
+    assert names(create_network_from_weights(1.0, tmp_path / "t5.safetensors", tiny_flux(), None, t5)) == names(net)
+
+
+def test_apply_to_only_unet_drops_text_encoder_modules(model):
+    net = create_network(1.0, 4, 1, model, tiny_clip(), None)
+    replaced = net.apply_to(apply_text_encoder=False, apply_unet=True)
+    assert len(replaced) == N_UNET and not net.adapters("te1")
+    assert len(list(net.parameters())) == 2 * N_UNET

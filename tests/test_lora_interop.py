@@ -236,3 +236,34 @@ def test_invokeai_detects_kohya_and_uses_every_layer(setup, tmp_path):
         expect.update({f"lora_clip-{k[:-len('.weight')]}": v for k, v in c.te.items()})
         assert set(report["layers"]) == set(expect)
         assert_deltas(load_file(str(tmp_path / f"{c.name}.safetensors")), expect, f"{c.name} invokeai")
+
+
+def test_verify_tool_agrees_with_the_loaders(setup):
+    """verify_lora's loader model says what the real loaders above do with the same files."""
+    from networks.verify_lora import verify
+
+    for c in setup.cases.values():
+        assert all(r.ok for r in verify(c.file)), c.name  # every key used, right strength, everywhere
+    reps = {r.loader: r for r in verify(setup.diffusers_file)}
+    # diffusers applies the metadata alpha (test above); ComfyUI applies scale 1 (comfy test above)
+    assert reps["diffusers"].ok and not reps["comfyui"].dropped
+    assert {v for v in reps["comfyui"].strength.values()} == {(1.0, 2.0)}
+
+
+def test_xlabs_lora_reads_as_diffusers_reads_it(setup, tmp_path):
+    """An XLabs-format file (x-flux's processor LoRAs): diffusers' own converter + fuse vs our reader."""
+    from safetensors.torch import save_file as save
+
+    h = setup.params.hidden_size
+    gen = torch.Generator().manual_seed(4)
+    sd = {}
+    for i in range(setup.params.depth):
+        for proc, rows in (("qkv_lora1", 3 * h), ("proj_lora1", h), ("qkv_lora2", 3 * h), ("proj_lora2", h)):
+            sd[f"double_blocks.{i}.processor.{proc}.down.weight"] = torch.randn(4, h, generator=gen) * 0.05
+            sd[f"double_blocks.{i}.processor.{proc}.up.weight"] = torch.randn(rows, 4, generator=gen) * 0.05
+    save(sd, str(tmp_path / "xlabs.safetensors"))
+    pipe = _tiny_pipe(setup.params)
+    unet, _, injected = _diffusers_fused_deltas(pipe, tmp_path, "xlabs.safetensors")
+    ours = _expected_diffusers(our_bfl_deltas(tmp_path / "xlabs.safetensors"))
+    assert injected == len(ours) == 8 * setup.params.depth
+    _assert_only(unet, ours, "xlabs")

@@ -147,3 +147,24 @@ def test_png_metadata_round_trip(tmp_path) -> None:
         assert im.text["parameters"].splitlines()[0] == settings.prompt
         assert "Steps: 4" in im.text["parameters"] and "Seed: 42" in im.text["parameters"]
         assert np.array_equal(np.asarray(im), np.asarray(image))
+
+
+def test_true_cfg_combines_the_two_velocities() -> None:
+    model = _ToyVelocity()
+    pos = TextEncoding(t5_out=torch.randn(1, 8, 4), clip_pooled=torch.randn(1, 4), t5_attn_mask=torch.ones(1, 8))
+    neg = TextEncoding(t5_out=torch.randn(1, 8, 4), clip_pooled=torch.randn(1, 4), t5_attn_mask=torch.ones(1, 8))
+    noise = draw_noise(64, 32, seeded_generator(0))
+    schedule = get_schedule(3, image_seq_len(64, 32))
+    out = denoise(model, noise, pos, schedule, 2.0, neg_cond=neg, cfg_scale=3.0, progress=False)
+    x, ids = pack_latents(noise), make_img_ids(1, 2, 4)  # 64x32 image: 4x8 latents, 2x4 tokens
+    with torch.no_grad():
+        for t, t_next in zip(schedule[:-1], schedule[1:]):
+            g, tv = torch.tensor([2.0]), t.reshape(1)
+            v_pos = model(x, ids, pos.t5_out, None, tv, pos.clip_pooled, g)
+            v_neg = model(x, ids, neg.t5_out, None, tv, neg.clip_pooled, g)
+            x = x + (t_next - t) * (v_neg + 3.0 * (v_pos - v_neg))
+    torch.testing.assert_close(pack_latents(out), x)
+    plain = denoise(model, noise, pos, schedule, 2.0, progress=False)
+    torch.testing.assert_close(denoise(model, noise, pos, schedule, 2.0, neg_cond=neg, cfg_scale=1.0,
+                                       progress=False), plain)
+    assert not torch.allclose(out, plain)

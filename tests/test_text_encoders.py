@@ -206,3 +206,25 @@ def test_real_clip_l_and_t5_xxl_sizes_are_read_from_shapes() -> None:
     assert clip_sizes(_Shapes(clip_sd)) == ClipSizes(49408, 768, 12, 3072, 77, 768)
     assert clip_sizes(_Shapes(clip_sd)).heads == 12
     assert t5_sizes(_Shapes(t5_sd)) == T5Sizes(32128, 4096, 24, 64, 64, 10240, 32)
+
+
+def test_all_in_one_checkpoint_parts_load_like_the_single_files(files, tmp_path) -> None:
+    """ComfyUI all-in-one files hold the encoders under `text_encoders.{clip_l,t5xxl}.transformer.`."""
+    sd = {"model.diffusion_model.img_in.weight": torch.zeros(4, 4)}
+    sd.update({f"text_encoders.clip_l.transformer.{k}": v for k, v in load_file(str(files["clip"])).items()})
+    sd.update({f"text_encoders.t5xxl.transformer.{k}": v for k, v in load_file(str(files["t5"])).items()})
+    aio = tmp_path / "flux1-dev-all-in-one.safetensors"
+    save_file(sd, str(aio))
+    single = FluxTextEncoders.load(files["clip"], files["t5"], "cpu", torch.float32).encode(PROMPTS, 128)
+    both = FluxTextEncoders.load(aio, aio, "cpu", torch.float32).encode(PROMPTS, 128)
+    assert torch.equal(single.t5_out, both.t5_out) and torch.equal(single.clip_pooled, both.clip_pooled)
+
+
+def test_fp16_keeps_t5_wo_in_fp32_like_transformers(files, tmp_path) -> None:
+    ours = FluxTextEncoders.load(files["clip"], files["t5"], "cpu", torch.float16)
+    assert ours.t5.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    assert ours.t5.encoder.block[0].layer[1].DenseReluDense.wi_0.weight.dtype == torch.float16
+    ref = T5EncoderModel.from_pretrained(files["pipe"] / "text_encoder_2", dtype=torch.float16).eval()
+    _, t5_ids, _ = _ids(64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode(PROMPTS, 64).t5_out, ref(t5_ids).last_hidden_state)

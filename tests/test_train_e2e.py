@@ -35,8 +35,11 @@ def data(tmp_path_factory) -> Path:
         '[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 32\nbatch_size = 2\n'
         f'[[datasets.subsets]]\nimage_dir = "{root / "dog"}"\nclass_tokens = "sks dog"\n'
         f'[[datasets.subsets]]\nimage_dir = "{root / "captioned"}"\n')
-    (root / "dog.toml").write_text(  # 2 images, one bucket: for the data-parallel comparison
-        f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = "{root / "dog"}"\nclass_tokens = "sks dog"\n')
+    (root / "pair").mkdir()  # 2 images, one bucket, a cache of their own: for the data-parallel comparison
+    for p in (root / "dog").glob("*.jpg"):
+        (root / "pair" / p.name).write_bytes(p.read_bytes())
+    (root / "dog.toml").write_text(
+        f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = "{root / "pair"}"\nclass_tokens = "sks dog"\n')
     (root / "prompts.txt").write_text("a photo of sks dog --w 32 --h 32 --d 5 --s 3 --g 3.5\n")
     return root
 
@@ -171,12 +174,12 @@ def test_kohya_style_command_line_runs(tiny_ckpts, data: Path, tmp_path: Path) -
 
 def test_two_gloo_processes_match_one_process_at_twice_the_batch(tiny_ckpts, data: Path, tmp_path: Path) -> None:
     def args(out: Path, batch: int) -> list[str]:
-        a = base_args(tiny_ckpts, data, out, "--max_train_steps", "3", "--train_batch_size", str(batch))
+        a = base_args(tiny_ckpts, data, out, "--max_train_steps", "3", "--train_batch_size", str(batch),
+                      "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk")
         a[a.index("--dataset_config") + 1] = str(data / "dog.toml")
         return a
 
     one, two = tmp_path / "one", tmp_path / "two"
-    train_in_process(args(one, 2))
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                 "29517"]
@@ -185,10 +188,78 @@ def test_two_gloo_processes_match_one_process_at_twice_the_batch(tiny_ckpts, dat
                           env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("effective configuration") == 1  # only rank 0 prints and writes
+    assert len(list((data / "pair" / ".flux_cache").rglob("*.safetensors"))) >= 2  # both ranks' shares cached
+    train_in_process(args(one, 2))  # one process, twice the batch, reading the same disk caches
     a, b = load_file(str(one / "lora.safetensors")), load_file(str(two / "lora.safetensors"))
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    worst = 0.0
+    for k in a:  # relative error per tensor: Adam's m/sqrt(v) amplifies summation-order noise in tiny gradients
+        if a[k].norm() > 0:
+            worst = max(worst, float((b[k] - a[k]).norm() / a[k].norm()))
+    assert worst < 1e-3, worst
     assert any(a[k].abs().max() > 0 for k in a if "lora_up" in k)  # the LoRA did train
     la, lb = losses(one), losses(two)
     assert len(la) == len(lb) == 3
+
+
+def test_live_encoding_clip_lora_and_tensorboard(tiny_ckpts, data: Path, tmp_path: Path) -> None:
+    """kohya's default path: no caches (AE and text encoders run every step) and a CLIP-L LoRA trained too."""
+    out = tmp_path / "out"
+    argv = [a for a in base_args(tiny_ckpts, data, out, "--max_train_steps", "2", "--logging_dir",
+                                 str(tmp_path / "logs"), "--log_with", "tensorboard", "--text_encoder_lr", "1e-3")
+            if a not in ("--cache_latents", "--cache_text_encoder_outputs", "--network_train_unet_only")]
+    train_in_process(argv)
+    sd = load_file(str(out / "lora.safetensors"))
+    te = [k for k in sd if k.startswith("lora_te1_") and k.endswith("lora_up.weight")]
+    assert te and any(sd[k].abs().max() > 0 for k in te)  # the CLIP-L LoRA received updates
+    events = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"loss/current", "loss/average", "time/step_s"} <= set(tags)
+    assert any(t.startswith("lr/unet") for t in tags) and any(t.startswith("lr/textencoder") for t in tags)
+
+
+def test_kohya_folder_mode_and_initial_step(tiny_ckpts, data: Path, tmp_path: Path) -> None:
+    folders = tmp_path / "img"
+    (folders / "2_sks dog").mkdir(parents=True)
+    (folders / "notes").mkdir()  # no <repeats>_ prefix: skipped with a warning
+    for p in (data / "dog").glob("*.jpg"):
+        (folders / "2_sks dog" / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    argv = base_args(tiny_ckpts, data, out, "--max_train_steps", "4", "--initial_step", "2",
+                     "--skip_until_initial_step", "--train_data_dir", str(folders), "--resolution", "32",
+                     "--train_batch_size", "2")
+    i = argv.index("--dataset_config")
+    del argv[i: i + 2]
+    train_in_process(argv)
+    generated = (out / "lora_dataset.toml").read_text()
+    assert 'class_tokens = "sks dog"' in generated and "num_repeats = 2" in generated and "notes" not in generated
+    rows = (out / "lora_loss.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["3", "4"]  # started at step 2, trained steps 3 and 4
+
+
+def test_launch_script_demo_from_a_clean_copy(tmp_path: Path) -> None:
+    """The README's main-job command: `bash launch_train.sh` with no model set trains the tiny demo."""
+    import shutil
+
+    clone = tmp_path / "clone"
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout.split()
+    for rel in listed:
+        if (REPO / rel).is_file():
+            (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, clone / rel)
+    env = {**os.environ, "DEMO_EPOCHS": "2", "PYTHON": sys.executable,
+           "ACCELERATE": str(Path(sys.executable).parent / "accelerate")}
+    proc = subprocess.run(["bash", "launch_train.sh", "--save_every_n_epochs", "1", "--sample_every_n_epochs", "2"],
+                          cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = clone / "demo_output"
+    assert (out / "demo_lora.safetensors").is_file() and (out / "demo_lora-000001.safetensors").is_file()
+    assert (out / "demo_lora_loss.png").is_file() and (out / "demo_lora-state").is_dir()
+    assert len(list((out / "sample").glob("demo_lora_e000002_*.png"))) == 2
+    assert not list(clone.glob("dataset_configs/data/*/.flux_cache"))  # the demo writes nothing into the repo

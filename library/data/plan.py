@@ -23,6 +23,7 @@ class SubsetPlan:
     repeats: str  # "10" or "3..4" for balanced reg images
     is_reg: bool
     samples: int  # images x repeats per epoch
+    buckets: tuple[tuple[tuple[int, int], int], ...] = ()  # ((W, H), samples per epoch) of this subset
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,12 @@ def build_plan(dataset: FluxDataset, max_train_steps: int | None = None, max_tra
         for j, sub in enumerate(ds.subsets):
             mine = [it for it in items if it.subset == j]
             reps = sorted({it.repeats for it in mine}) or [sub.num_repeats]
+            sub_buckets = Counter()
+            for it in mine:
+                sub_buckets[it.assignment.bucket] += it.repeats
             subs.append(SubsetPlan(str(sub.image_dir or sub.metadata_file), ds.style, len(mine),
                                    str(reps[0]) if len(reps) == 1 else f"{reps[0]}..{reps[-1]}", sub.is_reg,
-                                   sum(it.repeats for it in mine)))
+                                   sum(it.repeats for it in mine), tuple(sorted(sub_buckets.items()))))
         counts = Counter()
         for it in items:
             counts[it.assignment.bucket] += it.repeats
@@ -82,8 +86,9 @@ def format_plan(plan: Plan) -> str:
         for s in d.subsets:
             reg = " (reg)" if s.is_reg else ""
             lines.append(f"    subset {s.source}{reg}: {s.images} images x {s.repeats} repeats = {s.samples} samples")
+            lines.append("      buckets " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in s.buckets))
         for (w, h), n in d.buckets:
-            lines.append(f"    bucket {w}x{h}: {n} samples")
+            lines.append(f"    bucket {w}x{h}: {n} samples ({-(-n // d.batch_size)} batches)")
     lines.append(f"  batches per epoch: {plan.batches_per_epoch}; steps per epoch: {plan.steps_per_epoch}")
     lines.append(f"  epochs: {plan.epochs}; total optimizer steps: {plan.total_steps}")
     if plan.validation_images:

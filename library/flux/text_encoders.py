@@ -5,7 +5,8 @@ from sizes read off the tensor shapes (so the real 123M / 4.7B encoders and the 
 path), then filled with `load_state_dict(strict=True, assign=True)` from tensors streamed out of the mmap'd
 safetensors file(s) one at a time, cast to the compute dtype on the way (fp8-stored files are upcast).
 Accepted layouts: ComfyUI single files (`clip_l.safetensors`: `text_model.…` [+ `text_projection.weight`];
-`t5xxl_fp16.safetensors` / `t5xxl_fp8_e4m3fn.safetensors`: `shared.weight` + `encoder.…`) and diffusers
+`t5xxl_fp16.safetensors` / `t5xxl_fp8_e4m3fn.safetensors`: `shared.weight` + `encoder.…`), the same keys
+under one prefix inside an all-in-one checkpoint (only that part is read and checked), and diffusers
 folders (a pipeline folder, or its `text_encoder/` / `text_encoder_2/`). Tokenizers come only from the files
 shipped in `library/flux/tokenizers/`; nothing is fetched from a hub.
 
@@ -135,22 +136,50 @@ def _layout_hint(keys: list[str], flag: str) -> str:
     return ""
 
 
-def _count(ckpt: Checkpoint, pattern: str) -> int:
+def _count(ckpt: Checkpoint | _Prefixed, pattern: str) -> int:
     rx = re.compile(pattern)
     return len({m.group(1) for k in ckpt.keys() if (m := rx.match(k))})
 
 
-def _need(ckpt: Checkpoint, key: str, flag: str) -> tuple[int, ...]:
+def _need(ckpt: Checkpoint | _Prefixed, key: str, flag: str) -> tuple[int, ...]:
     if key not in ckpt:
         raise UserError(f"{ckpt.name}: missing key {key!r}; not a {'CLIP-L' if flag == '--clip_l' else 'T5'} "
                         f"text encoder{_layout_hint(ckpt.keys(), flag)}")
     return ckpt.shapes[key]
 
 
+class _Prefixed:
+    """The tensors of `ckpt` under `prefix`, with the prefix removed: an encoder inside an all-in-one file
+    (ComfyUI's `text_encoders.clip_l.transformer.…`, `text_encoders.t5xxl.transformer.…`)."""
+
+    def __init__(self, ckpt: Checkpoint, prefix: str):
+        self._ckpt, self._prefix, self.name = ckpt, prefix, ckpt.name
+        self.shapes = {k[len(prefix):]: v for k, v in ckpt.shapes.items() if k.startswith(prefix)}
+
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.shapes
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._ckpt.get(self._prefix + key)
+
+
+def _encoder_view(ckpt: Checkpoint, marker: str, flag: str, what: str) -> Checkpoint | _Prefixed:
+    """`ckpt` itself when `marker` is a key, else the prefixed part holding it; UserError when absent."""
+    if marker in ckpt:
+        return ckpt
+    prefixes = sorted({k[: -len(marker)] for k in ckpt.keys() if k.endswith("." + marker)})
+    if len(prefixes) != 1:
+        raise UserError(f"{ckpt.name}: no {marker} key, not a {what}{_layout_hint(ckpt.keys(), flag)}")
+    return _Prefixed(ckpt, prefixes[0])
+
+
 # ---------------------------------------------------------------- sizes from shapes
 
 
-def clip_sizes(ckpt: Checkpoint) -> ClipSizes:
+def clip_sizes(ckpt: Checkpoint | _Prefixed) -> ClipSizes:
     flag = "--clip_l"
     vocab, width = _need(ckpt, "text_model.embeddings.token_embedding.weight", flag)
     positions = _need(ckpt, "text_model.embeddings.position_embedding.weight", flag)[0]
@@ -162,7 +191,7 @@ def clip_sizes(ckpt: Checkpoint) -> ClipSizes:
     return ClipSizes(vocab, width, layers, intermediate, positions, proj)
 
 
-def t5_sizes(ckpt: Checkpoint) -> T5Sizes:
+def t5_sizes(ckpt: Checkpoint | _Prefixed) -> T5Sizes:
     flag = "--t5xxl"
     emb = "shared.weight" if "shared.weight" in ckpt else "encoder.embed_tokens.weight"
     vocab, d_model = _need(ckpt, emb, flag)
@@ -182,8 +211,8 @@ def t5_sizes(ckpt: Checkpoint) -> T5Sizes:
 # ---------------------------------------------------------------- strict streaming load
 
 
-def _stream_into(model: torch.nn.Module, ckpt: Checkpoint, file_key: dict[str, str], flag: str,
-                 device: torch.device, dtype: torch.dtype) -> None:
+def _stream_into(model: torch.nn.Module, ckpt: Checkpoint | _Prefixed, file_key: dict[str, str], flag: str,
+                 device: torch.device, dtype: torch.dtype, fp32_keys: frozenset[str] = frozenset()) -> None:
     """Fill a meta-device `model` from `ckpt`; `file_key` maps each module key to its checkpoint key.
 
     Every checkpoint key must be used (or be in the layout's optional set, removed beforehand by the
@@ -202,11 +231,11 @@ def _stream_into(model: torch.nn.Module, ckpt: Checkpoint, file_key: dict[str, s
         tensor = ckpt.get(fk)
         if not tensor.is_floating_point():
             raise UserError(f"{ckpt.name}: tensor {fk!r} has dtype {tensor.dtype}, expected floating point")
-        state[mk] = tensor.to(device=device, dtype=dtype)
+        state[mk] = tensor.to(device=device, dtype=torch.float32 if mk in fp32_keys else dtype)
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def _check_unexpected(ckpt: Checkpoint, used: set[str], ignored: set[str], flag: str) -> None:
+def _check_unexpected(ckpt: Checkpoint | _Prefixed, used: set[str], ignored: set[str], flag: str) -> None:
     unexpected = set(ckpt.keys()) - used - ignored
     if unexpected:
         raise UserError(f"{ckpt.name}: unexpected key(s) {_first(unexpected)}{_layout_hint(ckpt.keys(), flag)}")
@@ -215,28 +244,30 @@ def _check_unexpected(ckpt: Checkpoint, used: set[str], ignored: set[str], flag:
 def load_clip_l(path: str | Path, device: torch.device | str, dtype: torch.dtype) -> CLIPTextModel:
     """CLIP-L text model from a ComfyUI-style file (fp16/fp32/fp8) or a diffusers folder, in eval mode."""
     flag, device = "--clip_l", torch.device(device)
-    with open_checkpoint(_resolve_files(Path(path), "text_encoder", flag)) as ckpt:
-        if not any(k.startswith(_CLIP_PREFIX) for k in ckpt.keys()):
-            raise UserError(f"{ckpt.name}: no {_CLIP_PREFIX}* keys, not a CLIP-L text encoder"
-                            f"{_layout_hint(ckpt.keys(), flag)}")
+    with open_checkpoint(_resolve_files(Path(path), "text_encoder", flag)) as whole:
+        ckpt = _encoder_view(whole, "text_model.embeddings.token_embedding.weight", flag, "CLIP-L text encoder")
         sizes = clip_sizes(ckpt)
         with torch.device("meta"):
             model = CLIPTextModel(clip_config(sizes))
-        file_key = {mk: _CLIP_PREFIX + mk for mk in model.state_dict()}
+        # transformers 5 names the CLIPTextModel's tensors without the files' `text_model.` prefix
+        file_key = {mk: mk if mk.startswith(_CLIP_PREFIX) else _CLIP_PREFIX + mk for mk in model.state_dict()}
         _check_unexpected(ckpt, set(file_key.values()), set(_CLIP_OPTIONAL), flag)
         _stream_into(model, ckpt, file_key, flag, device, dtype)
-    # position_ids is a non-persistent buffer, so it is still on the meta device after loading.
-    model.embeddings.register_buffer("position_ids", torch.arange(sizes.positions, device=device)[None],
-                                     persistent=False)
+    # position_ids is a non-persistent buffer (not in any file), so it is still on the meta device.
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            assert leaf == "position_ids", name
+            model.get_submodule(owner).register_buffer(leaf, torch.arange(sizes.positions, device=device)[None],
+                                                       persistent=False)
     return model.eval().requires_grad_(False)
 
 
 def load_t5xxl(path: str | Path, device: torch.device | str, dtype: torch.dtype) -> T5EncoderModel:
     """T5 v1.1 encoder from a ComfyUI-style file (fp16/bf16/fp32/fp8) or a diffusers folder, in eval mode."""
     flag, device = "--t5xxl", torch.device(device)
-    with open_checkpoint(_resolve_files(Path(path), "text_encoder_2", flag)) as ckpt:
-        if not any(k.startswith("encoder.block.") for k in ckpt.keys()):
-            raise UserError(f"{ckpt.name}: no encoder.block.* keys, not a T5 encoder{_layout_hint(ckpt.keys(), flag)}")
+    with open_checkpoint(_resolve_files(Path(path), "text_encoder_2", flag)) as whole:
+        ckpt = _encoder_view(whole, "encoder.block.0.layer.0.SelfAttention.q.weight", flag, "T5 encoder")
         sizes = t5_sizes(ckpt)
         with torch.device("meta"):
             model = T5EncoderModel(t5_config(sizes))
@@ -246,7 +277,9 @@ def load_t5xxl(path: str | Path, device: torch.device | str, dtype: torch.dtype)
         file_key = {mk: (emb if mk in tied else mk) for mk in model.state_dict()}
         ignored = {k for k in ckpt.keys() if _T5_IGNORED.match(k)} | (tied & set(ckpt.keys()))
         _check_unexpected(ckpt, set(file_key.values()), ignored, flag)
-        _stream_into(model, ckpt, file_key, flag, device, dtype)
+        # As transformers does in fp16: T5's feed-forward output projections overflow fp16, keep them fp32.
+        fp32 = frozenset(k for k in file_key if k.endswith(".wo.weight")) if dtype == torch.float16 else frozenset()
+        _stream_into(model, ckpt, file_key, flag, device, dtype, fp32)
     model.encoder.embed_tokens = model.shared  # keep the tie after `assign=True` replaced the parameters
     return model.eval().requires_grad_(False)
 

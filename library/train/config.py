@@ -17,6 +17,9 @@ from library.train.cli import ParsedArgs, non_default_values
 from library.train.flags import DATASET_FLAGS, FLAG_BY_NAME_DEFAULTS, INEFFECTIVE
 
 
+DEFAULT_SEED = 42  # --seed unset: a fixed seed, so every run is reproducible (kohya draws a random one)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     pretrained_model_name_or_path: str | None

@@ -7,7 +7,7 @@ module only routes the flags there with the CLI values the user gave.
 from __future__ import annotations
 
 from library.errors import UserError
-from library.train.config import TrainConfig
+from library.train.config import DEFAULT_SEED, TrainConfig
 
 
 def inspect_data(cfg: TrainConfig) -> int:
@@ -23,7 +23,8 @@ def inspect_data(cfg: TrainConfig) -> int:
     from library.data.plan import format_plan, make_plan  # noqa: PLC0415 (owned by the data part)
 
     loop = cfg.loop
-    print(format_plan(make_plan(resolved, seed=loop.seed or 0, max_train_steps=loop.max_train_steps,
+    seed = loop.seed if loop.seed is not None else DEFAULT_SEED
+    print(format_plan(make_plan(resolved, seed=seed, max_train_steps=loop.max_train_steps,
                                 max_train_epochs=loop.max_train_epochs,
                                 gradient_accumulation_steps=loop.gradient_accumulation_steps,
                                 skip_bad_images=bool(cfg.data.cli_values.get("skip_bad_images")))))

@@ -97,6 +97,9 @@ def draw_loss_plot(record: LossRecord, path: Path, title: str = "training loss",
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     draw.text((left, 8), title, fill="black")
+    draw.text((w - 330, 8), "step loss", fill=(120, 150, 220))
+    draw.text((w - 260, 8), "moving average", fill=(20, 60, 160))
+    draw.text((w - 160, 8), "epoch mean (dots)", fill=(200, 60, 20))
     finite = [(s, v) for s, v in zip(record.steps, record.losses) if math.isfinite(v)]
     if finite:
         xs, ys = [s for s, _ in finite], [v for _, v in finite]

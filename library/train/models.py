@@ -124,10 +124,11 @@ def apply_memory_and_speed(cfg: TrainConfig, transformer: torch.nn.Module, devic
     if m.gradient_checkpointing or m.cpu_offload_checkpointing:
         transformer.enable_gradient_checkpointing(cpu_offload=m.cpu_offload_checkpointing)
     if cfg.speed.torch_compile:
-        # Compile block by block: one graph per block type is reused by every block (fast to compile) and
-        # checkpointing / block swap keep working between blocks.
-        for block in [*transformer.double_blocks, *transformer.single_blocks]:
-            block.compile(backend=cfg.speed.dynamo_backend, dynamic=False)
+        # Regional compilation (library/flux/compile.py): one graph per block type, reused by every block;
+        # checkpointing and block swap keep running between blocks. Last, after the LoRA is injected.
+        from library.flux.compile import apply_compile  # noqa: PLC0415
+
+        apply_compile(transformer, backend=cfg.speed.dynamo_backend)
 
 
 def free(*modules: torch.nn.Module | None) -> None:

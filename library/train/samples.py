@@ -58,7 +58,7 @@ def write_samples(prompts: list[EncodedPrompt], transformer: torch.nn.Module, ae
         for e in prompts:
             p = e.prompt
             seed = p.seed if p.seed is not None else base_seed + p.index
-            s = sample_settings(transformer, p.prompt, p.width, p.height, p.sample_steps, p.guidance_scale, seed,
+            s = sample_settings(guidance_embed, p.prompt, p.width, p.height, p.sample_steps, p.guidance_scale, seed,
                                 t5_max_length=t5_max_length, apply_t5_attn_mask=apply_t5_attn_mask)
             cond = type(e.cond)(**{k: v.to(device) for k, v in vars(e.cond).items()})
             with torch.no_grad(), autocast():

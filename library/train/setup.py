@@ -7,6 +7,7 @@ unneeded encoders freed -> LoRA injected -> memory/speed options -> optimizer, s
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ import torch
 from library.errors import UserError
 from library.train import models as M
 from library.train.checkpoint import Names
-from library.train.config import TrainConfig, config_as_dict
+from library.train.config import DEFAULT_SEED, TrainConfig, config_as_dict
 from library.train.logging import warn
 from library.train.optim import build_optimizer, build_scheduler, is_relative_step_adafactor
 from library.train.precision import Dtypes, resolve_dtypes
@@ -76,10 +77,24 @@ def _data(cfg: TrainConfig, acc: Any, seed: int) -> tuple[Any, Any]:
     from library.data.dataset import BatchLoader, build_datasets  # noqa: PLC0415
     from library.dataset_config import load_dataset_config  # noqa: PLC0415
 
-    if not cfg.data.dataset_config:
-        raise UserError("command line: --dataset_config PATH is required (a kohya dataset TOML); "
-                        "see dataset_configs/ for examples")
-    resolved = load_dataset_config(cfg.data.dataset_config, cfg.data.cli_values)
+    path = cfg.data.dataset_config
+    cli = dict(cfg.data.cli_values)
+    if not path:
+        folder, reg = cli.pop("train_data_dir", None), cli.pop("reg_data_dir", None)
+        if not folder:
+            raise UserError("command line: --dataset_config PATH (a kohya dataset TOML, see dataset_configs/) "
+                            "or --train_data_dir with <repeats>_<class tokens> sub-folders is required")
+        from library.train.legacy_data import write_folder_mode_config  # noqa: PLC0415
+
+        name = cfg.save.output_name or "last"
+        target = Path(cfg.save.output_dir) / f"{name}_dataset.toml"
+        path = str(write_folder_mode_config(folder, reg, target) if acc.is_main_process else target)
+        acc.wait_for_everyone()
+    elif cli.get("train_data_dir") or cli.get("reg_data_dir") or cli.get("in_json"):
+        warn("--train_data_dir/--reg_data_dir/--in_json are ignored when --dataset_config is given (as in kohya)")
+    for key in ("train_data_dir", "reg_data_dir", "in_json"):
+        cli.pop(key, None)
+    resolved = load_dataset_config(path, cli)
     skip_bad = bool(cfg.data.cli_values.get("skip_bad_images"))
     dataset, _validation = build_datasets(resolved, seed, skip_bad, progress=acc.is_main_process)
     loader = BatchLoader(dataset, cfg.loop.max_data_loader_n_workers if cfg.loop.persistent_data_loader_workers
@@ -104,28 +119,41 @@ def _cache(cfg: TrainConfig, acc: Any, run_models: M.Models, dataset: Any, epoch
     mem = cfg.memory
     main = acc.is_main_process
     if mem.cache_latents:
-        # On disk the main process writes first and the others then read its files; in memory each
-        # process needs every latent it may be given, so each encodes them itself.
-        with acc.main_process_first() if mem.cache_latents_to_disk else _null():
-            dataset.cache_latents(ae_encode_fn(run_models.ae, acc.device, dtypes.ae), checkpoint_identity(cfg.model.ae),
-                                  mem.cache_latents_to_disk, skip_cache_check=mem.skip_cache_check,
-                                  batch_size=mem.vae_batch_size, progress=main)
+        encode, ae_id = ae_encode_fn(run_models.ae, acc.device, dtypes.ae), checkpoint_identity(cfg.model.ae)
+        for part in _shares(dataset, acc, mem.cache_latents_to_disk):
+            part.cache_latents(encode, ae_id, mem.cache_latents_to_disk, skip_cache_check=mem.skip_cache_check,
+                               batch_size=mem.vae_batch_size, progress=main)
     if mem.cache_text_encoder_outputs:
         te_id = checkpoint_identity(cfg.model.clip_l) + checkpoint_identity(cfg.model.t5xxl)
-        with acc.main_process_first() if mem.cache_text_encoder_outputs_to_disk else _null():
-            dataset.cache_text_outputs(
-                text_encode_fn(run_models.text, run_models.t5_max_length, cfg.model.apply_t5_attn_mask), te_id,
-                run_models.t5_max_length, cfg.model.apply_t5_attn_mask, range(epochs),
-                mem.cache_text_encoder_outputs_to_disk, skip_cache_check=mem.skip_cache_check,
-                batch_size=mem.text_encoder_batch_size or 8, progress=main)
+        encode = text_encode_fn(run_models.text, run_models.t5_max_length, cfg.model.apply_t5_attn_mask)
+        for part in _shares(dataset, acc, mem.cache_text_encoder_outputs_to_disk):
+            part.cache_text_outputs(encode, te_id, run_models.t5_max_length, cfg.model.apply_t5_attn_mask,
+                                    range(epochs), mem.cache_text_encoder_outputs_to_disk,
+                                    skip_cache_check=mem.skip_cache_check,
+                                    batch_size=mem.text_encoder_batch_size or 8, progress=main)
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
+def _shares(dataset: Any, acc: Any, to_disk: bool) -> list[Any]:
+    """Disk caching split across ranks: rank r first encodes the images with uid % N == r (a shallow view
+    of the dataset), then, after a barrier, every rank passes over the whole dataset, which now only finds
+    and indexes the files. In memory every rank needs every entry, so each encodes them all."""
+    if not to_disk or acc.num_processes == 1:
+        return [dataset]
+    share = copy.copy(dataset)
+    share.items = [[it for it in its if it.uid % acc.num_processes == acc.process_index] for its in dataset.items]
+    share._order_cache = None
+    return [share, _Barrier(acc, dataset)]
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+
+class _Barrier:
+    """Waits for every rank, then forwards the call to the full dataset."""
+
+    def __init__(self, acc: Any, dataset: Any) -> None:
+        self.acc, self.dataset = acc, dataset
+
+    def __getattr__(self, name: str) -> Any:
+        self.acc.wait_for_everyone()
+        return getattr(self.dataset, name)
 
 
 def _train_clip(cfg: TrainConfig) -> bool:
@@ -141,7 +169,7 @@ def _train_clip(cfg: TrainConfig) -> bool:
 
 def setup(cfg: TrainConfig) -> Run:
     acc = make_accelerator(cfg)
-    seed = cfg.loop.seed if cfg.loop.seed is not None else 42
+    seed = cfg.loop.seed if cfg.loop.seed is not None else DEFAULT_SEED
     torch.manual_seed(seed)  # LoRA init (kaiming) is identical on every rank and every run
     dtypes = resolve_dtypes(cfg.precision)
     out_dir = Path(cfg.save.output_dir)

@@ -42,6 +42,8 @@ def train(cfg: TrainConfig) -> None:
     state = State()
     if cfg.save.resume:
         resume(run, state, cfg.save.resume)
+    elif cfg.loop.initial_step is not None or cfg.loop.initial_epoch is not None:
+        start_at_initial_step(run, state)
     previous = _install_signal_handlers(state)
     acc = run.accelerator
     _init_trackers(run)
@@ -61,12 +63,12 @@ def train(cfg: TrainConfig) -> None:
                 done = after_optimizer_step(run, state, loss, bar)
                 if done:
                     break
-            if done:
-                break
-            if state.micro:  # leftover accumulated micro-batches at the epoch end still make a step
-                after_optimizer_step(run, state, loss, bar)
-            end_epoch(run, state, epoch)
-            if state.stop_signal or state.global_step >= run.total_steps:
+            finished = run.loader.epoch > epoch or run.loader.index >= len(run.loader.indices(epoch))
+            if finished and state.micro:  # leftover accumulated micro-batches at the epoch end make a step
+                done = after_optimizer_step(run, state, loss, bar)
+            if finished:
+                end_epoch(run, state, epoch)
+            if done or state.stop_signal or state.global_step >= run.total_steps:
                 break
         finish(run, state)
     finally:
@@ -237,6 +239,19 @@ def resume(run: Run, state: State, path: str) -> None:
     run.loader.load_state_dict(ts["loader"])
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.global_step, run.loader.epoch,
              run.loader.index)
+
+
+def start_at_initial_step(run: Run, state: State) -> None:
+    """kohya's --initial_step / --initial_epoch: the step counter starts there (the LR schedule does not,
+    as in kohya); batches before it are skipped with --skip_until_initial_step, else the epoch restarts."""
+    loop = run.cfg.loop
+    step = loop.initial_step if loop.initial_step is not None else (max(1, loop.initial_epoch or 1) - 1) * \
+        run.steps_per_epoch
+    epoch, within = divmod(step, run.steps_per_epoch)
+    index = within * loop.gradient_accumulation_steps if loop.skip_until_initial_step else 0
+    state.global_step = step
+    run.loader.load_state_dict({"epoch": epoch, "index": index, "seed": run.seed})
+    log.info("starting at step %d (epoch %d, batch %d)", step, epoch + 1, index)
 
 
 def stop_non_finite(run: Run, state: State, loss: float) -> None:

@@ -1,0 +1,182 @@
+"""Merge FLUX LoRAs into a base checkpoint, or combine several LoRAs into one (kohya-compatible CLI).
+
+Into a base (`--flux_model`): W += ratio · alpha/rank · up @ down for every module of every `--models` file
+(any supported LoRA format), in float32, and the result is written as a BFL single file in
+`--save_precision` (float / fp16 / bf16 / fp8: e4m3 for the block Linear weights, bf16 for the rest).
+`--clip_l` / `--t5xxl` with `--clip_l_save_to` / `--t5xxl_save_to` merge the text-encoder parts.
+
+Without `--flux_model`, the LoRAs are combined into one LoRA (`--save_to`): by default exactly, by
+concatenating the ranks (`--concat`; the up blocks carry ratio · alpha/rank so the file's alpha = rank), or
+by SVD of the summed ΔW to `--new_rank`. (kohya's default sums downs and ups separately, which is not the
+sum of the updates; this tool never does that.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from library.errors import UserError, run_main  # noqa: E402
+from networks import lora_keys as K  # noqa: E402
+from networks.lora_formats import LoRAWeight, read_lora  # noqa: E402
+from networks.lora_metadata import NETWORK_MODULE, modelspec  # noqa: E402
+from networks.lora_svd import low_rank, parse_dtype  # noqa: E402
+
+log = logging.getLogger("flux_merge_lora")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--flux_model", default=None, help="base FLUX transformer (BFL .safetensors)")
+    p.add_argument("--clip_l", default=None, help="CLIP-L .safetensors to merge lora_te1_ modules into")
+    p.add_argument("--t5xxl", default=None, help="T5-XXL .safetensors to merge lora_te3_ modules into")
+    p.add_argument("--save_to", required=True, help="output transformer (or combined LoRA) .safetensors")
+    p.add_argument("--clip_l_save_to", default=None)
+    p.add_argument("--t5xxl_save_to", default=None)
+    p.add_argument("--models", nargs="+", required=True, help="LoRA files")
+    p.add_argument("--ratios", nargs="*", type=float, default=None, help="one multiplier per LoRA (default 1)")
+    p.add_argument("--save_precision", default=None, help="float, fp16, bf16 or fp8 (default: the input's)")
+    p.add_argument("--precision", default="float", help="working precision (only float is used)")
+    p.add_argument("--loading_device", default="cpu")
+    p.add_argument("--working_device", default="cpu")
+    p.add_argument("--mem_eff_load_save", action="store_true", help="accepted for kohya compatibility (always lazy)")
+    p.add_argument("--concat", action="store_true", help="combine by concatenating ranks (exact; the default)")
+    p.add_argument("--new_rank", type=int, default=None, help="combine by SVD of the summed update to this rank")
+    p.add_argument("--shuffle", action="store_true", help="permute the rank order of the combined LoRA (as kohya)")
+    p.add_argument("--no_metadata", action="store_true", help="write minimal metadata")
+    p.add_argument("--diffusers", action="store_true", help="accepted: diffusers-layout bases are detected")
+    return p
+
+
+def _ratios(models: list[str], ratios: list[float] | None) -> list[float]:
+    if not ratios:
+        return [1.0] * len(models)
+    if len(ratios) != len(models):
+        raise UserError(f"--ratios: {len(ratios)} values for {len(models)} --models")
+    return ratios
+
+
+def _deltas_by_component(files: list[tuple[Path, float]], device: str) -> dict[str, dict[str, torch.Tensor]]:
+    """{"unet"|"te1"|"te3": {module path: Σ ratio·ΔW}} over all files (fp32)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for path, ratio in files:
+        parsed = read_lora(path)
+        if parsed.unknown:
+            log.warning("%s: %d keys not understood, not merged: %s", path, len(parsed.unknown),
+                        ", ".join(parsed.unknown[:5]))
+        for name, w in parsed.weights.items():
+            comp, mpath = K.split_kohya_name(name)
+            d = w.delta().to(device) * ratio
+            slot = out.setdefault(comp, {})
+            slot[mpath] = slot[mpath] + d if mpath in slot else d
+    return out
+
+
+def _find_key(keys: set[str], module_path: str) -> str | None:
+    """The checkpoint key of a module's weight, allowing a prefix (e.g. `text_model.`, `clip_l.transformer.`)."""
+    want = module_path + ".weight"
+    hits = [k for k in keys if k == want or k.endswith("." + want)]
+    if not hits and module_path.startswith("text_model."):  # transformers 5 CLIP files drop `text_model.`
+        return _find_key(keys, module_path[len("text_model."):])
+    return min(hits, key=len) if hits else None
+
+
+def merge_into_file(base: Path, out: Path, deltas: dict[str, torch.Tensor], dtype: torch.dtype | None,
+                    what: str, device: str = "cpu") -> int:
+    """Stream `base`, add each delta to its weight, write `out` (BFL names kept). Returns modules merged."""
+    from library.flux.model import to_fp8
+    from library.flux.safetensors_io import open_checkpoint, read_metadata, save_file_atomic
+
+    with open_checkpoint(Path(base)) as ckpt:
+        keys = set(ckpt.keys())
+        where = {}
+        for mpath, d in deltas.items():
+            k = _find_key(keys, mpath)
+            if k is None:
+                raise UserError(f"{base}: no weight for LoRA module {mpath} ({what}); is this the right model?")
+            where[k] = d
+        sd = {}
+        for k in sorted(keys):
+            t = ckpt.get(k)
+            if k in where:
+                if tuple(t.shape) != tuple(where[k].shape):
+                    raise UserError(f"{base}: {k}: shape {list(t.shape)} but the LoRA's ΔW is {list(where[k].shape)}")
+                t = (t.to(device, torch.float32) + where[k]).to(t.dtype if dtype is None else torch.float32)
+            if dtype == torch.float8_e4m3fn:
+                fp8 = t.ndim == 2 and k.startswith(("double_blocks.", "single_blocks.")) and k.endswith(".weight")
+                t = to_fp8(t.float()) if fp8 else t.to(torch.bfloat16)
+            elif dtype is not None:
+                t = t.to(dtype)
+            sd[k] = t.cpu().contiguous()
+    save_file_atomic(sd, out, read_metadata(base) or None)
+    return len(where)
+
+
+def combine(files: list[tuple[Path, float]], new_rank: int | None, shuffle: bool = False
+            ) -> tuple[dict[str, LoRAWeight], dict[str, float]]:
+    """One LoRA whose ΔW is Σ ratio·ΔW_i: concatenated ranks (exact) or SVD to `new_rank`.
+    Returns the weights and, for SVD, the retained norm per module."""
+    parts: dict[str, list[tuple[LoRAWeight, float]]] = {}
+    for path, ratio in files:
+        for name, w in read_lora(path).weights.items():
+            parts.setdefault(name, []).append((w, ratio))
+    out, retained = {}, {}
+    gen = torch.Generator().manual_seed(0)
+    for name, ws in sorted(parts.items()):
+        if new_rank is not None:
+            lr = low_rank(sum(w.delta() * r for w, r in ws), new_rank)
+            out[name], retained[name] = LoRAWeight(lr.down, lr.up, float(lr.rank)), lr.retained
+            continue
+        down = torch.cat([w.down.float() for w, _ in ws])
+        up = torch.cat([w.up.float() * (w.scale * r) for w, r in ws], dim=1)
+        if shuffle:
+            perm = torch.randperm(down.shape[0], generator=gen)
+            down, up = down[perm], up[:, perm]
+        out[name] = LoRAWeight(down, up, float(down.shape[0]))
+    return out, retained
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    a = build_parser().parse_args(argv)
+    files = [(Path(m), r) for m, r in zip(a.models, _ratios(a.models, a.ratios))]
+    dtype = parse_dtype(a.save_precision, allow_fp8=True)
+    if a.flux_model is None:
+        from networks.lora_flux import save_lora
+
+        if a.concat and a.new_rank:
+            raise UserError("--concat and --new_rank: choose one way to combine")
+        weights, retained = combine(files, a.new_rank, a.shuffle)
+        for name, r in retained.items():
+            log.info("%s: retained norm %.4f", name, r)
+        ranks = sorted({w.rank for w in weights.values()})
+        md = {"ss_network_module": NETWORK_MODULE, "ss_base_model_version": "flux1",
+              "ss_network_dim": str(max(ranks)), "ss_network_alpha": str(max(ranks)),
+              **modelspec(Path(a.save_to).stem, extra={"merged_from": ", ".join(a.models)})}
+        save_lora(weights, a.save_to, None if dtype == torch.float8_e4m3fn else dtype, md)
+        log.info("%d modules (ranks %s) → %s", len(weights), ranks, a.save_to)
+        return 0
+    deltas = _deltas_by_component(files, a.working_device)
+    n = merge_into_file(Path(a.flux_model), Path(a.save_to), deltas.get("unet", {}), dtype, "transformer",
+                        a.working_device)
+    log.info("%s: merged %d modules → %s", a.flux_model, n, a.save_to)
+    for comp, src, dst in (("te1", a.clip_l, a.clip_l_save_to), ("te3", a.t5xxl, a.t5xxl_save_to)):
+        if comp in deltas and (src is None or dst is None):
+            log.warning("%d %s modules not merged: give --%s and --%s_save_to", len(deltas[comp]), comp,
+                        "clip_l" if comp == "te1" else "t5xxl", "clip_l" if comp == "te1" else "t5xxl")
+        elif comp in deltas:
+            n = merge_into_file(Path(src), Path(dst), deltas[comp], dtype if dtype != torch.float8_e4m3fn else
+                                torch.bfloat16, comp, a.working_device)
+            log.info("%s: merged %d modules → %s", src, n, dst)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

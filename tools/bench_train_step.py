@@ -1,0 +1,400 @@
+"""Time one FLUX.1-dev LoRA training step, as the peer anchors do (../shared/reference/perf-anchors.md).
+
+Full-size FLUX.1-dev transformer with random weights, built directly on the GPU in bf16 (no checkpoint is
+read); rank-16 LoRA (alpha 16, float32 weights, kohya's 304 block Linears) from `networks.lora_flux`
+(or, with `--lora minimal` or when that module cannot be used, a bench-only wrapper defined below);
+batch 1, 512 T5 tokens, cached latents / text-encoder outputs (random tensors). One step = flow-matching
+noisy input (flux_shift σ), forward under bf16 autocast, float32 MSE against n − x0, backward,
+clip_grad_norm_(1.0) over the LoRA parameters, torch AdamW step, zero_grad(set_to_none), loss.item().
+Time = median of `--steps` steps after `--warmup` (CUDA synchronize around each step, host perf_counter),
+memory = torch.cuda.max_memory_allocated over warm-up + timed steps, MFU = step FLOPs (anchors' model:
+3F with checkpointing, 2F without) / (median × matmul ceiling).
+
+A config is `mode:ckpt:res:sdpa[:prof]`: mode eager|compile (library.flux.compile.apply_compile, per
+block), ckpt ckpt|nockpt, res in pixels (square), sdpa default|flash|cudnn|efficient|math.
+
+    python3 tools/bench_train_step.py --configs eager:ckpt:1024:default compile:ckpt:1024:default
+    python tools/bench_train_step.py --tiny            # CPU dry run of the same code path
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from library.flux.compile import apply_compile, remove_compile  # noqa: E402
+from library.flux.math import make_img_ids, make_txt_ids, pack_latents, unpack_latents  # noqa: E402
+from library.flux.model import Flux, FluxParams  # noqa: E402
+
+DEV_PARAMS = FluxParams(in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+                        mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, qkv_bias=True,
+                        guidance_embed=True)
+ANCHOR_CEILING_TFLOPS = 688.0  # H200 bf16 matmul 8192^3, measured for the anchors
+DEFAULT_CONFIGS = [f"{m}:{c}:{r}:default" for m in ("eager", "compile") for r in (512, 1024)
+                   for c in ("ckpt", "nockpt")]
+
+
+@dataclass
+class Config:
+    mode: str
+    ckpt: bool
+    res: int
+    sdpa: str
+    profile: bool = False
+
+    @staticmethod
+    def parse(spec: str) -> "Config":
+        parts = spec.split(":")
+        if len(parts) not in (4, 5) or parts[0] not in ("eager", "compile") or parts[1] not in ("ckpt", "nockpt"):
+            raise SystemExit(f"bad config {spec!r}: expected mode:ckpt|nockpt:res:sdpa[:prof]")
+        return Config(parts[0], parts[1] == "ckpt", int(parts[2]), parts[3], len(parts) == 5 and parts[4] == "prof")
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode} {'ckpt' if self.ckpt else 'no-ckpt'} {self.res} sdpa={self.sdpa}"
+
+
+@dataclass
+class Result:
+    config: str
+    ok: bool
+    median_ms: float = math.nan
+    min_ms: float = math.nan
+    max_ms: float = math.nan
+    peak_gib: float = math.nan
+    step_tflop: float = math.nan
+    mfu: float = math.nan
+    first_step_s: float = math.nan  # includes compilation for compiled configs
+    losses: list[float] = field(default_factory=list)
+    times_ms: list[float] = field(default_factory=list)
+    kernel_ms: float = math.nan
+    kernels: int = 0
+    error: str = ""
+
+
+# -- model and LoRA -----------------------------------------------------------------------------------------
+def build_model(params: FluxParams, device: torch.device, dtype: torch.dtype) -> Flux:
+    """Random-initialised transformer created on `device` in `dtype` (no float32 copy ever exists)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Flux(params)
+    finally:
+        torch.set_default_dtype(default)
+    return model.requires_grad_(False)
+
+
+class BenchLoRALinear(nn.Module):
+    """BENCH-ONLY fallback LoRA (used with --lora minimal or when networks.lora_flux fails):
+    y = base(x) + (alpha / r) · up(down(x)), down kaiming-uniform, up zero, float32 weights."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.down = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
+        self.up = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.up.weight)
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.up(self.down(x)) * self.scale
+
+
+def _minimal_lora(model: Flux, rank: int, alpha: float) -> list[nn.Parameter]:
+    params = []
+    for blocks in (model.double_blocks, model.single_blocks):
+        for parent in list(blocks.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    wrapped = BenchLoRALinear(child, rank, alpha)
+                    setattr(parent, name, wrapped)
+                    params += [wrapped.down.weight, wrapped.up.weight]
+    return params
+
+
+def inject_lora(model: Flux, rank: int, alpha: float, impl: str) -> tuple[list[nn.Parameter], int, str]:
+    """(trainable params, modules wrapped, implementation used)."""
+    if impl == "ours":
+        try:
+            from networks import lora_flux  # noqa: PLC0415
+
+            network = lora_flux.create_network(1.0, rank, alpha, model, None, None)
+            names = network.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
+            network.train()
+            return [p for p in network.parameters() if p.requires_grad], len(names), "networks.lora_flux"
+        except Exception as e:  # noqa: BLE001 - the bench must still run; say so loudly
+            print(f"WARNING: networks.lora_flux unusable ({type(e).__name__}: {e}); using the bench-only LoRA",
+                  flush=True)
+    params = _minimal_lora(model, rank, alpha)
+    return params, len(params) // 2, "bench-only minimal LoRA"
+
+
+# -- FLOP model (perf-anchors.md §5) --------------------------------------------------------------------------
+def forward_flops(model: Flux, n_img: int, n_txt: int, rank: int) -> float:
+    """2·params·tokens for every Linear (its stream's tokens; modulation and embedders of `vec` act on 1),
+    4·S²·hidden per block for QKᵀ and PV, and the LoRA's 2·r·(in+out)·tokens."""
+    s = n_img + n_txt
+
+    def tokens(path: str) -> int:
+        if ".img_mod." in path or ".txt_mod." in path or ".modulation." in path:
+            return 1
+        if path.startswith("double_blocks."):
+            return n_img if ".img_" in path else n_txt
+        if path.startswith("single_blocks."):
+            return s
+        return {"img_in": n_img, "txt_in": n_txt, "final_layer.linear": n_img}.get(path, 1)
+
+    total = 0.0
+    for path, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if type(m).__name__ in ("Linear", "Fp8Linear") and w is not None:
+            t = tokens(path.replace(".base", ""))
+            if path.endswith(("lora_down", "lora_up", ".down", ".up")):
+                continue
+            total += 2.0 * w.shape[0] * w.shape[1] * t
+            if (path.startswith(("double_blocks", "single_blocks"))) and rank:
+                total += 2.0 * rank * (w.shape[0] + w.shape[1]) * t
+    total += 4.0 * s * s * model.hidden_size * (len(model.double_blocks) + len(model.single_blocks))
+    return total
+
+
+# -- the step -----------------------------------------------------------------------------------------------
+def make_batch(res: int, txt_len: int, p: FluxParams, device: torch.device, dtype: torch.dtype) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h = w = res // 8
+    return dict(latents=torch.randn(1, 16, h, w, generator=g).to(device),
+                t5=torch.randn(1, txt_len, p.context_in_dim, generator=g).to(device, dtype),
+                clip=torch.randn(1, p.vec_in_dim, generator=g).to(device, dtype),
+                img_ids=make_img_ids(1, h // 2, w // 2).to(device), txt_ids=make_txt_ids(1, txt_len).to(device))
+
+
+def train_step(model: Flux, opt: torch.optim.Optimizer, params: list[nn.Parameter], b: dict,
+               dtype: torch.dtype) -> float:
+    latents = b["latents"]
+    _, _, h, w = latents.shape
+    noise = torch.randn_like(latents)
+    u = torch.sigmoid(torch.randn(1, device=latents.device))
+    mu = 0.5 + (1.15 - 0.5) * ((h // 2) * (w // 2) - 256) / (4096 - 256)  # flux_shift, as library.flow
+    sigmas = math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+    s = sigmas.view(-1, 1, 1, 1)
+    noisy = (1 - s) * latents + s * noise
+    with torch.autocast(latents.device.type, dtype=dtype):
+        pred = model(img=pack_latents(noisy), img_ids=b["img_ids"], txt=b["t5"], txt_ids=b["txt_ids"],
+                     timesteps=sigmas, y=b["clip"], guidance=torch.full((1,), 1.0, device=latents.device))
+    loss = F.mse_loss(unpack_latents(pred.float(), h, w), noise - latents)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def sdpa_context(name: str):
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel([backend])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_step(step, device: torch.device) -> tuple[float, int]:
+    """(sum of device-kernel ms, kernel count) of one step under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        _sync(device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in kernels) / 1e3, len(kernels)
+
+
+def run_config(cfg: Config, ctx: dict, args: argparse.Namespace) -> Result:
+    model, device, dtype = ctx["model"], ctx["device"], ctx["dtype"]
+    res = Result(cfg.name, ok=False)
+    try:
+        if cfg.ckpt:
+            model.enable_gradient_checkpointing()
+        else:
+            model.disable_gradient_checkpointing()
+        if cfg.mode == "compile" and not ctx["compiled"]:
+            apply_compile(model, backend=args.compile_backend, dynamic=False, mode=args.compile_mode)
+            ctx["compiled"] = True
+        elif cfg.mode == "eager" and ctx["compiled"]:
+            remove_compile(model)
+            ctx["compiled"] = False
+        batch = make_batch(cfg.res, args.txt_len, ctx["params"], device, dtype)
+        n_img = (cfg.res // 16) ** 2
+        f = forward_flops(model, n_img, args.txt_len, args.rank)
+        res.step_tflop = (3 if cfg.ckpt else 2) * f / 1e12
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def step() -> float:
+            with sdpa_context(cfg.sdpa):
+                return train_step(model, ctx["opt"], ctx["lora"], batch, dtype)
+
+        for i in range(args.warmup):
+            t0 = time.perf_counter()
+            res.losses.append(step())
+            _sync(device)
+            if i == 0:
+                res.first_step_s = time.perf_counter() - t0
+        for _ in range(args.steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            res.losses.append(step())
+            _sync(device)
+            res.times_ms.append((time.perf_counter() - t0) * 1e3)
+        res.median_ms = statistics.median(res.times_ms)
+        res.min_ms, res.max_ms = min(res.times_ms), max(res.times_ms)
+        if device.type == "cuda":
+            res.peak_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        res.mfu = res.step_tflop / (res.median_ms / 1e3) / ctx["ceiling"]
+        if cfg.profile:
+            res.kernel_ms, res.kernels = profile_step(step, device)
+        res.ok = all(math.isfinite(x) for x in res.losses)
+        if not res.ok:
+            res.error = "non-finite loss"
+    except Exception as e:  # noqa: BLE001 - record and go on with the next config
+        res.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        print(f"[{cfg.name}] FAILED: {res.error}", flush=True)
+    return res
+
+
+def matmul_ceiling(device: torch.device) -> float:
+    """bf16 8192^3 matmul TFLOP/s, median of 5 timings of 20 products (CUDA events)."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    rates = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            a @ b
+        end.record()
+        torch.cuda.synchronize(device)
+        rates.append(20 * 2 * 8192 ** 3 / (start.elapsed_time(end) / 1e3) / 1e12)
+    return statistics.median(rates)
+
+
+def sdpa_choice(device: torch.device, dtype: torch.dtype, s: int, heads: int) -> str:
+    """Which backend torch's default SDPA dispatch picks for our q/k/v layout (B, H, L, D contiguous)."""
+    try:
+        q = torch.randn(1, heads, s, 128, device=device, dtype=dtype, requires_grad=True)
+        from torch.nn.attention import SDPBackend  # noqa: PLC0415
+
+        return SDPBackend(torch._fused_sdp_choice(q, q, q)).name
+    except Exception as e:  # noqa: BLE001 - informational only
+        return f"unknown ({type(e).__name__})"
+
+
+def print_table(results: list[Result], ceiling: float) -> None:
+    print(f"\nstep table (median of timed steps; MFU vs {ceiling:.0f} TFLOP/s)")
+    print(f"| config | median ms | min | max | peak GiB | step TFLOP | MFU | first step s | kernels (ms / n) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        if not r.ok and math.isnan(r.median_ms):
+            print(f"| {r.config} | FAILED: {r.error} |||||||")
+            continue
+        kern = f"{r.kernel_ms:.0f} / {r.kernels}" if r.kernels else ""
+        print(f"| {r.config} | {r.median_ms:.1f} | {r.min_ms:.1f} | {r.max_ms:.1f} | {r.peak_gib:.2f} | "
+              f"{r.step_tflop:.1f} | {100 * r.mfu:.1f}% | {r.first_step_s:.1f} | {kern} |"
+              + ("" if r.ok else f" {r.error}"))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_CONFIGS)}")
+    ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU (dry run of the same path)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--txt-len", type=int, default=None, help="T5 tokens (512; 8 with --tiny)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--lora", choices=("ours", "minimal"), default="ours")
+    ap.add_argument("--compile-backend", default="inductor")
+    ap.add_argument("--compile-mode", default=None)
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip configs once this much time has passed")
+    ap.add_argument("--out", type=Path, default=None, help="JSON results (rewritten after every config)")
+    args = ap.parse_args(argv)
+    if args.txt_len is None:
+        args.txt_len = 8 if args.tiny else 512
+    if args.configs is None:
+        args.configs = ["eager:ckpt:64:default", "eager:nockpt:64:flash", "compile:ckpt:64:default:prof"] \
+            if args.tiny else DEFAULT_CONFIGS
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    configs = [Config.parse(c) for c in args.configs]
+    if args.tiny:
+        from library.flux.tiny import tiny_flux_params  # noqa: PLC0415
+
+        params, device, dtype = tiny_flux_params(), torch.device("cpu"), torch.bfloat16
+    else:
+        params, device, dtype = DEV_PARAMS, torch.device("cuda"), torch.bfloat16
+    info = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else "cpu", "argv": sys.argv}
+    ceiling = matmul_ceiling(device) if device.type == "cuda" else ANCHOR_CEILING_TFLOPS
+    info["matmul_tflops_measured"] = ceiling
+    ceiling = ANCHOR_CEILING_TFLOPS if args.tiny else ceiling
+    t0 = time.perf_counter()
+    model = build_model(params, device, dtype)
+    _sync(device)
+    info["build_s"] = time.perf_counter() - t0
+    lora, n_modules, impl = inject_lora(model, args.rank, float(args.rank), args.lora)
+    info.update(lora_impl=impl, lora_modules=n_modules, lora_params=sum(p.numel() for p in lora),
+                lora_dtype=str(lora[0].dtype), base_params=sum(p.numel() for p in model.parameters()) - sum(
+                    p.numel() for p in lora))
+    info["sdpa_default_1024"] = sdpa_choice(device, dtype, (1024 // 16) ** 2 + args.txt_len, params.num_heads)
+    print(json.dumps(info), flush=True)
+    model.train()
+    opt = torch.optim.AdamW(lora, lr=1e-4, weight_decay=1e-2)
+    ctx = dict(model=model, device=device, dtype=dtype, params=params, lora=lora, opt=opt, compiled=False,
+               ceiling=ceiling)
+    results = []
+    for cfg in configs:
+        if time.perf_counter() - t_start > args.budget_s:
+            results.append(Result(cfg.name, ok=False, error="skipped: time budget"))
+            continue
+        r = run_config(cfg, ctx, args)
+        results.append(r)
+        print(f"[{cfg.name}] median {r.median_ms:.1f} ms, peak {r.peak_gib:.2f} GiB, MFU {100 * r.mfu:.1f}%, "
+              f"first step {r.first_step_s:.1f} s, elapsed {time.perf_counter() - t_start:.0f} s", flush=True)
+        if args.out:
+            args.out.write_text(json.dumps({"info": info, "results": [asdict(x) for x in results]}, indent=1))
+    print_table(results, ceiling)
+    return results
+
+
+if __name__ == "__main__":
+    main()
