@@ -240,11 +240,11 @@ class Generator:
         cond, neg = encode_prompts(self.text_encoders, s)
         if not keep:
             self.text_encoders = None
-        transformer = self.transformer or self._load_transformer()
+        transformer = self.transformer if self.transformer is not None else self._load_transformer()
         latents = generate_latents(transformer, cond, s, self.dev, neg_cond=neg)
         if not keep:
             self.transformer = transformer = None
-        ae = self.ae or self._load_ae()
+        ae = self.ae if self.ae is not None else self._load_ae()
         image = latents_to_pil(ae, latents)[0]
         extra = {"model": a.ckpt_path.name, "model_type": "dev" if self.dev else "schnell", "dtype": a.flux_dtype,
                  "fp8": a.flux_fp8, "lora_weights": [[str(p), m] for p, m in a.lora_weights],

@@ -47,7 +47,7 @@ class Target:
 
 
 def find_targets(transformer: nn.Module | None, clip_l: nn.Module | None, t5: nn.Module | None) -> dict[str, Target]:
-    """Every Linear a FLUX LoRA can address, by kohya name (block Linears, embedders, CLIP-L, T5 layers)."""
+    """Every Linear a FLUX LoRA can address, by kohya name (blocks, embedders, final layer, CLIP-L, T5)."""
     out: dict[str, Target] = {}
     for comp, root in (("unet", transformer), ("te1", clip_l), ("te3", t5)):
         if root is None:
@@ -63,7 +63,8 @@ def find_targets(transformer: nn.Module | None, clip_l: nn.Module | None, t5: nn
             # transformers 5's CLIPTextModel has no `text_model.` level; kohya's names do
             name = K.kohya_name(comp, "text_model." + path if comp == "te1" and not path.startswith("text_model.")
                                 else path)
-            if K.split_kohya_name(name) is not None and not path.startswith("final_layer"):
+            # final_layer is addressable (files in the wild have it); create_network never selects it
+            if K.split_kohya_name(name) is not None:
                 out[name] = Target(name, comp, root, path)
     return out
 
@@ -88,9 +89,9 @@ class LoRANetwork(nn.Module):
         for t in targets:
             lin = t.module
             split = _split_dims(t.path, lin.out_features, lin.in_features) if args.split_qkv else None
-            adapter = LoRAAdapter(t.lora_name, lin.in_features, lin.out_features, ranks[t.lora_name],
-                                  alphas[t.lora_name], split, dropout, args.rank_dropout, args.module_dropout)
-            adapter.to(lin.weight.device)
+            with torch.device(lin.weight.device):  # created where the layer lives (GPU, or meta)
+                adapter = LoRAAdapter(t.lora_name, lin.in_features, lin.out_features, ranks[t.lora_name],
+                                      alphas[t.lora_name], split, dropout, args.rank_dropout, args.module_dropout)
             adapter.multiplier = multiplier
             self.add_module(t.lora_name, adapter)
             self._targets[t.lora_name] = t

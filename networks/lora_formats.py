@@ -11,7 +11,8 @@ ComfyUI, Forge, diffusers and InvokeAI do). Formats understood:
 - diffusers / PEFT / ai-toolkit: `transformer.<diffusers path>.lora_A/lora_B.weight` (also `lora.down/up`,
   `base_model.model.` prefix), optional `.alpha` keys or PEFT `lora_adapter_metadata`; q/k/v(/mlp) parts are
   fused back into BFL's `qkv` / `linear1` (concatenated downs, block-diagonal up);
-- XLabs: `double_blocks.{i}.processor.{qkv,proj}_lora{1,2}.{down,up}.weight` (no alpha).
+- XLabs: `double_blocks.{i}.processor.{qkv,proj}_lora{1,2}.{down,up}.weight` (no alpha);
+- OneTrainer / SimpleTuner LyCORIS: `lora_transformer_<diffusers path, . → _>` / `lycoris_…` (kohya suffixes).
 
 Nothing is dropped silently: keys that map to no known module end up in `ParsedLoRA.unknown`.
 """
@@ -84,7 +85,7 @@ _XLABS = {"qkv_lora1": "img_attn.qkv", "proj_lora1": "img_attn.proj",
           "qkv_lora2": "txt_attn.qkv", "proj_lora2": "txt_attn.proj"}
 
 
-def _split_suffix(key: str) -> tuple[str, str] | None:
+def split_suffix(key: str) -> tuple[str, str] | None:
     for role, suffixes in (("down", _DOWN), ("up", _UP), ("alpha", ("alpha",))):
         for s in suffixes:
             if key.endswith("." + s):
@@ -100,8 +101,12 @@ class _Slot:
     keys: list[str] = field(default_factory=list)
 
 
-def _classify(stem: str) -> tuple[str, str, int | None] | None:
+def classify_stem(stem: str) -> tuple[str, str, int | None] | None:
     """Module stem → (kohya lora_name, style, diffusers part index or None)."""
+    for flat_prefix in ("lora_transformer_", "lycoris_"):  # OneTrainer / SimpleTuner: diffusers names with _
+        if stem.startswith(flat_prefix):
+            path = K.diffusers_path_from_flat(stem[len(flat_prefix):])
+            return classify_stem("transformer." + path) if path else None
     if stem.startswith(("lora_unet_", "lora_te")):
         got = K.split_kohya_name(stem)
         if got is None:
@@ -143,7 +148,7 @@ def _classify_diffusers(stem: str, prefix: str) -> tuple[str, str, int | None] |
     return K.kohya_name("unet", bfl), "diffusers", part
 
 
-def _peft_alpha(metadata: dict[str, str] | None) -> float | None:
+def peft_metadata_alpha(metadata: dict[str, str] | None) -> float | None:
     """A global `lora_alpha` from diffusers' `lora_adapter_metadata`, if any."""
     raw = (metadata or {}).get("lora_adapter_metadata")
     if not raw:
@@ -163,8 +168,8 @@ def parse_lora(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = No
     slots: dict[tuple[str, int | None], _Slot] = {}
     out = ParsedLoRA(weights={})
     for key, t in sd.items():
-        split = _split_suffix(key)
-        cls = _classify(split[0]) if split else None
+        split = split_suffix(key)
+        cls = classify_stem(split[0]) if split else None
         if cls is None:
             out.unknown.append(key)
             continue
@@ -173,7 +178,7 @@ def parse_lora(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = No
         slot = slots.setdefault((name, part), _Slot())
         slot.tensors[split[1]] = t
         slot.keys.append(key)
-    default_alpha = _peft_alpha(metadata)
+    default_alpha = peft_metadata_alpha(metadata)
     parts: dict[str, dict[int, LoRAWeight]] = {}
     for (name, part), slot in slots.items():
         if "down" not in slot.tensors or "up" not in slot.tensors:

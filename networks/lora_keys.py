@@ -163,7 +163,8 @@ def part_rows(split: Split, out_features: int, in_features: int) -> list[int]:
     return [out_features]
 
 
-def fused_rows(split: Split, part_rows_known: dict[int, int], in_features: int, mlp_ratio: float = MLP_RATIO) -> list[int]:
+def fused_rows(split: Split, part_rows_known: dict[int, int], in_features: int,
+               mlp_ratio: float = MLP_RATIO) -> list[int]:
     """Row counts of every part when only some parts are present (missing q/k/v rows = hidden)."""
     if split.kind == "qkv":
         h = next(iter(part_rows_known.values()))
@@ -180,3 +181,14 @@ def swap_halves(t):
 
     a, b = t.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)
+
+
+def diffusers_path_from_flat(flat: str) -> str | None:
+    """OneTrainer / SimpleTuner-LyCORIS names: `transformer_blocks_0_attn_to_q` → `transformer_blocks.0.attn.to_q`."""
+    m = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)_(\d+)_(.+)", flat)
+    if m:
+        table = _DOUBLE_TABLE if m.group(1) == "transformer_blocks" else _SINGLE_TABLE
+        parts = {p.replace(".", "_"): p for s in table.values() for p in s.parts}
+        return f"{m.group(1)}.{m.group(2)}.{parts[m.group(3)]}" if m.group(3) in parts else None
+    parts = {p.replace(".", "_"): p for s in _OTHER_TABLE.values() for p in s.parts}
+    return parts.get(flat)

@@ -6,8 +6,8 @@
 `alpha` None or 0 means alpha = rank (scale 1), as kohya. Two objects, so that the network owns only the
 LoRA parameters while the model tree shows the wrapper explicitly (`print(model)`):
 
-- `LoRAAdapter` holds `lora_down`/`lora_up` (or, with split_qkv, one pair per q/k/v(/mlp) part) and the
-  `alpha` buffer; it is registered in `LoRANetwork` under its kohya name, so the network's state dict
+- `LoRAAdapter` holds `lora_down`/`lora_up` (or, with split_qkv, one pair per q/k/v(/mlp) part) and
+  `alpha` (a float); it is registered in `LoRANetwork` under its kohya name, so the network's state dict
   keys are kohya's.
 - `LoRAModule` replaces the targeted `nn.Linear` (or a subclass, e.g. `Fp8Linear`, or another
   `LoRAModule` when several LoRAs are stacked) in its parent and adds the adapter's output.
@@ -49,7 +49,8 @@ class LoRAAdapter(nn.Module):
         for u in ups:
             nn.init.zeros_(u.weight)
         alpha = float(rank) if alpha is None or alpha == 0 else float(alpha)
-        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
+        # a Python float, not a buffer: `network.to(bfloat16)` must not round it (0.3 → 0.30078)
+        self.alpha = alpha
         self.scale = alpha / rank
         self.multiplier = 1.0
         self.enabled = True
@@ -59,7 +60,7 @@ class LoRAAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         split = f", split={self.split_dims}" if self.split_dims else ""
-        return f"{self.lora_name}, rank={self.rank}, alpha={self.alpha.item():g}{split}"
+        return f"{self.lora_name}, rank={self.rank}, alpha={self.alpha:g}{split}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The LoRA contribution to the output, or None when it contributes nothing this call."""
@@ -111,8 +112,8 @@ class LoRAAdapter(nn.Module):
             self._check(w.down.shape, self.lora_down.weight.shape, w.up.shape, self.lora_up.weight.shape)
             self.lora_down.weight.copy_(w.down)
             self.lora_up.weight.copy_(w.up)
-            self.alpha.fill_(w.rank if w.alpha is None else w.alpha)
-            self.scale = float(self.alpha) / self.rank
+            self.alpha = float(w.rank if w.alpha is None else w.alpha)
+            self.scale = self.alpha / self.rank
             return
         n, r = len(self.split_dims), self.rank
         offs = [sum(self.split_dims[:i]) for i in range(n)]

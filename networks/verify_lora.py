@@ -23,7 +23,8 @@ if __package__ in (None, ""):
 
 from library.errors import run_main  # noqa: E402
 from networks import lora_keys as K  # noqa: E402
-from networks.lora_formats import _classify, _peft_alpha, _split_suffix, load_lora_file, parse_lora  # noqa: E402
+from networks.lora_formats import (classify_stem, load_lora_file, parse_lora,  # noqa: E402
+                                   peft_metadata_alpha, split_suffix)
 
 LOADERS = ("comfyui", "forge", "diffusers", "invokeai", "kohya")
 # InvokeAI's kohya detection: every key must match one of these (flux_kohya_lora_conversion_utils.py)
@@ -61,8 +62,8 @@ class Report:
 def classify(sd: dict) -> list[Key]:
     out = []
     for k in sd:
-        split = _split_suffix(k)
-        cls = _classify(split[0]) if split else None
+        split = split_suffix(k)
+        cls = classify_stem(split[0]) if split else None
         if cls is None:
             out.append(Key(k, None, None, None, None))
             continue
@@ -119,6 +120,10 @@ def _invokeai(keys: list[Key], sd: dict) -> Report:
         for k in keys:
             (r.dropped if k.key.startswith("lora_unet_final_layer") else r.used).append(k.key)
         return r
+    onetrainer = re.compile(r"lora_transformer_(single_transformer_blocks|transformer_blocks)_(\d+)_(\w+)\.(.*)")
+    if all(onetrainer.match(k.key) or any(p.match(k.key) for p in _INVOKE_KOHYA[2:]) for k in keys):
+        r.used = [k.key for k in keys]  # InvokeAI's OneTrainer format (blocks only, kohya CLIP/T5 names)
+        return r
     peft_suffix = ("lora_A.weight", "lora_B.weight", "lora.down.weight", "lora.up.weight")
     if all(k.key.endswith(peft_suffix) for k in keys) and all(k.key.startswith("transformer.") for k in keys):
         has = {k.key.rsplit(".lora", 1)[0] for k in keys}
@@ -149,7 +154,7 @@ def _kohya(keys: list[Key]) -> Report:
 def _strengths(rep: Report, sd: dict, meta: dict) -> None:
     """Compare each loader's scale with the file's intended alpha/rank (diffusers semantics for PEFT)."""
     parsed = parse_lora(sd, meta)
-    meta_alpha = _peft_alpha(meta)
+    meta_alpha = peft_metadata_alpha(meta)
     has_alpha_keys = any(k.endswith(".alpha") for k in sd)
     used = {n for n, _ in (_stem_name(k) for k in rep.used) if n}
     scales = []
@@ -166,8 +171,8 @@ def _strengths(rep: Report, sd: dict, meta: dict) -> None:
 
 
 def _stem_name(key: str) -> tuple[str | None, str | None]:
-    split = _split_suffix(key)
-    cls = _classify(split[0]) if split else None
+    split = split_suffix(key)
+    cls = classify_stem(split[0]) if split else None
     return (cls[0], cls[1]) if cls else (None, None)
 
 

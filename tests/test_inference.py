@@ -128,18 +128,24 @@ def test_cli_on_diffusers_folder_writes_the_same_png_with_metadata(dev, tiny_ckp
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["img.png"]  # nothing left behind
 
 
-@pytest.mark.parametrize("swap,expect", [
-    ("clip_l", "looks like a T5 file passed as --clip_l"),
-    ("t5xxl", "looks like a CLIP-L file passed as --t5xxl"),
+@pytest.mark.parametrize("case,expect", [
+    ("t5_as_clip", "looks like a T5 file passed as --clip_l"),
+    ("truncated_t5", "truncated"),
 ])
-def test_cli_wrong_text_encoder_file_exits_2_without_traceback(tiny_ckpts, tmp_path, swap, expect) -> None:
-    files = {"clip_l": tiny_ckpts.clip_l, "t5xxl": tiny_ckpts.t5xxl}
-    files[swap] = tiny_ckpts.t5xxl if swap == "clip_l" else tiny_ckpts.clip_l  # the other encoder's file
-    res = run_cli("--ckpt_path", tiny_ckpts.transformer, "--clip_l", files["clip_l"], "--t5xxl", files["t5xxl"],
+def test_cli_wrong_text_encoder_file_exits_2_without_traceback(tiny_ckpts, tmp_path, case, expect) -> None:
+    clip_l, t5xxl = tiny_ckpts.clip_l, tiny_ckpts.t5xxl
+    if case == "t5_as_clip":
+        clip_l = tiny_ckpts.t5xxl
+    else:  # a download cut short
+        t5xxl = tmp_path / "t5xxl_fp16.safetensors"
+        data = tiny_ckpts.t5xxl.read_bytes()
+        t5xxl.write_bytes(data[: len(data) // 2])
+    res = run_cli("--ckpt_path", tiny_ckpts.transformer, "--clip_l", clip_l, "--t5xxl", t5xxl,
                   "--ae", tiny_ckpts.ae, "--width", 64, "--height", 64, "--steps", 1, "--dtype", "float32",
                   "--output_dir", tmp_path)
     assert res.returncode == 2
     assert res.stderr.startswith("error: ") and expect in res.stderr and "Traceback" not in res.stderr
+    assert str(clip_l if case == "t5_as_clip" else t5xxl) in res.stderr
     assert not list(tmp_path.glob("*.png"))
 
 
@@ -176,3 +182,25 @@ def test_kohya_dtype_flags_and_interactive_syntax(tiny_ckpts) -> None:
         fmi.parse_interactive_line("a fox --x 1", req)
     with pytest.raises(SystemExit):
         fmi.parse_args(base + ["--dtype", "int8"])
+    assert fmi.parse_lora_arg(f"{tiny_ckpts.ae};-0.5") == (tiny_ckpts.ae, -0.5)
+    assert fmi.parse_lora_arg(str(tiny_ckpts.ae)) == (tiny_ckpts.ae, 1.0)
+    with pytest.raises(UserError, match="not a number"):
+        fmi.parse_lora_arg(f"{tiny_ckpts.ae};strong")
+    with pytest.raises(UserError, match="no such LoRA file"):
+        fmi.parse_lora_arg("missing.safetensors;0.5")
+
+
+def test_apply_t5_attn_mask_reaches_t5_and_the_transformer(dev) -> None:
+    """kohya's --apply_t5_attn_mask hides T5 padding inside T5 and from the transformer's attention."""
+    from library.sampling import denoise, draw_noise, get_schedule, image_seq_len, seeded_generator
+
+    ours, ref = dev
+    masked = generate_image(ours.transformer, ours.ae, ours.te, **CASE, apply_t5_attn_mask=True, progress=False)
+    assert psnr(masked, ref) < BAR - 10
+    # the transformer part alone: same (unmasked-T5) conditioning, mask given or not
+    cond = ours.te.encode([CASE["prompt"]], 512)
+    noise = draw_noise(CASE["width"], CASE["height"], seeded_generator(CASE["seed"]))
+    schedule = get_schedule(2, image_seq_len(CASE["width"], CASE["height"]))
+    a = denoise(ours.transformer, noise, cond, schedule, 3.5, apply_t5_attn_mask=False, progress=False)
+    b = denoise(ours.transformer, noise, cond, schedule, 3.5, apply_t5_attn_mask=True, progress=False)
+    assert (a - b).abs().max() > 1e-2

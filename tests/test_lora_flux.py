@@ -239,9 +239,11 @@ def test_fp8_base_is_wrapped_and_merges(model):
     assert model.double_blocks[0].img_attn.qkv.linear.weight.dtype == torch.float8_e4m3fn
     merged = run(model, inp)
     assert ((merged - on).norm() / on.norm()) < 0.1  # fp8 rounding of W + ΔW
-    net.unmerge()
-    net.set_enabled(False)
-    net.set_enabled(True)
+    w8 = model.double_blocks[0].img_attn.qkv.linear.weight.float()  # merged values
+    net.unmerge()  # fp8 weights come back exactly (a copy is kept while merged)
+    assert model.double_blocks[0].img_attn.qkv.linear.weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(run(model, inp), on)
+    assert not torch.equal(w8, model.double_blocks[0].img_attn.qkv.linear.weight.float())
 
 
 def test_optimizer_groups_loraplus_and_reg_lrs(model):
@@ -306,3 +308,37 @@ def test_apply_to_only_unet_drops_text_encoder_modules(model):
     replaced = net.apply_to(apply_text_encoder=False, apply_unet=True)
     assert len(replaced) == N_UNET and not net.adapters("te1")
     assert len(list(net.parameters())) == 2 * N_UNET
+
+
+def test_network_dtype_cast_keeps_alpha_exact(model, tmp_path):
+    net = create_network(1.0, 10, 3, model)  # scale 0.3: not representable in bf16
+    net.apply_to()
+    randomize_network(net)
+    net.to(dtype=torch.bfloat16)
+    net.save_weights(tmp_path / "a.safetensors", torch.bfloat16, {})
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        assert f.get_tensor("lora_unet_single_blocks_0_linear2.alpha").item() == 3.0
+    assert net.adapters()[0].scale == pytest.approx(0.3, rel=1e-12)
+
+
+def test_flux1_dev_sizes_on_meta():
+    """kohya's module count and shapes on the real FLUX.1-dev / CLIP-L architecture (meta device: no memory)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from library.flux.model import Flux, FluxParams
+
+    with torch.device("meta"):
+        dev = Flux(FluxParams(in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+                              mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, qkv_bias=True,
+                              guidance_embed=True))
+        clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                            num_attention_heads=12))
+    net = create_network(1.0, 16, 16, dev, clip, None)
+    assert len(net.adapters("unet")) == 304 and len(net.adapters("te1")) == 72
+    w = {a.lora_name: (tuple(a.lora_down.weight.shape), tuple(a.lora_up.weight.shape)) for a in net.adapters()}
+    assert w["lora_unet_single_blocks_37_linear1"] == ((16, 3072), (21504, 16))
+    assert w["lora_unet_single_blocks_0_linear2"] == ((16, 15360), (3072, 16))
+    assert w["lora_unet_double_blocks_18_img_mod_lin"] == ((16, 3072), (18432, 16))
+    assert w["lora_unet_double_blocks_0_txt_attn_qkv"] == ((16, 3072), (9216, 16))
+    n_params = sum(p.numel() for a in net.adapters("unet") for p in a.parameters())
+    assert n_params == 4_786_176 * 16  # kohya: 4,786,176 parameters per unit of rank

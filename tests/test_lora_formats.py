@@ -185,3 +185,18 @@ def test_written_tensors_are_contiguous_and_unshared():
     from safetensors.torch import save
 
     save(dsd)  # would raise "Some tensors share memory"
+
+
+def test_onetrainer_flat_diffusers_names():
+    ws = random_lora({**SHAPES, "lora_unet_final_layer_adaLN_modulation_1": (2 * H, H)}, rank=4, alpha=2.0)
+    dsd = to_diffusers(ws, alpha_keys=True)
+    flat = {}
+    for k, v in dsd.items():
+        if k.startswith("transformer."):
+            stem, _, suffix = k[len("transformer."):].rpartition(".lora_") if ".lora_" in k else \
+                (k[len("transformer."):-len(".alpha")], "", "alpha")
+            suffix = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight", "alpha": "alpha"}[suffix]
+            flat[f"lora_transformer_{stem.replace('.', '_')}.{suffix}"] = v
+    parsed = parse_lora(flat)
+    assert parsed.unknown == []
+    assert_same_deltas({n: w for n, w in ws.items() if n.startswith("lora_unet")}, parsed.weights)

@@ -267,3 +267,39 @@ def test_xlabs_lora_reads_as_diffusers_reads_it(setup, tmp_path):
     ours = _expected_diffusers(our_bfl_deltas(tmp_path / "xlabs.safetensors"))
     assert injected == len(ours) == 8 * setup.params.depth
     _assert_only(unet, ours, "xlabs")
+
+
+def test_diffusers_loads_our_peft_conversion(setup, tmp_path):
+    """convert_flux_lora --dst diffusers output (alpha baked, q/k/v/mlp split) loads exactly, linear1 included."""
+    from networks.convert_flux_lora import convert
+
+    pipe = _tiny_pipe(setup.params)
+    for c in setup.cases.values():
+        convert(c.file, tmp_path / f"{c.name}.safetensors", "diffusers")
+        unet, te, injected = _diffusers_fused_deltas(pipe, tmp_path, f"{c.name}.safetensors")
+        exp_unet = _expected_diffusers(c.unet)
+        assert injected == len(exp_unet) + len(c.te)
+        _assert_only(unet, exp_unet, f"{c.name} transformer (peft)")
+        _assert_only(te, {k[len("text_model."):] if not any(x.startswith("text_model.") for x in te) else k: v
+                          for k, v in c.te.items()}, f"{c.name} clip (peft)")
+
+
+def test_diffusers_written_lora_merged_into_our_model(setup):
+    """The diffusers-written file applied to our BFL model changes each weight by diffusers' own fused ΔW."""
+    from networks import lora_keys as K
+    from networks.lora_flux import apply_lora_weights
+    from tests.interop.helpers import tiny_flux
+
+    model = tiny_flux()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora_weights(model, None, [(setup.diffusers_file, 1.0)], merge=True)
+    got = {k: v - before[k] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    expect: dict[str, torch.Tensor] = {}
+    for dkey, d in setup.diffusers_fused.items():  # reassemble BFL rows from diffusers' per-part deltas
+        bfl, split, idx = K.diffusers_to_bfl(dkey[: -len(".weight")])
+        w = before[bfl + ".weight"]
+        rows = K.part_rows(split, w.shape[0], w.shape[1])
+        full = expect.setdefault(bfl + ".weight", torch.zeros(w.shape))
+        start = sum(rows[:idx])
+        full[start: start + rows[idx]] = K.swap_halves(d) if split.kind == "swap" else d
+    assert_deltas(got, expect, "diffusers-written into our model")

@@ -88,7 +88,8 @@ def test_merge_into_base(base, tmp_path):
     flux_merge_lora.main(args + ["--save_to", str(tmp_path / "m8.safetensors"), "--save_precision", "fp8"])
     m8 = load_file(str(tmp_path / "m8.safetensors"))
     assert m8["double_blocks.0.img_attn.qkv.weight"].dtype == torch.float8_e4m3fn
-    assert m8["img_in.weight"].dtype == torch.bfloat16 and m8["double_blocks.0.img_attn.qkv.bias"].dtype == torch.bfloat16
+    assert m8["img_in.weight"].dtype == torch.bfloat16
+    assert m8["double_blocks.0.img_attn.qkv.bias"].dtype == torch.bfloat16
     with pytest.raises(UserError, match="--ratios"):
         flux_merge_lora.main(args[:-1] + ["--save_to", str(tmp_path / "x.safetensors")])
 

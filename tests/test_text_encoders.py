@@ -228,3 +228,21 @@ def test_fp16_keeps_t5_wo_in_fp32_like_transformers(files, tmp_path) -> None:
     _, t5_ids, _ = _ids(64)
     with torch.no_grad():
         torch.testing.assert_close(ours.encode(PROMPTS, 64).t5_out, ref(t5_ids).last_hidden_state)
+
+
+def test_scaled_fp8_t5_is_dequantised(files, tmp_path) -> None:
+    """ComfyUI's t5xxl_fp8_e4m3fn_scaled layout: fp8 W/s per Linear + `.scale_weight` s + `scaled_fp8` marker."""
+    fp8, up = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}, {}
+    for k, v in load_file(str(files["t5"])).items():
+        if (".SelfAttention." in k or ".DenseReluDense." in k) and "relative_attention_bias" not in k:
+            scale = v.float().abs().max() / 448.0
+            fp8[k] = (v.float() / scale).to(torch.float8_e4m3fn)
+            fp8[k[: -len("weight")] + "scale_weight"] = scale.reshape(())
+            up[k] = fp8[k].float() * scale
+        else:
+            fp8[k], up[k] = v, v.float()
+    save_file(fp8, str(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"))
+    save_file(up, str(tmp_path / "t5_up.safetensors"))
+    ours = FluxTextEncoders.load(files["clip"], tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors", "cpu",
+                                 torch.float32)
+    _assert_same(ours, *_reference(files, tmp_path, files["clip"], tmp_path / "t5_up.safetensors"))

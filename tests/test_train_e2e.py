@@ -40,7 +40,8 @@ def data(tmp_path_factory) -> Path:
         (root / "pair" / p.name).write_bytes(p.read_bytes())
     (root / "dog.toml").write_text(
         f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = "{root / "pair"}"\nclass_tokens = "sks dog"\n')
-    (root / "prompts.txt").write_text("a photo of sks dog --w 32 --h 32 --d 5 --s 3 --g 3.5\n")
+    (root / "prompts.txt").write_text("a photo of sks dog --w 64 --h 64 --d 5 --s 3 --g 3.5\n"
+                                      "a cat --w 80 --h 64 --s 3 --l 2.0 --n blurry\n")
     return root
 
 
@@ -83,7 +84,25 @@ def test_thirty_steps_lower_the_loss_and_write_everything(tiny_ckpts, data: Path
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in sd and all(
         v.dtype == torch.float32 for v in sd.values())
     assert sorted(p.name for p in (out / "sample").iterdir()) == [
-        "lora_000015_00_a_photo_of_sks_dog.png", "lora_000030_00_a_photo_of_sks_dog.png"]
+        "lora_000015_00_a_photo_of_sks_dog.png", "lora_000015_01_a_cat.png",
+        "lora_000030_00_a_photo_of_sks_dog.png", "lora_000030_01_a_cat.png"]
+    with Image.open(out / "sample" / "lora_000030_01_a_cat.png") as im:
+        assert im.size == (80, 64) and "CFG scale: 2" in im.text["parameters"]
+    # the last preview is what the inference script gives for the same seed with the final LoRA
+    proc = subprocess.run([sys.executable, str(REPO / "flux_minimal_inference.py"), "--ckpt_path",
+                           str(tiny_ckpts.transformer), "--clip_l", str(tiny_ckpts.clip_l), "--t5xxl",
+                           str(tiny_ckpts.t5xxl), "--ae", str(tiny_ckpts.ae), "--prompt", "a photo of sks dog",
+                           "--width", "64", "--height", "64", "--seed", "5", "--steps", "3", "--guidance", "3.5",
+                           "--t5xxl_max_token_length", "16", "--dtype", "fp32", "--device", "cpu",
+                           "--lora_weights", str(out / "lora.safetensors"), "--output_dir", str(tmp_path / "inf"),
+                           "--output_name", "inf"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import numpy as np
+
+    with Image.open(out / "sample" / "lora_000030_00_a_photo_of_sks_dog.png") as a, \
+            Image.open(next((tmp_path / "inf").glob("inf*.png"))) as b:
+        diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+    assert diff.max() <= 1, diff.max()
     with Image.open(out / "lora_loss.png") as im:
         assert im.size == (800, 450)
     assert (out / "lora_config.json").is_file() and "network_dim = 4" in (out / "lora_args.toml").read_text()
@@ -263,3 +282,33 @@ def test_launch_script_demo_from_a_clean_copy(tmp_path: Path) -> None:
     assert (out / "demo_lora_loss.png").is_file() and (out / "demo_lora-state").is_dir()
     assert len(list((out / "sample").glob("demo_lora_e000002_*.png"))) == 2
     assert not list(clone.glob("dataset_configs/data/*/.flux_cache"))  # the demo writes nothing into the repo
+
+
+def test_schnell_warm_start_from_lora_weights(tiny_ckpts, tiny_ckpts_schnell, data: Path, tmp_path: Path) -> None:
+    """FLUX.1-schnell (no guidance embedding) starting from a LoRA file shaped by --dim_from_weights."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    schnell = type(tiny_ckpts)(**{**tiny_ckpts.__dict__, "transformer": tiny_ckpts_schnell.transformer,
+                                  "guidance_embed": False})
+    train_in_process(base_args(schnell, data, first, "--max_train_steps", "2", "--network_dim", "6"))
+    start = load_file(str(first / "lora.safetensors"))
+    train_in_process(base_args(schnell, data, second, "--max_train_steps", "1", "--network_dim", "2",
+                               "--network_weights", str(first / "lora.safetensors"), "--dim_from_weights"))
+    end = load_file(str(second / "lora.safetensors"))
+    key = "lora_unet_single_blocks_0_linear1.lora_down.weight"
+    assert end[key].shape[0] == 6  # the rank came from the file, not from --network_dim
+    assert not torch.equal(end[key], start[key]) and (end[key] - start[key]).abs().max() < 0.1
+    from safetensors import safe_open
+
+    with safe_open(str(second / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["modelspec.architecture"] == "flux-1-schnell/lora"
+        assert f.metadata()["ss_network_dim"] == "6"
+
+
+def test_validation_loss_on_held_out_images(tiny_ckpts, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    train_in_process(base_args(tiny_ckpts, data, out, "--max_train_steps", "4", "--validation_split", "0.5",
+                               "--validate_every_n_steps", "2", "--validate_every_n_epochs", "100"))
+    rows = [line.split(",") for line in (out / "lora_loss.csv").read_text().splitlines()[1:]]
+    val = {int(r[0]): float(r[2]) for r in rows if r[2]}
+    assert sorted(val) == [2, 4]
+    assert val[2] != val[4] and all(0 < v < 10 for v in val.values())

@@ -77,15 +77,17 @@ def test_loss_plot_and_csv(tmp_path: Path) -> None:
         if s % 10 == 0:
             rec.end_epoch(s // 10)
     rec.add(41, float("nan"))  # a non-finite value must not break the plot
+    rec.add_validation(20, 0.5)
     path = draw_loss_plot(rec, tmp_path / "loss.png")
     with Image.open(path) as im:
         px = im.convert("RGB")
         assert im.size == (800, 450)
         colours = {px.getpixel((x, y)) for x in range(70, 780, 3) for y in range(30, 410, 3)}
-    assert (20, 60, 160) in colours and (200, 60, 20) in colours  # the average line and the epoch dots
+    assert {(20, 60, 160), (200, 60, 20), (20, 140, 60)} <= colours  # average line, epoch dots, validation
     assert [m for _, m, _ in rec.epoch_means][0] == pytest.approx(sum(rec.losses[:10]) / 10)
     csv = write_loss_csv(rec, tmp_path / "loss.csv").read_text().splitlines()
-    assert csv[0] == "step,loss" and csv[1].startswith("1,") and len(csv) == 42
+    assert csv[20] == "20,0.2,0.5"
+    assert csv[0] == "step,loss,validation_loss" and csv[1].startswith("1,") and len(csv) == 42
 
 
 def test_precision_dtypes() -> None:
@@ -109,3 +111,35 @@ def test_noise_depends_on_the_sample_not_on_the_batch() -> None:
     assert not torch.equal(n[0], n[2]) and torch.equal(n, n_in)  # no input perturbation without ip_noise_gamma
     n3, _, _ = draw_noise_and_sigmas(obj, lat, keys, seed=1, step=8)
     assert not torch.equal(n, n3)
+
+
+def test_step_loss_masks_prior_weights_and_prediction_spaces(tiny_ckpts) -> None:
+    from contextlib import nullcontext
+
+    from library.flux.loading import load_transformer
+    from library.train.step import StepInputs, flow_matching_loss
+
+    model = load_transformer(tiny_ckpts.transformer, "cpu", torch.float32)
+    p = model.params
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(2, 16, 4, 4, generator=g)
+    t5, pooled = torch.randn(2, 8, p.context_in_dim, generator=g), torch.randn(2, p.vec_in_dim, generator=g)
+
+    def loss(*argv: str, idx=(0, 1), weights=(1.0, 1.0), mask=None) -> float:
+        obj = build_config(parse_args(list(argv))).objective
+        i = list(idx)
+        x = StepInputs(lat[i], t5[i], pooled[i], torch.ones(len(i), 8), torch.tensor(weights), mask,
+                       tuple(("a#0", "b#0")[k] for k in i))
+        with torch.no_grad():
+            return float(flow_matching_loss(model, x, obj, 1, 5, True, False, nullcontext))
+
+    raw = ("--model_prediction_type", "raw")
+    both = loss(*raw)
+    assert loss(*raw, mask=torch.zeros(2, 1, 4, 4)) == 0.0
+    assert loss(*raw, mask=torch.ones(2, 1, 4, 4)) == pytest.approx(both, rel=1e-6)
+    only_a = loss(*raw, idx=(0,), weights=(1.0,))
+    assert 2 * loss(*raw, weights=(1.0, 0.0)) == pytest.approx(only_a, rel=1e-5)  # prior weight 0 drops b
+    # sigma_scaled with sigma_sqrt weighting is the velocity loss again: the spaces match in the trainer too
+    scaled = loss("--model_prediction_type", "sigma_scaled", "--weighting_scheme", "sigma_sqrt")
+    raw_same_sigma = loss(*raw, "--weighting_scheme", "sigma_sqrt")
+    assert scaled == pytest.approx(raw_same_sigma, rel=1e-4)

@@ -220,8 +220,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def profile_step(step, device: torch.device) -> tuple[float, int]:
-    """(sum of device-kernel ms, kernel count) of one step under torch.profiler."""
+def profile_step(step, device: torch.device, top: int) -> tuple[float, int]:
+    """(sum of device-kernel ms, kernel count) of one step under torch.profiler; prints the `top` ops by
+    host (self CPU) time, which is where a launch-bound step loses its time."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -229,6 +230,9 @@ def profile_step(step, device: torch.device) -> tuple[float, int]:
         step()
         _sync(device)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if top:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60),
+              flush=True)
     return sum(e.device_time for e in kernels) / 1e3, len(kernels)
 
 
@@ -241,7 +245,7 @@ def run_config(cfg: Config, ctx: dict, args: argparse.Namespace) -> Result:
         else:
             model.disable_gradient_checkpointing()
         if cfg.mode == "compile" and not ctx["compiled"]:
-            apply_compile(model, backend=args.compile_backend, dynamic=False, mode=args.compile_mode)
+            apply_compile(model, backend=args.compile_backend, dynamic=args.dynamic, mode=args.compile_mode)
             ctx["compiled"] = True
         elif cfg.mode == "eager" and ctx["compiled"]:
             remove_compile(model)
@@ -277,7 +281,7 @@ def run_config(cfg: Config, ctx: dict, args: argparse.Namespace) -> Result:
             res.peak_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30
         res.mfu = res.step_tflop / (res.median_ms / 1e3) / ctx["ceiling"]
         if cfg.profile:
-            res.kernel_ms, res.kernels = profile_step(step, device)
+            res.kernel_ms, res.kernels = profile_step(step, device, args.top_ops)
         res.ok = all(math.isfinite(x) for x in res.losses)
         if not res.ok:
             res.error = "non-finite loss"
@@ -341,9 +345,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lora", choices=("ours", "minimal"), default="ours")
     ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--compile-mode", default=None)
+    ap.add_argument("--dynamic", choices=("false", "true", "auto"), default="false",
+                    help="apply_compile(dynamic=False | True | None)")
+    ap.add_argument("--top-ops", type=int, default=0, help="with :prof, print this many ops by host time")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip configs once this much time has passed")
     ap.add_argument("--out", type=Path, default=None, help="JSON results (rewritten after every config)")
     args = ap.parse_args(argv)
+    args.dynamic = {"false": False, "true": True, "auto": None}[args.dynamic]
     if args.txt_len is None:
         args.txt_len = 8 if args.tiny else 512
     if args.configs is None:

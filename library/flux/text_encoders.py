@@ -5,7 +5,8 @@ from sizes read off the tensor shapes (so the real 123M / 4.7B encoders and the 
 path), then filled with `load_state_dict(strict=True, assign=True)` from tensors streamed out of the mmap'd
 safetensors file(s) one at a time, cast to the compute dtype on the way (fp8-stored files are upcast).
 Accepted layouts: ComfyUI single files (`clip_l.safetensors`: `text_model.…` [+ `text_projection.weight`];
-`t5xxl_fp16.safetensors` / `t5xxl_fp8_e4m3fn.safetensors`: `shared.weight` + `encoder.…`), the same keys
+`t5xxl_fp16.safetensors` / `t5xxl_fp8_e4m3fn.safetensors` / `…_scaled.safetensors` with per-tensor scales:
+`shared.weight` + `encoder.…`), the same keys
 under one prefix inside an all-in-one checkpoint (only that part is read and checked), and diffusers
 folders (a pipeline folder, or its `text_encoder/` / `text_encoder_2/`). Tokenizers come only from the files
 shipped in `library/flux/tokenizers/`; nothing is fetched from a hub.
@@ -176,6 +177,19 @@ def _encoder_view(ckpt: Checkpoint, marker: str, flag: str, what: str) -> Checkp
     return _Prefixed(ckpt, prefixes[0])
 
 
+def _fp8_scales(ckpt: Checkpoint | _Prefixed) -> tuple[dict[str, str], set[str]]:
+    """ComfyUI "scaled fp8" files (t5xxl_fp8_e4m3fn_scaled.safetensors) store W / s in fp8 plus the scale s as
+    `X.scale_weight` (newer files: `X.weight_scale`); dequantised W = w * s. Returns {weight key: scale key}
+    and every key of that scheme (scales, input scales, the `scaled_fp8` marker) for the strict check."""
+    scales, extra = {}, {k for k in ckpt.keys() if k == "scaled_fp8" or k.endswith((".scale_input", ".input_scale"))}
+    for key in ckpt.keys():
+        for suffix in (".scale_weight", ".weight_scale"):
+            if key.endswith(suffix):
+                scales[key[: -len(suffix)] + ".weight"] = key
+                extra.add(key)
+    return scales, extra
+
+
 # ---------------------------------------------------------------- sizes from shapes
 
 
@@ -212,7 +226,8 @@ def t5_sizes(ckpt: Checkpoint | _Prefixed) -> T5Sizes:
 
 
 def _stream_into(model: torch.nn.Module, ckpt: Checkpoint | _Prefixed, file_key: dict[str, str], flag: str,
-                 device: torch.device, dtype: torch.dtype, fp32_keys: frozenset[str] = frozenset()) -> None:
+                 device: torch.device, dtype: torch.dtype, fp32_keys: frozenset[str] = frozenset(),
+                 scales: dict[str, str] | None = None) -> None:
     """Fill a meta-device `model` from `ckpt`; `file_key` maps each module key to its checkpoint key.
 
     Every checkpoint key must be used (or be in the layout's optional set, removed beforehand by the
@@ -231,6 +246,9 @@ def _stream_into(model: torch.nn.Module, ckpt: Checkpoint | _Prefixed, file_key:
         tensor = ckpt.get(fk)
         if not tensor.is_floating_point():
             raise UserError(f"{ckpt.name}: tensor {fk!r} has dtype {tensor.dtype}, expected floating point")
+        if scales and fk in scales:  # scaled fp8: per-tensor (or per-output-row) scale
+            scale = ckpt.get(scales[fk]).float()
+            tensor = tensor.float() * (scale.reshape(-1, 1) if scale.numel() == tensor.shape[0] > 1 else scale)
         state[mk] = tensor.to(device=device, dtype=torch.float32 if mk in fp32_keys else dtype)
     model.load_state_dict(state, strict=True, assign=True)
 
@@ -251,8 +269,9 @@ def load_clip_l(path: str | Path, device: torch.device | str, dtype: torch.dtype
             model = CLIPTextModel(clip_config(sizes))
         # transformers 5 names the CLIPTextModel's tensors without the files' `text_model.` prefix
         file_key = {mk: mk if mk.startswith(_CLIP_PREFIX) else _CLIP_PREFIX + mk for mk in model.state_dict()}
-        _check_unexpected(ckpt, set(file_key.values()), set(_CLIP_OPTIONAL), flag)
-        _stream_into(model, ckpt, file_key, flag, device, dtype)
+        scales, scale_keys = _fp8_scales(ckpt)
+        _check_unexpected(ckpt, set(file_key.values()), set(_CLIP_OPTIONAL) | scale_keys, flag)
+        _stream_into(model, ckpt, file_key, flag, device, dtype, scales=scales)
     # position_ids is a non-persistent buffer (not in any file), so it is still on the meta device.
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:
@@ -275,11 +294,12 @@ def load_t5xxl(path: str | Path, device: torch.device | str, dtype: torch.dtype)
         emb = "shared.weight" if "shared.weight" in ckpt else "encoder.embed_tokens.weight"
         tied = {"shared.weight", "encoder.embed_tokens.weight"}
         file_key = {mk: (emb if mk in tied else mk) for mk in model.state_dict()}
-        ignored = {k for k in ckpt.keys() if _T5_IGNORED.match(k)} | (tied & set(ckpt.keys()))
+        scales, scale_keys = _fp8_scales(ckpt)
+        ignored = {k for k in ckpt.keys() if _T5_IGNORED.match(k)} | (tied & set(ckpt.keys())) | scale_keys
         _check_unexpected(ckpt, set(file_key.values()), ignored, flag)
         # As transformers does in fp16: T5's feed-forward output projections overflow fp16, keep them fp32.
         fp32 = frozenset(k for k in file_key if k.endswith(".wo.weight")) if dtype == torch.float16 else frozenset()
-        _stream_into(model, ckpt, file_key, flag, device, dtype, fp32)
+        _stream_into(model, ckpt, file_key, flag, device, dtype, fp32, scales)
     model.encoder.embed_tokens = model.shared  # keep the tie after `assign=True` replaced the parameters
     return model.eval().requires_grad_(False)
 
@@ -287,7 +307,7 @@ def load_t5xxl(path: str | Path, device: torch.device | str, dtype: torch.dtype)
 # ---------------------------------------------------------------- tokenizers and prompt encoding
 
 
-def load_tokenizers():
+def load_tokenizers() -> tuple:
     """(CLIP tokenizer, T5 tokenizer) from the shipped files; never touches the network."""
     from transformers import AutoTokenizer, CLIPTokenizer
 
@@ -315,7 +335,7 @@ class FluxTextEncoders:
 
     @property
     def device(self) -> torch.device:
-        return self.clip.embeddings.token_embedding.weight.device
+        return next(self.clip.parameters()).device
 
     def tokenize(self, prompts: list[str], t5_max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(CLIP ids [B, 77], T5 ids [B, S], T5 mask [B, S]), both padded to their max length, truncated."""
@@ -327,10 +347,11 @@ class FluxTextEncoders:
 
     def encode_tokens(self, clip_ids: torch.Tensor, t5_ids: torch.Tensor, t5_mask: torch.Tensor,
                       apply_t5_attn_mask: bool = False) -> TextEncoding:
-        dev = self.device
-        pooled = self.clip(clip_ids.to(dev)).pooler_output
-        mask = t5_mask.to(dev)
-        t5_out = self.t5(t5_ids.to(dev), attention_mask=mask if apply_t5_attn_mask else None).last_hidden_state
+        """Encode token ids; each model reads them on its own device (they may be placed apart)."""
+        pooled = self.clip(clip_ids.to(self.device)).pooler_output
+        t5_device = next(self.t5.parameters()).device
+        mask = t5_mask.to(t5_device)
+        t5_out = self.t5(t5_ids.to(t5_device), attention_mask=mask if apply_t5_attn_mask else None).last_hidden_state
         return TextEncoding(t5_out=t5_out, clip_pooled=pooled, t5_attn_mask=mask)
 
     def encode(self, prompts: str | list[str], t5_max_length: int, apply_t5_attn_mask: bool = False) -> TextEncoding:

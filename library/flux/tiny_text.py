@@ -86,7 +86,8 @@ def tiny_t5_state_dict(seed: int, sizes: T5Sizes = TINY_T5) -> dict[str, torch.T
             sd[p + f"0.SelfAttention.{proj}.weight"] = _linear(gen, inner, d)
         sd[p + "0.SelfAttention.o.weight"] = _linear(gen, d, inner)
         if i == 0:  # T5 keeps the relative position bias in the first block only
-            sd[p + "0.SelfAttention.relative_attention_bias.weight"] = _normal(gen, (sizes.num_buckets, sizes.heads), 1.0)
+            bias = _normal(gen, (sizes.num_buckets, sizes.heads), 1.0)
+            sd[p + "0.SelfAttention.relative_attention_bias.weight"] = bias
         sd[p + "0.layer_norm.weight"] = _normal(gen, (d,), 0.1, 1.0)
         sd[p + "1.DenseReluDense.wi_0.weight"] = _linear(gen, sizes.d_ff, d)
         sd[p + "1.DenseReluDense.wi_1.weight"] = _linear(gen, sizes.d_ff, d)

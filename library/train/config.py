@@ -180,6 +180,15 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    validation_seed: int | None
+    validation_split: float  # read by the dataset layer (its CLI level); here for the record
+    validate_every_n_steps: int | None
+    validate_every_n_epochs: int | None
+    max_validation_steps: int | None
+
+
+@dataclass(frozen=True)
 class DataConfig:
     dataset_config: str | None
     cli_values: Mapping[str, Any]  # only the dataset flags the user gave (kohya's CLI precedence level)
@@ -202,6 +211,7 @@ class TrainConfig:
     log: LogConfig
     network: NetworkConfig
     data: DataConfig
+    validation: ValidationConfig
     warnings: tuple[str, ...] = field(default=())
     effective: Mapping[str, Any] = field(default_factory=dict)  # non-default values, as --output_config
 
@@ -277,6 +287,7 @@ def build_config(parsed: ParsedArgs) -> TrainConfig:
             validate_config=v["validate_config"],
             dry_run=v["dry_run"],
         ),
+        validation=_take(ValidationConfig, v),
         warnings=tuple(ineffective_warnings(v, given)),
         effective=non_default_values(parsed),
     )

@@ -45,6 +45,7 @@ class LossRecord:
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     epoch_means: list[tuple[int, float, int]] = field(default_factory=list)  # (epoch, mean, its last step)
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     _epoch_sum: float = 0.0
     _epoch_n: int = 0
 
@@ -60,6 +61,9 @@ class LossRecord:
         self._epoch_sum, self._epoch_n = 0.0, 0
         return mean
 
+    def add_validation(self, step: int, loss: float) -> None:
+        self.validation.append((step, loss))
+
     @property
     def epoch_open(self) -> bool:
         """Steps were recorded since the last `end_epoch` (training stopped inside an epoch)."""
@@ -71,11 +75,12 @@ class LossRecord:
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "losses": self.losses, "epoch_means": self.epoch_means,
-                "epoch_sum": self._epoch_sum, "epoch_n": self._epoch_n}
+                "validation": self.validation, "epoch_sum": self._epoch_sum, "epoch_n": self._epoch_n}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.losses = list(state["steps"]), list(state["losses"])
         self.epoch_means = [tuple(x) for x in state["epoch_means"]]  # type: ignore[misc]
+        self.validation = [tuple(x) for x in state.get("validation", [])]  # type: ignore[misc]
         self._epoch_sum, self._epoch_n = state["epoch_sum"], state["epoch_n"]
 
 
@@ -97,14 +102,16 @@ def draw_loss_plot(record: LossRecord, path: Path, title: str = "training loss",
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     draw.text((left, 8), title, fill="black")
-    draw.text((w - 330, 8), "step loss", fill=(120, 150, 220))
-    draw.text((w - 260, 8), "moving average", fill=(20, 60, 160))
-    draw.text((w - 160, 8), "epoch mean (dots)", fill=(200, 60, 20))
+    draw.text((w - 430, 8), "step loss", fill=(120, 150, 220))
+    draw.text((w - 360, 8), "moving average", fill=(20, 60, 160))
+    draw.text((w - 260, 8), "epoch mean (dots)", fill=(200, 60, 20))
+    draw.text((w - 130, 8), "validation (squares)", fill=(20, 140, 60))
     finite = [(s, v) for s, v in zip(record.steps, record.losses) if math.isfinite(v)]
     if finite:
         xs, ys = [s for s, _ in finite], [v for _, v in finite]
+        every_y = ys + [v for _, v in record.validation if math.isfinite(v)]
         x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-        y0, y1 = min(ys), max(ys)
+        y0, y1 = min(every_y), max(every_y)
         y0, y1 = (y0 - 1e-3, y1 + 1e-3) if y1 - y0 < 1e-6 else (y0, y1)
 
         def px(s: float, v: float) -> tuple[float, float]:
@@ -127,6 +134,9 @@ def draw_loss_plot(record: LossRecord, path: Path, title: str = "training loss",
             draw.line([px(s, v) for s, v in finite], fill=(170, 190, 230), width=1)
             smooth = _smooth(ys, max(1, len(ys) // 20))
             draw.line([px(s, v) for s, v in zip(xs, smooth)], fill=(20, 60, 160), width=2)
+        for vstep, vloss in record.validation:
+            cx, cy = px(vstep, min(max(vloss, y0), y1))
+            draw.rectangle([cx - 3, cy - 3, cx + 3, cy + 3], outline=(20, 140, 60), width=2)
         for _, mean, epoch_end_step in record.epoch_means:
             cx, cy = px(epoch_end_step, min(max(mean, y0), y1))
             draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=(200, 60, 20))
@@ -140,7 +150,9 @@ def draw_loss_plot(record: LossRecord, path: Path, title: str = "training loss",
 
 def write_loss_csv(record: LossRecord, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    rows = ["step,loss"] + [f"{s},{v!r}" for s, v in zip(record.steps, record.losses)]
+    validation = dict(record.validation)  # step -> the last validation loss measured at that step
+    rows = ["step,loss,validation_loss"] + [f"{s},{v!r},{validation[s]!r}" if s in validation else f"{s},{v!r},"
+                                            for s, v in zip(record.steps, record.losses)]
     tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path

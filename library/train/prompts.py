@@ -101,8 +101,3 @@ def load_prompts(path: str | Path) -> list[SamplePrompt]:
                    if line.strip() and not line.strip().startswith("#")]
     return [_make(i, e, f"{path}: prompt {i + 1}") for i, e in enumerate(entries)]
 
-
-def ignored_options(prompts: list[SamplePrompt]) -> list[str]:
-    """Options that the FLUX sampler does not use (kohya ignores them too), for a warning."""
-    return [f"prompt {p.index + 1}: --l {p.scale:g}/--n (true CFG) is not supported; sampled without it"
-            for p in prompts if p.scale != 1.0]

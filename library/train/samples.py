@@ -5,7 +5,8 @@ outputs are cached). Images use library/sampling.py, the sampler and seed conven
 flux_minimal_inference.py, so a preview with `--d 42` is the image inference gives for seed 42 with the
 LoRA at strength 1. A prompt without `--d` gets seed `--seed` + its index, the same at every sampling, so
 previews of successive steps are comparable. Files: output_dir/sample/<name>_<step>_<NN>_<prompt>.png
-(`e<epoch>` instead of the step for epoch-triggered samples).
+(`e<epoch>` instead of the step for epoch-triggered samples). `--l` (true CFG scale) with `--n` (negative
+prompt) runs two passes per step, as flux_minimal_inference.py's --cfg_scale.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from library.train.prompts import SamplePrompt
 class EncodedPrompt:
     prompt: SamplePrompt
     cond: Any  # TextEncoding on the CPU
+    neg: Any = None  # the negative prompt's TextEncoding when true CFG is used (--l != 1)
+
+
+def _to(enc: Any, device: Any) -> Any:
+    return None if enc is None else type(enc)(**{k: v.detach().to(device) for k, v in vars(enc).items()})
 
 
 def encode_prompts(prompts: list[SamplePrompt], text: Any, t5_max_length: int,
@@ -31,9 +37,9 @@ def encode_prompts(prompts: list[SamplePrompt], text: Any, t5_max_length: int,
     out = []
     with torch.no_grad():
         for p in prompts:
-            enc = text.encode([p.prompt], t5_max_length, apply_t5_attn_mask)
-            cpu = type(enc)(**{k: v.detach().cpu() for k, v in vars(enc).items()})
-            out.append(EncodedPrompt(p, cpu))
+            cond = text.encode([p.prompt], t5_max_length, apply_t5_attn_mask)
+            neg = text.encode([p.negative_prompt], t5_max_length, apply_t5_attn_mask) if p.scale != 1.0 else None
+            out.append(EncodedPrompt(p, _to(cond, "cpu"), _to(neg, "cpu")))
     return out
 
 
@@ -59,10 +65,11 @@ def write_samples(prompts: list[EncodedPrompt], transformer: torch.nn.Module, ae
             p = e.prompt
             seed = p.seed if p.seed is not None else base_seed + p.index
             s = sample_settings(guidance_embed, p.prompt, p.width, p.height, p.sample_steps, p.guidance_scale, seed,
-                                t5_max_length=t5_max_length, apply_t5_attn_mask=apply_t5_attn_mask)
-            cond = type(e.cond)(**{k: v.to(device) for k, v in vars(e.cond).items()})
+                                t5_max_length=t5_max_length, apply_t5_attn_mask=apply_t5_attn_mask,
+                                negative_prompt=p.negative_prompt, cfg_scale=p.scale)
             with torch.no_grad(), autocast():
-                latents = generate_latents(transformer, cond, s, guidance_embed, progress=False)
+                latents = generate_latents(transformer, _to(e.cond, device), s, guidance_embed, progress=False,
+                                           neg_cond=_to(e.neg, device))
             image = latents_to_pil(ae, latents)[0]
             path = sample_path(out_dir, name, step, epoch, p.index, p.prompt)
             save_png(image, path, s, extra={"step": step, "epoch": epoch, "lora": name})

@@ -50,6 +50,7 @@ class Run:
     steps_per_epoch: int
     prompts: list[EncodedPrompt]
     metadata: dict[str, str]
+    val_loader: Any = None  # BatchLoader over the validation_split images, or None
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
@@ -73,7 +74,7 @@ def make_accelerator(cfg: TrainConfig) -> Any:
                        project_dir=cfg.log.logging_dir or cfg.save.output_dir, kwargs_handlers=kwargs)
 
 
-def _data(cfg: TrainConfig, acc: Any, seed: int) -> tuple[Any, Any]:
+def _data(cfg: TrainConfig, acc: Any, seed: int) -> tuple[Any, Any, Any]:
     from library.data.dataset import BatchLoader, build_datasets  # noqa: PLC0415
     from library.dataset_config import load_dataset_config  # noqa: PLC0415
 
@@ -96,12 +97,14 @@ def _data(cfg: TrainConfig, acc: Any, seed: int) -> tuple[Any, Any]:
         cli.pop(key, None)
     resolved = load_dataset_config(path, cli)
     skip_bad = bool(cfg.data.cli_values.get("skip_bad_images"))
-    dataset, _validation = build_datasets(resolved, seed, skip_bad, progress=acc.is_main_process)
-    loader = BatchLoader(dataset, cfg.loop.max_data_loader_n_workers if cfg.loop.persistent_data_loader_workers
-                         or cfg.loop.max_data_loader_n_workers else 0, acc.process_index, acc.num_processes)
+    dataset, validation = build_datasets(resolved, seed, skip_bad, progress=acc.is_main_process)
+    # kohya caps the workers at the CPU count; each epoch starts its own worker pool (data's BatchLoader).
+    workers = min(cfg.loop.max_data_loader_n_workers, max(0, (os.cpu_count() or 1) - 1))
+    loader = BatchLoader(dataset, workers, acc.process_index, acc.num_processes)
     if len(loader) == 0:
         raise UserError(f"{cfg.data.dataset_config}: no images found in any subset")
-    return dataset, loader
+    val_loader = BatchLoader(validation, 0, acc.process_index, acc.num_processes) if validation else None
+    return dataset, loader, val_loader
 
 
 def _schedule(cfg: TrainConfig, batches_per_rank: int) -> tuple[int, int, int]:
@@ -169,19 +172,24 @@ def _train_clip(cfg: TrainConfig) -> bool:
 
 def setup(cfg: TrainConfig) -> Run:
     acc = make_accelerator(cfg)
+    if acc.device.type == "cpu" and cfg.precision.mixed_precision == "fp16":
+        raise UserError("command line: --mixed_precision fp16 needs a GPU (CPU autocast has no fp16); "
+                        "use bf16 or no on the CPU")
     seed = cfg.loop.seed if cfg.loop.seed is not None else DEFAULT_SEED
     torch.manual_seed(seed)  # LoRA init (kaiming) is identical on every rank and every run
     dtypes = resolve_dtypes(cfg.precision)
     out_dir = Path(cfg.save.output_dir)
     if acc.is_main_process:
         _write_config(cfg, out_dir)
-    dataset, loader = _data(cfg, acc, seed)
+    dataset, loader, val_loader = _data(cfg, acc, seed)
     total, epochs, per_epoch = _schedule(cfg, len(loader))
     dataset.max_train_steps = total
     train_clip = _train_clip(cfg)
     prompts_spec = _load_prompts(cfg)
     models = M.load_models(cfg, dtypes, acc.device, need_text=True, need_ae=True)
     _cache(cfg, acc, models, dataset, epochs, dtypes)
+    if val_loader is not None:
+        _cache(cfg, acc, models, val_loader.dataset, 1, dtypes)
     prompts = encode_prompts(prompts_spec, models.text, models.t5_max_length, cfg.model.apply_t5_attn_mask)
     if cfg.memory.cache_text_encoder_outputs and not train_clip:
         M.free(models.text.clip, models.text.t5)
@@ -202,18 +210,15 @@ def setup(cfg: TrainConfig) -> Run:
     ext = "." + cfg.save.save_model_as
     return Run(cfg, acc, dtypes, seed, dataset, loader, models, network, train_clip, optimizer, scheduler,
                Names(out_dir, cfg.save.output_name, ext), out_dir, total, epochs, per_epoch, prompts,
-               _metadata(cfg, models, dataset, total, epochs, seed))
+               _metadata(cfg, models, network, dataset, total, epochs, seed), val_loader)
 
 
 def _load_prompts(cfg: TrainConfig) -> list:
     if not cfg.sample.sample_prompts:
         return []
-    from library.train.prompts import ignored_options, load_prompts  # noqa: PLC0415
+    from library.train.prompts import load_prompts  # noqa: PLC0415
 
-    prompts = load_prompts(cfg.sample.sample_prompts)
-    for line in ignored_options(prompts):
-        warn(f"{cfg.sample.sample_prompts}: {line}")
-    return prompts
+    return load_prompts(cfg.sample.sample_prompts)
 
 
 def _write_config(cfg: TrainConfig, out_dir: Path) -> None:
@@ -230,7 +235,8 @@ def _write_config(cfg: TrainConfig, out_dir: Path) -> None:
     write_toml_atomic(out_dir / f"{name}_args.toml", {k: v for k, v in cfg.effective.items()})
 
 
-def _metadata(cfg: TrainConfig, models: M.Models, dataset: Any, total: int, epochs: int, seed: int) -> dict[str, str]:
+def _metadata(cfg: TrainConfig, models: M.Models, network: Any, dataset: Any, total: int, epochs: int,
+              seed: int) -> dict[str, str]:
     from networks.lora_metadata import build_kohya_metadata  # noqa: PLC0415
 
     ds = dataset.cfg.datasets[0]
@@ -244,7 +250,10 @@ def _metadata(cfg: TrainConfig, models: M.Models, dataset: Any, total: int, epoc
                 "guidance_scale": cfg.objective.guidance_scale, "training_comment": cfg.save.training_comment,
                 "output_name": cfg.save.output_name, "apply_t5_attn_mask": cfg.model.apply_t5_attn_mask,
                 "network_train_unet_only": cfg.network.network_train_unet_only}
-    return build_kohya_metadata(cfg.network.network_dim or 4, cfg.network.network_alpha,
+    first = network.adapters()[0]  # the file's rank/alpha with --dim_from_weights, else the flags'
+    dim, alpha = (first.rank, float(first.alpha)) if cfg.network.dim_from_weights else \
+        (cfg.network.network_dim or 4, cfg.network.network_alpha)
+    return build_kohya_metadata(dim, alpha,
                                 dict(M.network_kwargs(cfg)) or None, title=cfg.save.metadata.get("title") or
                                 cfg.save.output_name or "LoRA", schnell=not models.guidance_embed,
                                 resolution=ds.resolution, training={k: v for k, v in training.items() if v is not None},

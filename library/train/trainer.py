@@ -25,6 +25,7 @@ from library.train.optim import group_lrs
 from library.train.samples import write_samples
 from library.train.setup import Run, setup
 from library.train.step import StepInputs, flow_matching_loss, sample_keys
+from library.train.validation import validation_loss, wants_validation
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class State:
     micro: int = 0  # micro-batches accumulated since the last optimizer step
     record: LossRecord = field(default_factory=LossRecord)
     stop_signal: int = 0  # the signal number that asked us to stop (SIGINT/SIGTERM)
+    last_time: float = field(default_factory=time.perf_counter)  # when the previous optimizer step ended
 
 
 def train(cfg: TrainConfig) -> None:
@@ -55,6 +57,8 @@ def train(cfg: TrainConfig) -> None:
                  run.steps_per_epoch)
         done = state.global_step >= run.total_steps
         for epoch in range(run.loader.epoch, run.num_epochs):
+            if done:  # resumed from the final state: nothing left to train
+                break
             for batch in run.loader.iter_epoch(epoch):
                 loss = forward_backward(run, batch, state)
                 state.micro += 1
@@ -90,6 +94,8 @@ def after_optimizer_step(run: Run, state: State, loss: float, bar: Any) -> bool:
     if cfg.sample.sample_every_n_steps and not cfg.sample.sample_every_n_epochs \
             and step % cfg.sample.sample_every_n_steps == 0:
         sample(run, step, None)
+    if run.val_loader is not None and wants_validation(cfg, step, None):
+        validate(run, state)
     if cfg.save.save_every_n_steps and step % cfg.save.save_every_n_steps == 0 and step < run.total_steps:
         save(run, state, run.names.step(step), cfg.save.save_state)
         if run.accelerator.is_main_process:
@@ -165,8 +171,7 @@ def encode_live(run: Run, captions: list[str]) -> tuple[torch.Tensor, torch.Tens
 
 def log_step(run: Run, state: State, loss: float, bar: Any) -> None:
     now = time.perf_counter()
-    step_time = now - getattr(run, "_last_step_time", now)
-    run._last_step_time = now  # type: ignore[attr-defined]
+    step_time, state.last_time = now - state.last_time, now
     lrs = group_lrs(run.optimizer)
     avg = state.record.moving_average()
     bar.update(1)
@@ -184,6 +189,8 @@ def end_epoch(run: Run, state: State, epoch: int) -> None:
     if acc.is_main_process:
         log.info("epoch %d/%d: mean loss %.5f", epoch + 1, run.num_epochs, mean)
     n = epoch + 1
+    if run.val_loader is not None and wants_validation(cfg, None, n):
+        validate(run, state)
     if cfg.sample.sample_every_n_epochs and n % cfg.sample.sample_every_n_epochs == 0:
         sample(run, state.global_step, n)
     every = cfg.save.save_every_n_epochs
@@ -191,6 +198,14 @@ def end_epoch(run: Run, state: State, epoch: int) -> None:
         save(run, state, run.names.epoch(n), cfg.save.save_state)
         if acc.is_main_process:
             C.prune_epochs(run.names, n, every, cfg.save.save_last_n_epochs, cfg.save.save_last_n_epochs_state)
+
+
+def validate(run: Run, state: State) -> None:
+    loss = validation_loss(run, make_inputs)
+    run.accelerator.log({"loss/validation": loss}, step=state.global_step)
+    state.record.add_validation(state.global_step, loss)
+    if run.accelerator.is_main_process:
+        log.info("step %d: validation loss %.5f", state.global_step, loss)
 
 
 def sample(run: Run, step: int, epoch: int | None) -> None:
