@@ -73,7 +73,7 @@ def _deltas_by_component(files: list[tuple[Path, float]], device: str) -> dict[s
                         ", ".join(parsed.unknown[:5]))
         for name, w in parsed.weights.items():
             comp, mpath = K.split_kohya_name(name)
-            d = w.delta().to(device) * ratio
+            d = LoRAWeight(w.down.to(device), w.up.to(device), w.alpha).delta() * ratio
             slot = out.setdefault(comp, {})
             slot[mpath] = slot[mpath] + d if mpath in slot else d
     return out

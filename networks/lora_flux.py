@@ -351,7 +351,8 @@ def merge_lora_into_models(transformer: nn.Module | None, clip_l: nn.Module | No
                 if tuple(lin.weight.shape) != (w.up.shape[0], w.down.shape[1]):
                     raise UserError(f"{path}: {name}: LoRA shape {[w.up.shape[0], w.down.shape[1]]} does not "
                                     f"match the model's {list(lin.weight.shape)}")
-                add_to_weight(lin, w.delta() * mult)
+                dev = lin.weight.device  # the product on the weight's device (GPU for real models)
+                add_to_weight(lin, LoRAWeight(w.down.to(dev), w.up.to(dev), w.alpha).delta() * mult)
 
 
 def apply_lora_weights(transformer: nn.Module, clip_l: nn.Module | None,

@@ -34,6 +34,7 @@ OPTIMIZERS = ["AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion", "Lion8bit", "Prodi
               "SGDNesterov", "torch.optim.RMSprop"]
 
 
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_each_optimizer_lowers_a_quadratic(name: str) -> None:
     torch.manual_seed(0)
@@ -117,3 +118,18 @@ def test_warmup_ratio_and_passthrough_scheduler() -> None:
     bad = dataclasses.replace(cfg, lr_scheduler="nope")
     with pytest.raises(UserError, match="nope"):
         build_scheduler(opt, bad, 20, 1.0)
+
+
+def test_a_bitsandbytes_optimizer_that_cannot_run_gives_a_clear_message(monkeypatch) -> None:
+    import bitsandbytes as bnb
+
+    class Broken(torch.optim.SGD):
+        __module__ = "bitsandbytes.optim.fake"
+
+        def step(self, closure=None):  # what a build without CPU kernels does
+            raise NotImplementedError("no CPU kernel for optimizer_update_8bit_blockwise")
+
+    monkeypatch.setattr(bnb.optim, "AdamW8bit", Broken)
+    w = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(UserError, match="AdamW8bit: bitsandbytes cannot run it on cpu here .*use --optimizer_type AdamW"):
+        build_optimizer([{"params": [w], "lr": 1.0}], _opt_cfg("--optimizer_type", "AdamW8bit"))

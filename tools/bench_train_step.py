@@ -236,32 +236,50 @@ def profile_step(step, device: torch.device, top: int) -> tuple[float, int]:
     return sum(e.device_time for e in kernels) / 1e3, len(kernels)
 
 
-def run_config(cfg: Config, ctx: dict, args: argparse.Namespace) -> Result:
+def prepare(cfg: Config, ctx: dict, args: argparse.Namespace):
+    """Put the model in the config's state; returns (the step function, step FLOPs)."""
     model, device, dtype = ctx["model"], ctx["device"], ctx["dtype"]
+    if cfg.ckpt:
+        model.enable_gradient_checkpointing()
+    else:
+        model.disable_gradient_checkpointing()
+    if cfg.mode == "compile" and not ctx["compiled"]:
+        apply_compile(model, backend=args.compile_backend, dynamic=args.dynamic, mode=args.compile_mode)
+        ctx["compiled"] = True
+    elif cfg.mode == "eager" and ctx["compiled"]:
+        remove_compile(model)
+        ctx["compiled"] = False
+    batch = make_batch(cfg.res, args.txt_len, ctx["params"], device, dtype)
+    f = forward_flops(model, (cfg.res // 16) ** 2, args.txt_len, args.rank)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step() -> float:
+        with sdpa_context(cfg.sdpa):
+            return train_step(model, ctx["opt"], ctx["lora"], batch, dtype)
+
+    return step, (3 if cfg.ckpt else 2) * f
+
+
+def profile_config(cfg: Config, ctx: dict, args: argparse.Namespace, res: Result) -> None:
+    """Profile one step of `cfg` after every config was timed: a profiler session leaves the process
+    slower to launch kernels afterwards (seen on the H200: a host-bound 512² step +50% after it)."""
+    try:
+        step, _ = prepare(cfg, ctx, args)
+        step()
+        res.kernel_ms, res.kernels = profile_step(step, ctx["device"], args.top_ops)
+    except Exception as e:  # noqa: BLE001
+        print(f"[{cfg.name}] profiling failed: {type(e).__name__}: {e}", flush=True)
+
+
+def run_config(cfg: Config, ctx: dict, args: argparse.Namespace) -> Result:
+    device = ctx["device"]
     res = Result(cfg.name, ok=False)
     try:
-        if cfg.ckpt:
-            model.enable_gradient_checkpointing()
-        else:
-            model.disable_gradient_checkpointing()
-        if cfg.mode == "compile" and not ctx["compiled"]:
-            apply_compile(model, backend=args.compile_backend, dynamic=args.dynamic, mode=args.compile_mode)
-            ctx["compiled"] = True
-        elif cfg.mode == "eager" and ctx["compiled"]:
-            remove_compile(model)
-            ctx["compiled"] = False
-        batch = make_batch(cfg.res, args.txt_len, ctx["params"], device, dtype)
-        n_img = (cfg.res // 16) ** 2
-        f = forward_flops(model, n_img, args.txt_len, args.rank)
-        res.step_tflop = (3 if cfg.ckpt else 2) * f / 1e12
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-
-        def step() -> float:
-            with sdpa_context(cfg.sdpa):
-                return train_step(model, ctx["opt"], ctx["lora"], batch, dtype)
+        step, flops = prepare(cfg, ctx, args)
+        res.step_tflop = flops / 1e12
 
         for i in range(args.warmup):
             t0 = time.perf_counter()
@@ -280,8 +298,6 @@ def run_config(cfg: Config, ctx: dict, args: argparse.Namespace) -> Result:
         if device.type == "cuda":
             res.peak_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30
         res.mfu = res.step_tflop / (res.median_ms / 1e3) / ctx["ceiling"]
-        if cfg.profile:
-            res.kernel_ms, res.kernels = profile_step(step, device, args.top_ops)
         res.ok = all(math.isfinite(x) for x in res.losses)
         if not res.ok:
             res.error = "non-finite loss"
@@ -400,6 +416,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
               f"first step {r.first_step_s:.1f} s, elapsed {time.perf_counter() - t_start:.0f} s", flush=True)
         if args.out:
             args.out.write_text(json.dumps({"info": info, "results": [asdict(x) for x in results]}, indent=1))
+    for cfg, r in zip(configs, results):
+        if cfg.profile and r.ok:
+            profile_config(cfg, ctx, args, r)
+    if args.out:
+        args.out.write_text(json.dumps({"info": info, "results": [asdict(x) for x in results]}, indent=1))
     print_table(results, ceiling)
     return results
 

@@ -109,9 +109,25 @@ def build_optimizer(groups: ParamGroups, cfg: OptimizerConfig) -> torch.optim.Op
         lr = None
         groups = [{k: v for k, v in g.items() if k != "lr"} for g in groups]
     try:
-        return cls(groups, lr=lr, **kwargs)
+        optimizer = cls(groups, lr=lr, **kwargs)
     except TypeError as err:
         raise UserError(f"command line: --optimizer_args for {cfg.optimizer_type}: {err}") from None
+    if cls.__module__.startswith("bitsandbytes"):
+        _probe_bitsandbytes(cls, kwargs, cfg.optimizer_type, groups)
+    return optimizer
+
+
+def _probe_bitsandbytes(cls: type, kwargs: dict[str, Any], name: str, groups: ParamGroups) -> None:
+    """One step on a throw-away tensor on the training device: some bitsandbytes builds have no kernels for
+    the CPU (or this GPU) and would otherwise fail deep inside the first training step."""
+    device = next(p for g in groups for p in g["params"]).device
+    probe = torch.nn.Parameter(torch.zeros(64, 64, device=device))  # 4096 elements: the 8-bit path is used
+    probe.grad = torch.ones_like(probe)
+    try:
+        cls([probe], lr=1e-3, **kwargs).step()
+    except (RuntimeError, NotImplementedError, AttributeError, OSError) as err:
+        raise UserError(f"command line: --optimizer_type {name}: bitsandbytes cannot run it on {device.type} here "
+                        f"({str(err).splitlines()[0][:160]}); use --optimizer_type AdamW (or Lion / Prodigy)") from None
 
 
 # --- schedulers: multiplier of the base LR at step s (0-based count of optimizer steps taken) ---

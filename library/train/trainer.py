@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 class State:
     global_step: int = 0
     micro: int = 0  # micro-batches accumulated since the last optimizer step
+    micro_loss: float = 0.0  # the sum of their losses
     record: LossRecord = field(default_factory=LossRecord)
     stop_signal: int = 0  # the signal number that asked us to stop (SIGINT/SIGTERM)
     last_time: float = field(default_factory=time.perf_counter)  # when the previous optimizer step ended
@@ -60,16 +61,16 @@ def train(cfg: TrainConfig) -> None:
             if done:  # resumed from the final state: nothing left to train
                 break
             for batch in run.loader.iter_epoch(epoch):
-                loss = forward_backward(run, batch, state)
+                state.micro_loss += forward_backward(run, batch, state)
                 state.micro += 1
                 if state.micro < cfg.loop.gradient_accumulation_steps:
                     continue
-                done = after_optimizer_step(run, state, loss, bar)
+                done = after_optimizer_step(run, state, bar)
                 if done:
                     break
             finished = run.loader.epoch > epoch or run.loader.index >= len(run.loader.indices(epoch))
             if finished and state.micro:  # leftover accumulated micro-batches at the epoch end make a step
-                done = after_optimizer_step(run, state, loss, bar)
+                done = after_optimizer_step(run, state, bar)
             if finished:
                 end_epoch(run, state, epoch)
             if done or state.stop_signal or state.global_step >= run.total_steps:
@@ -83,10 +84,11 @@ def train(cfg: TrainConfig) -> None:
         sys.exit(128 + state.stop_signal)
 
 
-def after_optimizer_step(run: Run, state: State, loss: float, bar: Any) -> bool:
+def after_optimizer_step(run: Run, state: State, bar: Any) -> bool:
     """Step the optimizer, then log, sample and save as scheduled; True when training must stop."""
     optimizer_step(run)
-    state.micro = 0
+    loss = _mean_over_ranks(run, state.micro_loss / state.micro)  # the loss of the whole (global) batch
+    state.micro, state.micro_loss = 0, 0.0
     state.global_step += 1
     step, cfg = state.global_step, run.cfg
     state.record.add(step, loss)
@@ -301,6 +303,13 @@ def _plot(run: Run, state: State) -> None:
         path = draw_loss_plot(state.record, stem.with_suffix(".png"))
         write_loss_csv(state.record, stem.with_suffix(".csv"))
         log.info("loss plot: %s", path)
+
+
+def _mean_over_ranks(run: Run, value: float) -> float:
+    if run.accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=run.accelerator.device)
+    return float(run.accelerator.reduce(t, reduction="mean").item())
 
 
 def _agree(run: Run, flag: int) -> int:
