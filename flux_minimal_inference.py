@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip_l", help="CLIP-L (clip_l.safetensors); default: the diffusers folder's text_encoder/")
     g.add_argument("--t5xxl", help="T5-XXL (t5xxl_fp16.safetensors, fp8 files too); default: text_encoder_2/")
     g.add_argument("--ae", help="autoencoder (ae.safetensors); default: the diffusers folder's vae/")
+    g.add_argument("--model_type", choices=["flux"], default="flux",
+                   help="kohya's flag; only FLUX.1 (dev/schnell, detected from the file) is supported, not chroma")
     g = p.add_argument_group("prompt and image")
     g.add_argument("--prompt", default="A photo of a cat")
     g.add_argument("--negative_prompt", default=None, help="used only with --cfg_scale != 1 (default: empty)")

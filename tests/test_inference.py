@@ -204,3 +204,15 @@ def test_apply_t5_attn_mask_reaches_t5_and_the_transformer(dev) -> None:
     a = denoise(ours.transformer, noise, cond, schedule, 3.5, apply_t5_attn_mask=False, progress=False)
     b = denoise(ours.transformer, noise, cond, schedule, 3.5, apply_t5_attn_mask=True, progress=False)
     assert (a - b).abs().max() > 1e-2
+
+
+def test_cli_schnell_defaults(tiny_ckpts_schnell, tmp_path) -> None:
+    """schnell (no guidance embedding in the file): 4 steps, 256 T5 tokens, no shift, unless told otherwise."""
+    import flux_minimal_inference as fmi
+
+    ck = tiny_ckpts_schnell
+    assert fmi.main(["--ckpt_path", str(ck.transformer), "--clip_l", str(ck.clip_l), "--t5xxl", str(ck.t5xxl),
+                     "--ae", str(ck.ae), "--width", "64", "--height", "48", "--seed", "1", "--dtype", "fp32",
+                     "--device", "cpu", "--output_dir", str(tmp_path), "--output_name", "s"]) == 0
+    meta = read_png_settings(tmp_path / "s.png")
+    assert (meta["steps"], meta["t5_max_length"], meta["shift"], meta["model_type"]) == (4, 256, False, "schnell")

@@ -133,3 +133,13 @@ def test_a_bitsandbytes_optimizer_that_cannot_run_gives_a_clear_message(monkeypa
     w = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(UserError, match="AdamW8bit: bitsandbytes cannot run it on cpu here .*use --optimizer_type AdamW"):
         build_optimizer([{"params": [w], "lr": 1.0}], _opt_cfg("--optimizer_type", "AdamW8bit"))
+
+
+def test_inverse_sqrt_takes_the_timescale_flag() -> None:
+    from transformers.optimization import get_scheduler
+
+    cfg = _sched_cfg("--lr_scheduler", "inverse_sqrt", "--lr_warmup_steps", "2", "--lr_scheduler_timescale", "4")
+    mine_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = get_scheduler("inverse_sqrt", ref_opt, num_warmup_steps=2, scheduler_specific_kwargs={"timescale": 4})
+    assert _lrs(build_scheduler(mine_opt, cfg, 20, 1.0), mine_opt, 20) == pytest.approx(_lrs(ref, ref_opt, 20))

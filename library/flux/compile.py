@@ -49,7 +49,8 @@ def apply_compile(model: nn.Module, backend: str = "inductor", dynamic: bool | N
     Call it last in the model setup (after freezing, LoRA injection, fp8 storage, block swap and
     `enable_gradient_checkpointing`); calling it again recompiles from the original forwards.
     `backend` is a `torch.compile` backend ("inductor"; "aot_eager" / "eager" for debugging), `mode` an
-    inductor mode ("max-autotune-no-cudagraphs"; CUDA graphs do not mix with checkpointing / block swap).
+    inductor mode (e.g. "max-autotune-no-cudagraphs"; CUDA-graph modes were not tried with checkpointing
+    or block swap).
     """
     if max_shapes > 0:
         # A process-wide torch setting: every block type compiles once per bucket shape when static.

@@ -39,6 +39,7 @@ class PrecisionConfig:
     fp8_base: bool
     fp8_base_unet: bool
     save_precision: str | None
+    no_half_vae: bool
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class SchedulerConfig:
     lr_scheduler_num_cycles: int
     lr_scheduler_power: float
     lr_scheduler_min_lr_ratio: float | None
+    lr_scheduler_timescale: int | None
 
 
 @dataclass(frozen=True)

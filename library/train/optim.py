@@ -211,6 +211,8 @@ def _transformers_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConf
     kwargs = parse_kv_args(cfg.lr_scheduler_args, "lr_scheduler_args")
     if cfg.lr_scheduler_min_lr_ratio is not None:
         kwargs.setdefault("min_lr_rate", cfg.lr_scheduler_min_lr_ratio)
+    if cfg.lr_scheduler == "inverse_sqrt" and cfg.lr_scheduler_timescale is not None:
+        kwargs.setdefault("timescale", cfg.lr_scheduler_timescale)
     if cfg.lr_scheduler == "warmup_stable_decay":
         kwargs.setdefault("num_decay_steps", resolve_steps(cfg.lr_decay_steps, total))
     try:

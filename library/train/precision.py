@@ -6,6 +6,7 @@
     --full_bf16 / full_fp16 the LoRA weights themselves in bf16 / fp16 (half the optimizer memory)
     --fp8_base              transformer block Linears stored as float8 e4m3, computed in the autocast dtype
     --save_precision        dtype of the saved LoRA (float / fp16 / bf16; default: the LoRA's own dtype)
+    --no_half_vae           the AE in float32 (encoding for the latent cache / each step, decoding samples)
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ class Dtypes:
     text: torch.dtype
 
 
-def resolve_dtypes(cfg: PrecisionConfig, no_half_vae: bool = False) -> Dtypes:
+def resolve_dtypes(cfg: PrecisionConfig) -> Dtypes:
     compute = _DTYPES[cfg.mixed_precision]
     network = torch.bfloat16 if cfg.full_bf16 else torch.float16 if cfg.full_fp16 else torch.float32
     save = _SAVE[cfg.save_precision] if cfg.save_precision else network
     # T5-XXL overflows in fp16 (its FF activations exceed 65504); keep it in bf16/fp32 as diffusers does.
     text = torch.float32 if compute == torch.float16 else compute
     return Dtypes(compute=compute, network=network, save=save, fp8_base=cfg.fp8_base,
-                  ae=torch.float32 if no_half_vae else compute, text=text)
+                  ae=torch.float32 if cfg.no_half_vae else compute, text=text)
