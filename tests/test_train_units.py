@@ -143,3 +143,19 @@ def test_step_loss_masks_prior_weights_and_prediction_spaces(tiny_ckpts) -> None
     scaled = loss("--model_prediction_type", "sigma_scaled", "--weighting_scheme", "sigma_sqrt")
     raw_same_sigma = loss(*raw, "--weighting_scheme", "sigma_sqrt")
     assert scaled == pytest.approx(raw_same_sigma, rel=1e-4)
+
+
+def test_xformers_flag_reaches_the_model(tiny_ckpts) -> None:
+    from library.flux.loading import load_transformer
+    from library.train.models import apply_memory_and_speed
+
+    model = load_transformer(tiny_ckpts.transformer, "cpu", torch.float32)
+    cfg = build_config(parse_args(["--xformers", "--gradient_checkpointing"]))
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="xformers"):
+            apply_memory_and_speed(cfg, model, torch.device("cpu"))
+    else:
+        apply_memory_and_speed(cfg, model, torch.device("cpu"))
+        assert model.gradient_checkpointing

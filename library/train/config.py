@@ -121,6 +121,7 @@ class SpeedConfig:
     torch_compile: bool
     dynamo_backend: str
     ddp_timeout: int | None
+    xformers: bool  # the transformer's attention through xformers (torch SDPA otherwise)
 
 
 @dataclass(frozen=True)

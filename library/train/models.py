@@ -116,6 +116,8 @@ def inject_lora(cfg: TrainConfig, models: Models, train_clip: bool, dtypes: Dtyp
 
 def apply_memory_and_speed(cfg: TrainConfig, transformer: torch.nn.Module, device: torch.device) -> None:
     m = cfg.memory
+    if cfg.speed.xformers:
+        transformer.set_attn_backend("xformers")  # UserError when xformers is not installed
     if m.blocks_to_swap:
         if device.type == "cpu":
             log.warning("--blocks_to_swap %d: training on the CPU, nothing to swap; ignored", m.blocks_to_swap)
