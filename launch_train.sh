@@ -49,7 +49,7 @@ EXTRA_ARGS="${EXTRA_ARGS:-}"
 CACHE_ARGS="${CACHE_ARGS:---cache_latents_to_disk --cache_text_encoder_outputs_to_disk}"  # files beside the images
 
 if [ -z "$FLUX_MODEL" ]; then
-  # The demo: tiny models, 64 px images, fp32 on the CPU, a sample image every 4 epochs.
+  # The demo: tiny models, 64 px images, fp32 on the CPU, sample images and a LoRA every 8 epochs.
   PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
   MODELS=demo_output/tiny_models
   [ -f "$MODELS/flux1-tiny-dev.safetensors" ] || "$PYTHON" tools/make_tiny_checkpoints.py --out "$MODELS"
@@ -58,12 +58,15 @@ if [ -z "$FLUX_MODEL" ]; then
   OUTPUT_DIR=demo_output OUTPUT_NAME=demo_lora SAMPLE_PROMPTS="${SAMPLE_PROMPTS:-dataset_configs/demo_prompts.txt}"
   MIXED_PRECISION=no MEMORY_ARGS="" OPTIMIZER=AdamW LEARNING_RATE=1e-3 NETWORK_DIM=8 NETWORK_ALPHA=8
   CACHE_ARGS="--cache_latents --cache_text_encoder_outputs"  # in memory: nothing written into the repo
-  MAX_TRAIN_EPOCHS="${DEMO_EPOCHS:-12}" SAVE_EVERY_N_EPOCHS=4 SAMPLE_EVERY_N_EPOCHS=4
+  MAX_TRAIN_EPOCHS="${DEMO_EPOCHS:-32}" SAVE_EVERY_N_EPOCHS=8 SAMPLE_EVERY_N_EPOCHS=8
   EXTRA_ARGS="--max_data_loader_n_workers 0 --t5xxl_max_token_length 32 $EXTRA_ARGS"
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 fi
+PARALLEL=()  # several processes: data parallel (NCCL on GPUs, gloo on a machine without GPUs)
+[ "$NUM_PROCESSES" -gt 1 ] && PARALLEL=(--multi_gpu)
 SAMPLE_ARGS=()
-[ -n "$SAMPLE_PROMPTS" ] && SAMPLE_ARGS=(--sample_prompts "$SAMPLE_PROMPTS" --sample_every_n_epochs "$SAMPLE_EVERY_N_EPOCHS")
+[ -n "$SAMPLE_PROMPTS" ] &&
+  SAMPLE_ARGS=(--sample_prompts "$SAMPLE_PROMPTS" --sample_every_n_epochs "$SAMPLE_EVERY_N_EPOCHS")
 
 # shellcheck disable=SC2086  # MEMORY_ARGS, CACHE_ARGS and EXTRA_ARGS are word lists on purpose
-"$ACCELERATE" launch --num_processes "$NUM_PROCESSES" --num_machines 1 --mixed_precision "$MIXED_PRECISION" --dynamo_backend no flux_train_network.py --pretrained_model_name_or_path "$FLUX_MODEL" --clip_l "$CLIP_L" --t5xxl "$T5XXL" --ae "$AE" --dataset_config "$DATASET_CONFIG" --output_dir "$OUTPUT_DIR" --output_name "$OUTPUT_NAME" --network_module networks.lora_flux --network_dim "$NETWORK_DIM" --network_alpha "$NETWORK_ALPHA" --network_train_unet_only --optimizer_type "$OPTIMIZER" --learning_rate "$LEARNING_RATE" --lr_scheduler "$LR_SCHEDULER" --lr_warmup_steps "$LR_WARMUP_STEPS" --max_train_epochs "$MAX_TRAIN_EPOCHS" --save_every_n_epochs "$SAVE_EVERY_N_EPOCHS" --seed "$SEED" --mixed_precision "$MIXED_PRECISION" --timestep_sampling "$TIMESTEP_SAMPLING" --discrete_flow_shift "$DISCRETE_FLOW_SHIFT" --model_prediction_type raw --guidance_scale "$GUIDANCE_SCALE" $CACHE_ARGS --save_model_as safetensors --save_state_on_train_end "${SAMPLE_ARGS[@]}" $MEMORY_ARGS $EXTRA_ARGS "$@"
+"$ACCELERATE" launch ${PARALLEL[@]+"${PARALLEL[@]}"} --num_processes "$NUM_PROCESSES" --num_machines 1 --mixed_precision "$MIXED_PRECISION" --dynamo_backend no flux_train_network.py --pretrained_model_name_or_path "$FLUX_MODEL" --clip_l "$CLIP_L" --t5xxl "$T5XXL" --ae "$AE" --dataset_config "$DATASET_CONFIG" --output_dir "$OUTPUT_DIR" --output_name "$OUTPUT_NAME" --network_module networks.lora_flux --network_dim "$NETWORK_DIM" --network_alpha "$NETWORK_ALPHA" --network_train_unet_only --optimizer_type "$OPTIMIZER" --learning_rate "$LEARNING_RATE" --lr_scheduler "$LR_SCHEDULER" --lr_warmup_steps "$LR_WARMUP_STEPS" --max_train_epochs "$MAX_TRAIN_EPOCHS" --save_every_n_epochs "$SAVE_EVERY_N_EPOCHS" --seed "$SEED" --mixed_precision "$MIXED_PRECISION" --timestep_sampling "$TIMESTEP_SAMPLING" --discrete_flow_shift "$DISCRETE_FLOW_SHIFT" --model_prediction_type raw --guidance_scale "$GUIDANCE_SCALE" $CACHE_ARGS --save_model_as safetensors --save_state_on_train_end ${SAMPLE_ARGS[@]+"${SAMPLE_ARGS[@]}"} $MEMORY_ARGS $EXTRA_ARGS "$@"

@@ -160,7 +160,8 @@ def huber_c_for(schedule: str, huber_c: float, huber_scale: float, sigmas: torch
 
 def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
                      huber_c: torch.Tensor | None = None) -> torch.Tensor:
-    """Unreduced loss: l2 (p−t)², l1 |p−t|, huber 2c(√((p−t)² + c²) − c), smooth_l1 2(√((p−t)² + c²) − c)."""
+    """Unreduced loss: l2 (p−t)², l1 |p−t|, huber 2c(√((p−t)² + c²) − c),
+    smooth_l1 2(√((p−t)² + c²) − c)."""
     diff = pred.float() - target.float()
     if loss_type == "l2":
         return diff**2

@@ -155,6 +155,7 @@ def test_reduce_loss_mask_and_prior_weights() -> None:
     mask[:, :, :2] = 1.0
     assert flow.reduce_loss(loss, mask=mask).item() == pytest.approx(0.5)
     w = torch.tensor([1.0, 0.0])
-    assert flow.reduce_loss(loss * torch.tensor([2.0, 4.0]).view(2, 1, 1, 1), sample_weights=w).item() == pytest.approx(1.0)
+    weighted = flow.reduce_loss(loss * torch.tensor([2.0, 4.0]).view(2, 1, 1, 1), sample_weights=w)
+    assert weighted.item() == pytest.approx(1.0)
     m = flow.resize_mask(torch.ones(2, 32, 32), (4, 4))
     assert m.shape == (2, 1, 4, 4) and torch.equal(m, torch.ones_like(m))

@@ -17,7 +17,8 @@ from train_helpers import REPO, data, base_args, train_in_process, losses  # noq
 def test_thirty_steps_lower_the_loss_and_write_everything(tiny_ckpts, data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     train_in_process(base_args(tiny_ckpts, data, out, "--max_train_steps", "30", "--learning_rate", "5e-3",
-                               "--sample_prompts", str(data / "prompts.txt"), "--sample_every_n_steps", "15"))
+                               "--sample_prompts", str(data / "prompts.txt"), "--sample_every_n_steps", "20",
+                               "--save_every_n_steps", "20"))
     got = losses(out)
     assert len(got) == 30
     first, last = sum(got[:3]) / 3, sum(got[-5:]) / 5
@@ -26,22 +27,22 @@ def test_thirty_steps_lower_the_loss_and_write_everything(tiny_ckpts, data: Path
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in sd and all(
         v.dtype == torch.float32 for v in sd.values())
     assert sorted(p.name for p in (out / "sample").iterdir()) == [
-        "lora_000015_00_a_photo_of_sks_dog.png", "lora_000015_01_a_cat.png",
-        "lora_000030_00_a_photo_of_sks_dog.png", "lora_000030_01_a_cat.png"]
-    with Image.open(out / "sample" / "lora_000030_01_a_cat.png") as im:
+        "lora_000020_00_a_photo_of_sks_dog.png", "lora_000020_01_a_cat.png"]
+    with Image.open(out / "sample" / "lora_000020_01_a_cat.png") as im:
         assert im.size == (80, 64) and "CFG scale: 2" in im.text["parameters"]
-    # the last preview is what the inference script gives for the same seed with the final LoRA
+    # a preview is what the inference script gives for the same seed with that step's LoRA
     proc = subprocess.run([sys.executable, str(REPO / "flux_minimal_inference.py"), "--ckpt_path",
                            str(tiny_ckpts.transformer), "--clip_l", str(tiny_ckpts.clip_l), "--t5xxl",
                            str(tiny_ckpts.t5xxl), "--ae", str(tiny_ckpts.ae), "--prompt", "a photo of sks dog",
                            "--width", "64", "--height", "64", "--seed", "5", "--steps", "3", "--guidance", "3.5",
                            "--t5xxl_max_token_length", "16", "--dtype", "fp32", "--device", "cpu",
-                           "--lora_weights", str(out / "lora.safetensors"), "--output_dir", str(tmp_path / "inf"),
+                           "--lora_weights", str(out / "lora-step00000020.safetensors"),
+                           "--output_dir", str(tmp_path / "inf"),
                            "--output_name", "inf"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     import numpy as np
 
-    with Image.open(out / "sample" / "lora_000030_00_a_photo_of_sks_dog.png") as a, \
+    with Image.open(out / "sample" / "lora_000020_00_a_photo_of_sks_dog.png") as a, \
             Image.open(next((tmp_path / "inf").glob("inf*.png"))) as b:
         diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
     assert diff.max() <= 1, diff.max()

@@ -32,7 +32,8 @@ def data(tmp_path_factory) -> Path:
     for p in (root / "dog").glob("*.jpg"):
         (root / "pair" / p.name).write_bytes(p.read_bytes())
     (root / "dog.toml").write_text(
-        f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = "{root / "pair"}"\nclass_tokens = "sks dog"\n')
+        f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = "{root / "pair"}"\n'
+        'class_tokens = "sks dog"\n')
     (root / "prompts.txt").write_text("a photo of sks dog --w 64 --h 64 --d 5 --s 3 --g 3.5\n"
                                       "a cat --w 80 --h 64 --s 3 --l 2.0 --n blurry\n")
     return root

@@ -338,7 +338,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(o.huber_c > 0, "--huber_c must be positive")
     _require(cfg.optimizer.learning_rate > 0, "--learning_rate must be positive")
     _require(cfg.scheduler.lr_scheduler_num_cycles >= 1, "--lr_scheduler_num_cycles must be at least 1")
-    _require(cfg.network.network_module in ("networks.lora_flux", "networks.lora"),
+    _require(cfg.network.network_module == "networks.lora_flux",
              f"--network_module {cfg.network.network_module}: only networks.lora_flux is supported")
     _require(not (cfg.network.network_train_unet_only and cfg.network.network_train_text_encoder_only),
              "--network_train_unet_only and --network_train_text_encoder_only exclude each other")

@@ -24,7 +24,8 @@ class Flag:
     group: str = "training"
 
 
-def _f(name: str, kind: str, default: Any = None, help: str = "", choices: Any = None, nargs: str | None = None) -> Flag:
+def _f(name: str, kind: str, default: Any = None, help: str = "", choices: Any = None,
+       nargs: str | None = None) -> Flag:
     return Flag(name, kind, default, help, tuple(choices) if choices else None, nargs)
 
 
@@ -44,7 +45,8 @@ FLAGS: list[Flag] = [
         "model",
         _f("v2", "flag", False, "Stable Diffusion 2 model (not FLUX)"),
         _f("v_parameterization", "flag", False, "v-parameterization (not FLUX)"),
-        _f("pretrained_model_name_or_path", "str", None, "FLUX transformer: BFL .safetensors/.sft or a diffusers folder"),
+        _f("pretrained_model_name_or_path", "str", None,
+           "FLUX transformer: BFL .safetensors/.sft or a diffusers folder"),
         _f("tokenizer_cache_dir", "str", None, "tokenizer cache (tokenizers are shipped in library/flux/tokenizers)"),
     ),
     *_group(
@@ -201,7 +203,8 @@ FLAGS: list[Flag] = [
     ),
     *_group(
         "optimizer",
-        _f("optimizer_type", "str", "", "AdamW, AdamW8bit, PagedAdamW8bit, Lion, Lion8bit, Prodigy, Adafactor, ... or module.Class"),
+        _f("optimizer_type", "str", "",
+           "AdamW, AdamW8bit, PagedAdamW8bit, Lion, Lion8bit, Prodigy, Adafactor, ... or module.Class"),
         _f("use_8bit_adam", "flag", False, "same as --optimizer_type AdamW8bit"),
         _f("use_lion_optimizer", "flag", False, "same as --optimizer_type Lion"),
         _f("learning_rate", "float", 2e-06, "learning rate"),
@@ -209,7 +212,8 @@ FLAGS: list[Flag] = [
         _f("optimizer_args", "str", None, "optimizer arguments: key=value ...", None, "*"),
         _f("lr_scheduler_type", "str", "", "custom scheduler class (module.Class)"),
         _f("lr_scheduler_args", "str", None, "scheduler arguments: key=value ...", None, "*"),
-        _f("lr_scheduler", "str", "constant", "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, ..."),
+        _f("lr_scheduler", "str", "constant",
+           "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, ..."),
         _f("lr_warmup_steps", "int_or_float", 0, "warmup steps, or a ratio of the steps (<1)"),
         _f("lr_decay_steps", "int_or_float", 0, "decay steps, or a ratio of the steps (<1)"),
         _f("lr_scheduler_num_cycles", "int", 1, "cycles of cosine_with_restarts"),
@@ -233,7 +237,8 @@ FLAGS: list[Flag] = [
         _f("no_metadata", "flag", False, "write only the minimum metadata"),
         _f("save_model_as", "str", "safetensors", "LoRA file format", [None, "ckpt", "pt", "safetensors"]),
         _f("unet_lr", "float", None, "learning rate of the transformer LoRA"),
-        _f("text_encoder_lr", "float", None, "learning rate(s) of the text-encoder LoRA: [CLIP-L] or [CLIP-L, T5]", None, "*"),
+        _f("text_encoder_lr", "float", None, "learning rate(s) of the text-encoder LoRA: [CLIP-L] or [CLIP-L, T5]",
+           None, "*"),
         _f("fp8_base_unet", "flag", False, "fp8 for the transformer only (implies --fp8_base)"),
         _f("network_weights", "str", None, "LoRA weights to start from"),
         _f("network_module", "str", None, "network module (networks.lora_flux)"),

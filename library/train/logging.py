@@ -105,7 +105,8 @@ def draw_loss_plot(record: LossRecord, path: Path, title: str = "training loss",
     draw.text((w - 430, 8), "step loss", fill=(120, 150, 220))
     draw.text((w - 360, 8), "moving average", fill=(20, 60, 160))
     draw.text((w - 260, 8), "epoch mean (dots)", fill=(200, 60, 20))
-    draw.text((w - 130, 8), "validation (squares)", fill=(20, 140, 60))
+    if record.validation:
+        draw.text((w - 130, 8), "validation (squares)", fill=(20, 140, 60))
     finite = [(s, v) for s, v in zip(record.steps, record.losses) if math.isfinite(v)]
     if finite:
         xs, ys = [s for s, _ in finite], [v for _, v in finite]

@@ -1,7 +1,8 @@
 """Build the models for training in a named, ordered sequence.
 
-    load (meta device -> strict load, fp8 storage chosen at load so bf16 weights never sit in memory)
-    -> freeze -> inject LoRA -> block swap -> gradient checkpointing -> torch.compile
+    load (meta device -> strict load in host memory, fp8 storage chosen at load so bf16 weights never sit
+    in memory) -> freeze -> [caches filled, text encoders freed] -> onto the device (block swap keeps the
+    swapped blocks in host memory) -> inject LoRA -> gradient checkpointing -> torch.compile
 
 `accelerator.prepare` (the optimizer) follows in the trainer. The text encoders and the AE are loaded
 only when something needs them (caching, live encoding, sample images) and freed when nothing does.
@@ -43,8 +44,10 @@ def load_models(cfg: TrainConfig, dtypes: Dtypes, device: torch.device, need_tex
     from library.flux.text_encoders import FluxTextEncoders, default_t5_max_length  # noqa: PLC0415
 
     m = cfg.model
+    # The transformer waits in host memory while the text encoders and the AE fill the caches on the device
+    # (kohya does the same); `to_device` moves it once they are freed.
     transformer = load_transformer(_need(m.pretrained_model_name_or_path, "pretrained_model_name_or_path"),
-                                   device, dtypes.compute, fp8=dtypes.fp8_base)
+                                   "cpu", dtypes.compute, fp8=dtypes.fp8_base)
     transformer.requires_grad_(False)
     transformer.eval()  # FLUX has no dropout/batch-norm; eval keeps that explicit
     guidance = bool(transformer.params.guidance_embed)
@@ -76,6 +79,17 @@ def merge_base_weights(cfg: TrainConfig, models: Models) -> None:
                         "with networks/flux_merge_lora.py")
     pairs = [(Path(f), float(mults[i]) if mults else 1.0) for i, f in enumerate(files)]
     merge_lora_into_models(models.transformer, None, None, pairs)
+
+
+def transformer_to_device(cfg: TrainConfig, transformer: torch.nn.Module, device: torch.device) -> None:
+    """After caching: the transformer onto the device; with --blocks_to_swap the swapped blocks stay behind."""
+    if cfg.memory.blocks_to_swap and device.type != "cpu":
+        try:
+            transformer.enable_block_swap(cfg.memory.blocks_to_swap, device)
+        except ImportError as err:
+            raise UserError(f"command line: --blocks_to_swap is not available in this build ({err})") from None
+    else:
+        transformer.to(device)
 
 
 def network_kwargs(cfg: TrainConfig) -> dict[str, Any]:
@@ -118,11 +132,8 @@ def apply_memory_and_speed(cfg: TrainConfig, transformer: torch.nn.Module, devic
     m = cfg.memory
     if cfg.speed.xformers:
         transformer.set_attn_backend("xformers")  # UserError when xformers is not installed
-    if m.blocks_to_swap:
-        if device.type == "cpu":
-            log.warning("--blocks_to_swap %d: training on the CPU, nothing to swap; ignored", m.blocks_to_swap)
-        else:
-            transformer.enable_block_swap(m.blocks_to_swap, device)
+    if m.blocks_to_swap and device.type == "cpu":
+        log.warning("--blocks_to_swap %d: training on the CPU, nothing to swap; ignored", m.blocks_to_swap)
     if m.gradient_checkpointing or m.cpu_offload_checkpointing:
         transformer.enable_gradient_checkpointing(cpu_offload=m.cpu_offload_checkpointing)
     if cfg.speed.torch_compile:

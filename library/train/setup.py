@@ -197,6 +197,7 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.memory.cache_latents and not prompts:
         M.free(models.ae)
         models.ae = None
+    M.transformer_to_device(cfg, models.transformer, acc.device)
     M.merge_base_weights(cfg, models)
     torch.manual_seed(seed)
     network, names_replaced = M.inject_lora(cfg, models, train_clip, dtypes)
