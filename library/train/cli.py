@@ -21,8 +21,8 @@ import toml
 from library.errors import UserError
 from library.train.flags import FLAGS, Flag
 
-# Keys never written by --output_config (kohya drops the same ones; the API key is a secret).
-_NOT_SAVED = {"config_file", "output_config", "wandb_api_key"}
+# Keys never written by --output_config or beside the outputs (kohya drops the first three; tokens are secrets).
+_NOT_SAVED = {"config_file", "output_config", "wandb_api_key", "huggingface_token"}
 
 
 def int_or_float(text: str) -> int | float:
