@@ -29,6 +29,13 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
         for line in str(err).splitlines() or ["unknown error"]:
             print(f"error: {line}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except OSError as err:
+        if err.filename is None:  # not about a path the user gave: a real bug, keep the traceback
+            raise
+        # a path the user gave cannot be read or written (permissions, full disk, not a folder): one line
+        target = f"{err.filename} -> {err.filename2}" if err.filename2 else str(err.filename)
+        print(f"error: {target}: {err.strerror or err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -144,16 +144,48 @@ def open_checkpoint(files: Path | list[Path]) -> Iterator[Checkpoint]:
         ckpt.close()
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask would race other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_output_path(path: str | os.PathLike, flag: str, inputs: dict[str, str | os.PathLike | None]) -> Path:
+    """Refuse an output path that is a folder or one of the inputs (a user's model or LoRA is never replaced)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory (given as {flag}); give a file name such as {path / 'out.safetensors'}")
+    for in_flag, src in inputs.items():
+        if src is not None and Path(src).exists() and path.exists() and os.path.samefile(path, src):
+            raise UserError(f"{path}: {flag} is the same file as {in_flag}; write to a new file name "
+                            "(the input is never overwritten)")
+    return path
+
+
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file to a temporary name beside `path`, then rename it into place."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a .safetensors file name to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{path.parent}: cannot create the output folder ({err.strerror})") from None
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        # safetensors creates files 0600; give the output the permissions any other file would get (umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -1,8 +1,8 @@
 """Build the models for training in a named, ordered sequence.
 
     load (meta device -> strict load in host memory, fp8 storage chosen at load so bf16 weights never sit
-    in memory) -> freeze -> [caches filled, text encoders freed] -> onto the device (block swap keeps the
-    swapped blocks in host memory) -> inject LoRA -> gradient checkpointing -> torch.compile
+    in memory) -> freeze -> [caches filled, text encoders freed] -> inject LoRA -> onto the device (block
+    swap keeps the swapped blocks' frozen weights in host memory) -> gradient checkpointing -> torch.compile
 
 `accelerator.prepare` (the optimizer) follows in the trainer. The text encoders and the AE are loaded
 only when something needs them (caching, live encoding, sample images) and freed when nothing does.
@@ -84,10 +84,7 @@ def merge_base_weights(cfg: TrainConfig, models: Models) -> None:
 def transformer_to_device(cfg: TrainConfig, transformer: torch.nn.Module, device: torch.device) -> None:
     """After caching: the transformer onto the device; with --blocks_to_swap the swapped blocks stay behind."""
     if cfg.memory.blocks_to_swap and device.type != "cpu":
-        try:
-            transformer.enable_block_swap(cfg.memory.blocks_to_swap, device)
-        except ImportError as err:
-            raise UserError(f"command line: --blocks_to_swap is not available in this build ({err})") from None
+        transformer.enable_block_swap(cfg.memory.blocks_to_swap, device)
     else:
         transformer.to(device)
 

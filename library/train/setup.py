@@ -197,12 +197,14 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.memory.cache_latents and not prompts:
         M.free(models.ae)
         models.ae = None
-    M.transformer_to_device(cfg, models.transformer, acc.device)
     M.merge_base_weights(cfg, models)
+    # The LoRA is injected while the transformer is still in host memory (so its initial weights do not depend
+    # on the device), then moves with it: block swap must see the wrapped blocks to keep only frozen weights.
     torch.manual_seed(seed)
     network, names_replaced = M.inject_lora(cfg, models, train_clip, dtypes)
     log.info("LoRA: %d modules wrapped, %d trainable parameters", len(names_replaced),
              sum(p.numel() for p in network.parameters() if p.requires_grad))
+    M.transformer_to_device(cfg, models.transformer, acc.device)
     M.apply_memory_and_speed(cfg, models.transformer, acc.device)
     optimizer = build_optimizer(M.optimizer_groups(cfg, network), cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, total, cfg.optimizer.learning_rate,
