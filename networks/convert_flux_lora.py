@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from library.errors import UserError, run_main  # noqa: E402
+from library.flux.safetensors_io import check_output_path  # noqa: E402
 from networks.lora_formats import WRITERS, load_lora_file, parse_lora, to_diffusers  # noqa: E402
 from networks.lora_svd import parse_dtype  # noqa: E402
 
@@ -45,7 +46,7 @@ def convert(src_path: Path, dst_path: Path, dst: str, src: str = "auto", dtype=N
     from library.flux.safetensors_io import save_file_atomic
 
     sd, meta = load_lora_file(src_path)
-    parsed = parse_lora(sd, meta)
+    parsed = parse_lora(sd, meta, source=str(src_path))
     if not parsed.weights:
         raise UserError(f"{src_path}: no LoRA modules found (first keys: {', '.join(sorted(sd)[:3])})")
     want = SRC_STYLES[src]
@@ -68,6 +69,7 @@ def convert(src_path: Path, dst_path: Path, dst: str, src: str = "auto", dtype=N
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = build_parser().parse_args(argv)
+    check_output_path(a.dst_path, "--dst_path", {"--src_path": a.src_path})
     info = convert(Path(a.src_path), Path(a.dst_path), a.dst, a.src, parse_dtype(a.save_precision),
                    a.diffusers_alpha, a.drop_unknown)
     log.info("%s: %d modules (%s) → %s (%s)", a.src_path, info["modules"], ", ".join(info["from"]), a.dst_path, a.dst)

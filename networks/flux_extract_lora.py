@@ -19,10 +19,11 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from library.errors import UserError, run_main  # noqa: E402
+from library.flux.safetensors_io import check_output_path  # noqa: E402
 from networks import lora_keys as K  # noqa: E402
 from networks.lora_formats import LoRAWeight  # noqa: E402
 from networks.lora_metadata import build_kohya_metadata  # noqa: E402
-from networks.lora_svd import low_rank, parse_dtype  # noqa: E402
+from networks.lora_svd import check_svd_args, low_rank, parse_dtype  # noqa: E402
 
 log = logging.getLogger("flux_extract_lora")
 
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = build_parser().parse_args(argv)
+    check_svd_args(("--dim", a.dim), a.clamp_quantile)
+    check_output_path(a.save_to, "--save_to", {"--model_org": a.model_org, "--model_tuned": a.model_tuned})
     weights, retained = extract(Path(a.model_org), Path(a.model_tuned), a.dim, a.energy,
                                 a.clamp_quantile, a.min_diff, a.device)
     if not weights:

@@ -24,10 +24,11 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from library.errors import UserError, run_main  # noqa: E402
+from library.flux.safetensors_io import check_output_path  # noqa: E402
 from networks import lora_keys as K  # noqa: E402
 from networks.lora_formats import LoRAWeight, read_lora  # noqa: E402
 from networks.lora_metadata import NETWORK_MODULE, modelspec  # noqa: E402
-from networks.lora_svd import low_rank, parse_dtype  # noqa: E402
+from networks.lora_svd import check_svd_args, low_rank, parse_dtype  # noqa: E402
 
 log = logging.getLogger("flux_merge_lora")
 
@@ -148,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     files = [(Path(m), r) for m, r in zip(a.models, _ratios(a.models, a.ratios))]
     dtype = parse_dtype(a.save_precision, allow_fp8=True)
+    check_svd_args(("--new_rank", a.new_rank))
+    inputs = {"--flux_model": a.flux_model, "--clip_l": a.clip_l, "--t5xxl": a.t5xxl,
+              **{f"--models {m}": m for m in a.models}}
+    for flag in ("--save_to", "--clip_l_save_to", "--t5xxl_save_to"):
+        if getattr(a, flag[2:]) is not None:
+            check_output_path(getattr(a, flag[2:]), flag, inputs)
     if a.flux_model is None:
         from networks.lora_flux import save_lora
 

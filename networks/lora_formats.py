@@ -71,7 +71,7 @@ def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
 
 def read_lora(path: str | Path) -> ParsedLoRA:
     sd, meta = load_lora_file(path)
-    parsed = parse_lora(sd, meta)
+    parsed = parse_lora(sd, meta, source=str(path))
     if not parsed.weights:
         raise UserError(f"{path}: no LoRA modules found (first keys: {', '.join(sorted(sd)[:3])})")
     return parsed
@@ -163,8 +163,24 @@ def peft_metadata_alpha(metadata: dict[str, str] | None) -> float | None:
     return None
 
 
-def parse_lora(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> ParsedLoRA:
-    """Any supported FLUX LoRA state dict → canonical kohya-named, BFL-fused `LoRAWeight`s."""
+def check_pair(name: str, down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None,
+               source: str = "LoRA") -> None:
+    """A down/up/alpha triple that can form ΔW = alpha/rank · up @ down, else a one-line UserError."""
+    if down.ndim != 2 or up.ndim != 2:
+        raise UserError(f"{source}: {name}: expected 2-D lora_down/lora_up, got shapes {list(down.shape)} and "
+                        f"{list(up.shape)}")
+    if down.shape[0] == 0 or up.shape[1] != down.shape[0]:
+        raise UserError(f"{source}: {name}: lora_down {list(down.shape)} and lora_up {list(up.shape)} do not "
+                        "share a rank (up must be [out, rank], down [rank, in]); the file is corrupt")
+    if alpha is not None and (alpha.numel() != 1 or not torch.isfinite(alpha.float()).all()):
+        raise UserError(f"{source}: {name}: alpha must be one finite number, got shape {list(alpha.shape)}")
+
+
+def parse_lora(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+               source: str = "LoRA") -> ParsedLoRA:
+    """Any supported FLUX LoRA state dict → canonical kohya-named, BFL-fused `LoRAWeight`s.
+
+    `source` (the file name) prefixes the message of a malformed pair (ranks of down and up disagree)."""
     slots: dict[tuple[str, int | None], _Slot] = {}
     out = ParsedLoRA(weights={})
     for key, t in sd.items():
@@ -185,6 +201,7 @@ def parse_lora(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = No
             out.unknown.extend(slot.keys)  # half a LoRA pair cannot be applied
             continue
         a = slot.tensors.get("alpha")
+        check_pair(split_suffix(slot.keys[0])[0], slot.tensors["down"], slot.tensors["up"], a, source)
         alpha = float(a.float().item()) if a is not None else default_alpha
         w = LoRAWeight(slot.tensors["down"], slot.tensors["up"], alpha)
         if part is None:

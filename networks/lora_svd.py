@@ -26,6 +26,19 @@ def parse_dtype(name: str | None, flag: str = "--save_precision", allow_fp8: boo
     return DTYPES[name]
 
 
+def check_svd_args(rank: tuple[str, int | None] | None = None, clamp_quantile: float | None = None,
+                   method: str | None = None, param: float | None = None) -> None:
+    """Reject ranks and criteria the SVD tools cannot honour (rank 0 used to become rank 1 silently)."""
+    if rank is not None and rank[1] is not None and rank[1] < 1:
+        raise UserError(f"{rank[0]} {rank[1]}: must be >= 1")
+    if clamp_quantile is not None and not 0 < clamp_quantile <= 1:
+        raise UserError(f"--clamp_quantile {clamp_quantile}: expected a quantile in (0, 1] (1.0: no clamping)")
+    if method == "sv_ratio" and param is not None and not param >= 1:
+        raise UserError(f"--dynamic_param {param}: sv_ratio keeps S_i >= S_0 / param, so param must be >= 1")
+    if method in ("sv_fro", "sv_cumulative") and param is not None and not 0 < param <= 1:
+        raise UserError(f"--dynamic_param {param}: {method} expects a fraction in (0, 1]")
+
+
 @dataclass
 class LowRank:
     up: torch.Tensor  # [out, r]

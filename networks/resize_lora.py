@@ -16,8 +16,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from library.errors import UserError, run_main  # noqa: E402
+from library.flux.safetensors_io import check_output_path  # noqa: E402
 from networks.lora_formats import LoRAWeight, ParsedLoRA, load_lora_file, parse_lora  # noqa: E402
-from networks.lora_svd import low_rank, parse_dtype  # noqa: E402
+from networks.lora_svd import check_svd_args, low_rank, parse_dtype  # noqa: E402
 
 log = logging.getLogger("resize_lora")
 
@@ -53,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.dynamic_method and a.dynamic_param is None:
         raise UserError(f"--dynamic_method {a.dynamic_method} needs --dynamic_param")
+    check_svd_args(("--new_rank", a.new_rank), method=a.dynamic_method, param=a.dynamic_param)
+    check_output_path(a.save_to, "--save_to", {"--model": a.model})
     sd, meta = load_lora_file(a.model)
-    parsed = parse_lora(sd, meta)
+    parsed = parse_lora(sd, meta, source=str(a.model))
     if parsed.unknown:
         raise UserError(f"{a.model}: {len(parsed.unknown)} keys not understood: {', '.join(parsed.unknown[:5])}")
     dtype = parse_dtype(a.save_precision) or next(iter(parsed.weights.values())).up.dtype

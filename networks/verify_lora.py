@@ -178,6 +178,7 @@ def _stem_name(key: str) -> tuple[str | None, str | None]:
 
 def verify(path: Path, loaders: tuple[str, ...] = LOADERS) -> list[Report]:
     sd, meta = load_lora_file(path)
+    parse_lora(sd, meta, source=str(path))  # a corrupt pair (ranks of down and up differ) fails here, naming the file
     keys = classify(sd)
     out = []
     for name in loaders:

@@ -263,6 +263,21 @@ def test_memory_cache_and_workers(tmp_path):
     assert len(serial) == 2 and all(torch.equal(a, b) for a, b in zip(serial, forked))
 
 
+def test_persistent_workers_serve_every_epoch_like_the_main_process(tmp_path):
+    cfg = basic(tmp_path)
+    ds = dataset(cfg)
+    cache(ds, FakeAE(), to_disk=False)
+    serial = BatchLoader(ds)
+    persistent = BatchLoader(ds, num_workers=1, persistent_workers=True)
+    pools = set()
+    for epoch in range(3):
+        a = [b.latents for b in serial.iter_epoch(epoch)]
+        b = [b.latents for b in persistent.iter_epoch(epoch)]
+        assert len(a) == len(b) == 2 and all(torch.equal(x, y) for x, y in zip(a, b))
+        pools.add(id(persistent._loader._iterator))  # the DataLoader keeps its worker iterator when persistent
+    assert len(pools) == 1
+
+
 # ------------------------------------------------------------------------------------------ text encoder
 
 def te_config(tmp_path: Path) -> Path:

@@ -366,10 +366,13 @@ class BatchLoader:
     """
 
     def __init__(self, dataset: FluxDataset, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                 prefetch_factor: int = 2) -> None:
+                 prefetch_factor: int = 2, persistent_workers: bool = False) -> None:
         self.dataset, self.num_workers, self.prefetch_factor = dataset, num_workers, prefetch_factor
         self.rank, self.world_size = rank, world_size
+        self.persistent_workers = persistent_workers and num_workers > 0
         self.epoch, self.index = 0, 0  # the next batch to yield (index counts this rank's batches)
+        self._todo = _Todo()  # what the next pass of the (persistent) DataLoader loads
+        self._loader: torch.utils.data.DataLoader | None = None
 
     def indices(self, epoch: int) -> list[int]:
         n = len(self.dataset.batches(epoch))
@@ -401,10 +404,15 @@ class BatchLoader:
     def _produce(self, epoch: int, todo: list[int]):
         if self.num_workers <= 0:
             return (self.dataset.load_batch(epoch, i) for i in todo)
-        view = _EpochView(self.dataset, epoch, todo)
-        return iter(torch.utils.data.DataLoader(view, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                                                prefetch_factor=self.prefetch_factor, collate_fn=_identity,
-                                                persistent_workers=False))
+        # One DataLoader over (epoch, batch index) keys; the sampler is refilled each epoch, so with
+        # --persistent_data_loader_workers the same worker processes serve every epoch (no ~5 s restart).
+        self._todo.keys = [(epoch, i) for i in todo]
+        if self._loader is None or not self.persistent_workers:
+            self._loader = torch.utils.data.DataLoader(
+                _BatchByKey(self.dataset), batch_size=None, sampler=self._todo, num_workers=self.num_workers,
+                prefetch_factor=self.prefetch_factor, collate_fn=_identity,
+                persistent_workers=self.persistent_workers)
+        return iter(self._loader)
 
 
 def _identity(x):
@@ -412,13 +420,20 @@ def _identity(x):
 
 
 @dataclass
-class _EpochView(torch.utils.data.Dataset):
+class _BatchByKey(torch.utils.data.Dataset):
     dataset: FluxDataset
-    epoch: int
-    todo: list[int] = field(default_factory=list)
+
+    def __getitem__(self, key: tuple[int, int]) -> Batch | None:
+        epoch, index = key
+        return self.dataset.load_batch(epoch, index)
+
+
+@dataclass
+class _Todo(torch.utils.data.Sampler):
+    keys: list[tuple[int, int]] = field(default_factory=list)
+
+    def __iter__(self) -> "Iterator[tuple[int, int]]":
+        return iter(list(self.keys))
 
     def __len__(self) -> int:
-        return len(self.todo)
-
-    def __getitem__(self, k: int) -> Batch | None:
-        return self.dataset.load_batch(self.epoch, self.todo[k])
+        return len(self.keys)

@@ -98,9 +98,10 @@ def _data(cfg: TrainConfig, acc: Any, seed: int) -> tuple[Any, Any, Any]:
     resolved = load_dataset_config(path, cli)
     skip_bad = bool(cfg.data.cli_values.get("skip_bad_images"))
     dataset, validation = build_datasets(resolved, seed, skip_bad, progress=acc.is_main_process)
-    # kohya caps the workers at the CPU count; each epoch starts its own worker pool (data's BatchLoader).
+    # kohya caps the workers at the CPU count; --persistent_data_loader_workers keeps one pool for all epochs.
     workers = min(cfg.loop.max_data_loader_n_workers, max(0, (os.cpu_count() or 1) - 1))
-    loader = BatchLoader(dataset, workers, acc.process_index, acc.num_processes)
+    loader = BatchLoader(dataset, workers, acc.process_index, acc.num_processes,
+                         persistent_workers=cfg.loop.persistent_data_loader_workers)
     if len(loader) == 0:
         raise UserError(f"{cfg.data.dataset_config}: no images found in any subset")
     val_loader = BatchLoader(validation, 0, acc.process_index, acc.num_processes) if validation else None
