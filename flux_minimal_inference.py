@@ -12,6 +12,7 @@ carries its prompt and settings ("parameters" text as A1111/kohya write it, plus
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -123,6 +124,17 @@ def parse_lora_arg(text: str) -> tuple[Path, float]:
     return Path(path), multiplier
 
 
+def _check_output_dir(out_dir: Path) -> None:
+    """Fail now, not after minutes of sampling, if the PNG could not be written (nothing is created here)."""
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{out_dir}: --output_dir is not a folder ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{out_dir}: --output_dir is not writable ({existing}: permission denied)")
+
+
 def _component(explicit: str | None, ckpt: Path, flag: str, subfolder: str) -> Path:
     if explicit:
         return Path(explicit)
@@ -145,6 +157,9 @@ def parse_args(argv: list[str] | None = None) -> InferenceArgs:
         value = getattr(a, name)
         if value is not None and value < (SIZE_STEP if name in ("width", "height") else 1):
             raise UserError(f"--{name} {value}: too small")
+    if a.seed is not None and not -(2**63) <= a.seed < 2**64:
+        raise UserError(f"--seed {a.seed}: out of range (torch seeds are 64-bit: use 0 .. 2**64-1)")
+    _check_output_dir(Path(a.output_dir))
     flux = a.flux_dtype or a.dtype
     return InferenceArgs(
         ckpt_path=ckpt, clip_l=_component(a.clip_l, ckpt, "--clip_l", "text_encoder"),
@@ -167,19 +182,17 @@ def _output_path(args: InferenceArgs, seed: int) -> Path:
     return path
 
 
-def _is_dev(ckpt_path: Path) -> bool:
-    """Whether the transformer has FLUX.1-dev's guidance embedding, read from the safetensors header(s)."""
-    from library.flux.safetensors_io import Checkpoint, shard_files  # noqa: PLC0415
+def _device(name: str | None):
+    """--device as a torch.device, or a one-line error (an unknown name, CUDA asked for but absent)."""
+    import torch  # noqa: PLC0415
 
-    files = [ckpt_path]
-    if ckpt_path.is_dir():
-        folder = ckpt_path / "transformer" if (ckpt_path / "transformer").is_dir() else ckpt_path
-        files = shard_files(folder, "diffusion_pytorch_model") or []
-        if not files:
-            raise UserError(f"{ckpt_path}: folder has no transformer/diffusion_pytorch_model.safetensors "
-                            "(or sharded index); pass the FLUX file or a diffusers FLUX folder as --ckpt_path")
-    keys = Checkpoint(files).keys()
-    return any(k.endswith(("guidance_in.in_layer.weight", "guidance_embedder.linear_1.weight")) for k in keys)
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available in this PyTorch build or machine; use --device cpu")
+    return device
 
 
 @dataclass
@@ -205,8 +218,14 @@ class Generator:
 
         from library.flux.text_encoders import FluxTextEncoders, load_clip_l, load_t5xxl
 
+        from library.flux.loading import load_autoencoder, load_transformer  # noqa: PLC0415
+
         self.args, self.torch = args, torch
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = _device(args.device)
+        # Header-only checks first (meta device, nothing read): a wrong --ckpt_path or --ae fails in
+        # milliseconds, not after the text encoders are loaded and every step is sampled.
+        meta = load_transformer(args.ckpt_path, "meta", getattr(torch, args.flux_dtype))
+        load_autoencoder(args.ae, "meta", getattr(torch, args.ae_dtype))
         self.text_encoders = FluxTextEncoders(load_clip_l(args.clip_l, self.device, getattr(torch, args.clip_l_dtype)),
                                               load_t5xxl(args.t5xxl, self.device, getattr(torch, args.t5xxl_dtype)))
         # A LoRA may patch CLIP-L too, so with LoRAs (or --interactive) the transformer comes first.
@@ -216,7 +235,7 @@ class Generator:
 
             apply_lora_weights(self.transformer, self.text_encoders.clip, list(args.lora_weights),
                                args.merge_lora_weights)
-        self.dev = _is_dev(args.ckpt_path) if self.transformer is None else bool(self.transformer.params.guidance_embed)
+        self.dev = bool(meta.params.guidance_embed)
         self.ae = self._load_ae() if args.interactive else None
 
     def _load_transformer(self):

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # GPU smoke test of flux_train_network.py on the tiny checkpoints: every memory/speed option on CUDA
 # (bf16, full_bf16, fp8_base, blocks_to_swap, gradient checkpointing, torch_compile), a few steps each.
-# Prints one line per variant: exit status, wall time, the final loss line. Usage: bash tools/gpu_smoke_train.sh OUTDIR
+# Prints one line per variant: exit status, wall time, the final loss line.
+# Usage: bash tools/gpu_smoke_train.sh OUTDIR            (one GPU, every variant)
+#        bash tools/gpu_smoke_train.sh OUTDIR multi N    (N GPUs through accelerate launch, data parallel)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/gpu_smoke}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
+LAUNCH="$PY"
+if [ "${2:-}" = multi ]; then
+  LAUNCH="$PY -m accelerate.commands.launch --multi_gpu --num_processes ${3:-2} --num_machines 1 --mixed_precision bf16 --dynamo_backend no"
+fi
 $PY tools/make_tiny_checkpoints.py --out "$OUT/ckpt" >/dev/null || exit 1
 base=(flux_train_network.py --pretrained_model_name_or_path "$OUT/ckpt/flux1-tiny-dev.safetensors"
   --clip_l "$OUT/ckpt/clip_l.safetensors" --t5xxl "$OUT/ckpt/t5xxl_fp16.safetensors" --ae "$OUT/ckpt/ae.safetensors"
@@ -17,7 +23,7 @@ base=(flux_train_network.py --pretrained_model_name_or_path "$OUT/ckpt/flux1-tin
 run() {
   local name=$1; shift
   local t0=$(date +%s%N)
-  "$PY" "${base[@]}" --output_dir "$OUT/$name" --output_name "$name" "$@" >"$OUT/$name.log" 2>&1
+  $LAUNCH "${base[@]}" --output_dir "$OUT/$name" --output_name "$name" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   local t1=$(date +%s%N)
   local lora=missing; [ -f "$OUT/$name/$name.safetensors" ] && lora=ok
@@ -25,6 +31,12 @@ run() {
     "$(grep -aoE 'loss[=: ]+[0-9.]+' "$OUT/$name.log" | tail -1)"
   [ "$rc" = 0 ] || tail -5 "$OUT/$name.log"
 }
+if [ "${2:-}" = multi ]; then
+  run ddp_bf16_ckpt --mixed_precision bf16 --gradient_checkpointing
+  run ddp_disk_cache --mixed_precision bf16 --cache_latents_to_disk --cache_text_encoder_outputs_to_disk \
+    --save_every_n_steps 6 --save_state
+  exit 0
+fi
 run bf16            --mixed_precision bf16
 run bf16_ckpt       --mixed_precision bf16 --gradient_checkpointing
 run full_bf16       --mixed_precision bf16 --full_bf16

@@ -110,7 +110,8 @@ def _component(ckpt: Checkpoint, prefixes: tuple[str, ...], marker: str) -> tupl
 def load_transformer(path: str | Path, device: torch.device | str = "cpu",
                      dtype: torch.dtype = torch.bfloat16, fp8: bool = False) -> Flux:
     """Load a FLUX.1 transformer (dev or schnell, any size) from a BFL file, an all-in-one checkpoint or a
-    diffusers folder. `fp8` stores the block Linear weights as float8 e4m3 (compute stays in `dtype`)."""
+    diffusers folder. `fp8` stores the block Linear weights as float8 e4m3 (compute stays in `dtype`).
+    `device="meta"` checks every key and shape from the header(s) and returns the unloaded model (cheap)."""
     start = time.perf_counter()
     device = torch.device(device)
     with open_checkpoint(_resolve(path, "transformer", "transformer")) as ckpt:
@@ -133,6 +134,8 @@ def load_transformer(path: str | Path, device: torch.device | str = "cpu",
         else:
             model.to(dtype)
         _check(ckpt.name, what, model.state_dict(), shapes)
+        if device.type == "meta":  # header-only check: every key and shape verified, no tensor read
+            return model
         _stream(model, ckpt, sources, device)
     log.info("loaded %s (%d double + %d single blocks, hidden %d, %s%s) in %.1fs", ckpt.name, params.depth,
              params.depth_single_blocks, params.hidden_size, "dev" if params.guidance_embed else "schnell",
@@ -174,6 +177,8 @@ def load_autoencoder(path: str | Path, device: torch.device | str = "cpu",
         with torch.device("meta"):
             model = AutoEncoder(params).to(dtype)
         _check(ckpt.name, what, model.state_dict(), shapes)
+        if torch.device(device).type == "meta":  # header-only check, as for the transformer
+            return model
         _stream(model, ckpt, sources, torch.device(device))
     log.info("loaded %s (AE ch %d x %s) in %.1fs", ckpt.name, params.ch, params.ch_mult,
              time.perf_counter() - start)
