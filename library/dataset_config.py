@@ -367,6 +367,10 @@ def load_dataset_config(path: str | Path, cli_values: Mapping[str, Any] | None =
         ctx.errors.append("datasets: no [[datasets]] defined; add [[datasets]] with at least one "
                           "[[datasets.subsets]]")
     datasets = [_resolve_dataset(i, d, general, cli, ctx) for i, d in enumerate(raw_datasets)]
+    if raw_datasets and not ctx.errors and not any(d is not None and d.subsets for d in datasets):
+        # kohya skips num_repeats = 0 subsets; with none left, training would have nothing to step on
+        ctx.errors.append("datasets: no subset is left to train (every subset has num_repeats = 0 or repeats "
+                          "an earlier source); set num_repeats >= 1")
     if ctx.errors:
         raise UserError("\n".join(e if e.startswith(("--", str(path))) else f"{path}: {e}" for e in ctx.errors))
     for w in ctx.warnings:

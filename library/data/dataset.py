@@ -305,7 +305,7 @@ class FluxDataset:
         except BadImageError as e:
             if not self.skip_bad_images:
                 raise
-            log.warning("skipping %s", e)
+            log.warning("%s", e.skipped())
             self.bad.add(uid)
             return None
         if flip:

@@ -34,9 +34,14 @@ class BadImageError(UserError):
     """An image file that cannot be decoded; `path` names it."""
 
     def __init__(self, path: Path, reason: str) -> None:
-        self.path = path
+        self.path, self.reason = path, reason
         super().__init__(f"{path}: cannot read image ({reason}); fix or remove the file, "
                          "or pass --skip_bad_images to skip unreadable images")
+
+
+    def skipped(self) -> str:
+        """The warning under --skip_bad_images (without the advice to pass the flag that is already set)."""
+        return f"skipping {self.path}: cannot read image ({self.reason})"
 
 
 @dataclass(frozen=True)

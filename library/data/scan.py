@@ -141,7 +141,7 @@ def scan(cfg: ResolvedDatasetConfig, skip_bad_images: bool = False, progress: bo
     if bad and not skip_bad_images:
         errors += [str(e) for e in bad]
     for e in bad if skip_bad_images else []:
-        log.warning("skipping %s", e)
+        log.warning("%s", e.skipped())
     if errors:
         raise UserError("\n".join(errors))
     items: list[list[Item]] = [[] for _ in cfg.datasets]
@@ -164,9 +164,11 @@ def scan(cfg: ResolvedDatasetConfig, skip_bad_images: bool = False, progress: bo
 
 
 def _warn_captionless(items: list[list[Item]]) -> None:
-    n = sum(1 for its in items for it in its if it.caption_source == "none" and not it.is_reg)
-    if n:
-        log.warning("%d image(s) have no caption file and no class_tokens: they train with an empty caption", n)
+    paths = sorted(str(it.path) for its in items for it in its if it.caption_source == "none" and not it.is_reg)
+    if paths:  # name them: a missing caption file is usually a typo in the file name or caption_extension
+        more = f", ... ({len(paths) - 3} more)" if len(paths) > 3 else ""
+        log.warning("%d image(s) have no caption file and no class_tokens: they train with an empty caption (%s%s)",
+                    len(paths), ", ".join(paths[:3]), more)
 
 
 def balance_reg(items: list[Item]) -> list[Item]:
