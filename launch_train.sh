@@ -8,7 +8,7 @@
 #
 # With no FLUX_MODEL set it runs the built-in demo instead: tiny seeded checkpoints in the real file
 # layouts (written once by tools/make_tiny_checkpoints.py) trained on the small real dataset in
-# dataset_configs/, about 5 minutes on 2 CPU cores. It writes a LoRA, sample images and a loss plot
+# dataset_configs/, under a minute on 2 CPU cores. It writes a LoRA, sample images and a loss plot
 # under demo_output/. Any other kohya flag can be appended through EXTRA_ARGS or as arguments.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -1,0 +1,230 @@
+"""Bad input found by hand on the command line (QA pass): each case is a one-line `error:`, exit status 2,
+no traceback, and no change to the user's files. One test per fix."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from library.errors import UserError
+from library.flux.safetensors_io import check_output_path, save_file_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+
+
+def run(script: str, *args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=ENV)
+
+
+def assert_user_error(res: subprocess.CompletedProcess, *expect: str) -> None:
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), res.stderr
+    for text in expect:
+        assert text in last, last
+
+
+def lora_file(path: Path, rank_up: int = 2, rank_down: int = 2) -> Path:
+    """A kohya LoRA for the tiny model's double_blocks.0.img_attn.proj (hidden 256)."""
+    save_file_atomic({"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.randn(rank_down, 256),
+                      "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.randn(256, rank_up),
+                      "lora_unet_double_blocks_0_img_attn_proj.alpha": torch.tensor(float(rank_down))}, path)
+    return path
+
+
+# -- writing outputs -------------------------------------------------------------------------------------
+
+def test_save_file_atomic_gives_umask_permissions_not_0600(tmp_path) -> None:
+    old = os.umask(0o022)
+    try:
+        save_file_atomic({"a": torch.zeros(2)}, tmp_path / "x.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "x.safetensors").stat().st_mode) == 0o644  # safetensors alone writes 0600
+
+
+def test_save_file_atomic_refuses_a_directory_and_an_uncreatable_folder(tmp_path) -> None:
+    with pytest.raises(UserError, match="is a directory"):
+        save_file_atomic({"a": torch.zeros(2)}, tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot create the output folder"):
+        save_file_atomic({"a": torch.zeros(2)}, tmp_path / "file" / "out.safetensors")
+
+
+def test_check_output_path_refuses_an_input(tmp_path) -> None:
+    src = lora_file(tmp_path / "in.safetensors")
+    with pytest.raises(UserError, match="--save_to is the same file as --model"):
+        check_output_path(tmp_path / "." / "in.safetensors", "--save_to", {"--model": src})
+    assert check_output_path(tmp_path / "new.safetensors", "--save_to", {"--model": src}) == tmp_path / "new.safetensors"
+
+
+@pytest.mark.parametrize("script,args", [
+    ("networks/convert_flux_lora.py", ["--src_path", "{lora}", "--dst", "diffusers", "--dst_path", "{lora}"]),
+    ("networks/resize_lora.py", ["--model", "{lora}", "--save_to", "{lora}", "--new_rank", "1"]),
+    ("networks/flux_merge_lora.py", ["--save_to", "{lora}", "--models", "{lora}"]),
+    ("networks/flux_merge_lora.py", ["--flux_model", "{base}", "--save_to", "{base}", "--models", "{lora}"]),
+    ("networks/flux_extract_lora.py", ["--model_org", "{base}", "--model_tuned", "{base}", "--save_to", "{base}"]),
+])
+def test_tools_never_overwrite_their_input(tiny_ckpts, tmp_path, script, args) -> None:
+    lora = lora_file(tmp_path / "in.safetensors")
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(tiny_ckpts.transformer.read_bytes())
+    before = {p: p.read_bytes() for p in (lora, base)}
+    res = run(script, *[a.format(lora=lora, base=base) for a in args])
+    assert_user_error(res, "is the same file as", "never overwritten")
+    assert {p: p.read_bytes() for p in (lora, base)} == before
+
+
+# -- malformed LoRA files and SVD arguments -------------------------------------------------------------
+
+@pytest.mark.parametrize("script,args", [
+    ("networks/convert_flux_lora.py", ["--src_path", "{bad}", "--dst", "diffusers", "--dst_path", "{out}"]),
+    ("networks/resize_lora.py", ["--model", "{bad}", "--save_to", "{out}", "--new_rank", "1"]),
+    ("networks/flux_merge_lora.py", ["--flux_model", "{base}", "--save_to", "{out}", "--models", "{bad}"]),
+    ("networks/verify_lora.py", ["{bad}"]),
+])
+def test_lora_whose_down_and_up_ranks_differ_is_named(tiny_ckpts, tmp_path, script, args) -> None:
+    bad = lora_file(tmp_path / "bad.safetensors", rank_up=4, rank_down=2)
+    out = tmp_path / "out.safetensors"
+    res = run(script, *[a.format(bad=bad, out=out, base=tiny_ckpts.transformer) for a in args])
+    assert_user_error(res, str(bad), "lora_unet_double_blocks_0_img_attn_proj", "do not share a rank")
+    assert not out.exists()
+
+
+def test_read_lora_checks_pairs(tmp_path) -> None:
+    from networks.lora_formats import read_lora
+
+    assert read_lora(lora_file(tmp_path / "ok.safetensors")).weights  # a well-formed file still loads
+    with pytest.raises(UserError, match="bad.safetensors: .*do not share a rank"):
+        read_lora(lora_file(tmp_path / "bad.safetensors", rank_up=3, rank_down=2))
+
+
+@pytest.mark.parametrize("script,args,expect", [
+    ("networks/resize_lora.py", ["--new_rank", "0"], "--new_rank 0: must be >= 1"),
+    ("networks/resize_lora.py", ["--dynamic_method", "sv_ratio", "--dynamic_param", "0.5"], "must be >= 1"),
+    ("networks/resize_lora.py", ["--dynamic_method", "sv_fro", "--dynamic_param", "2"], "fraction in (0, 1]"),
+    ("networks/flux_merge_lora.py", ["--new_rank", "0"], "--new_rank 0: must be >= 1"),
+])
+def test_svd_ranks_and_criteria_are_checked(tmp_path, script, args, expect) -> None:
+    lora, out = lora_file(tmp_path / "in.safetensors"), tmp_path / "out.safetensors"
+    io = ["--model", lora, "--save_to", out] if "resize" in script else ["--models", lora, "--save_to", out]
+    assert_user_error(run(script, *io, *args), expect)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,expect", [(["--dim", "0"], "--dim 0: must be >= 1"),
+                                         (["--clamp_quantile", "2"], "--clamp_quantile 2.0")])
+def test_extract_checks_dim_and_quantile(tiny_ckpts, tmp_path, args, expect) -> None:
+    out = tmp_path / "out.safetensors"
+    res = run("networks/flux_extract_lora.py", "--model_org", tiny_ckpts.transformer, "--model_tuned",
+              tiny_ckpts.transformer, "--save_to", out, *args)
+    assert_user_error(res, expect)
+
+
+# -- flux_minimal_inference.py ---------------------------------------------------------------------------
+
+def _infer(tiny_ckpts, out: Path, **over: str | Path) -> subprocess.CompletedProcess:
+    args = {"--ckpt_path": tiny_ckpts.transformer, "--clip_l": tiny_ckpts.clip_l, "--t5xxl": tiny_ckpts.t5xxl,
+            "--ae": tiny_ckpts.ae, "--output_dir": out, "--width": "64", "--height": "64", "--steps": "1",
+            "--dtype": "float32", "--seed": "1", **over}
+    return run("flux_minimal_inference.py", *[x for kv in args.items() for x in kv])
+
+
+def test_inference_wrong_ae_fails_before_sampling(tiny_ckpts, tmp_path) -> None:
+    res = _infer(tiny_ckpts, tmp_path / "out", **{"--ae": tiny_ckpts.transformer})
+    assert_user_error(res, str(tiny_ckpts.transformer), "not a FLUX autoencoder")
+    assert "sampling" not in res.stderr  # checked from the header first, not after every step ran
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag,value,expect", [
+    ("--device", "foo", "--device 'foo': not a device"),
+    ("--output_dir", "{file}", "--output_dir is not a folder"),
+    ("--output_dir", "{file}/sub", "--output_dir is not a folder"),
+    ("--seed", str(2**70), "out of range"),
+])
+def test_inference_bad_flags_are_one_line(tiny_ckpts, tmp_path, flag, value, expect) -> None:
+    file = tmp_path / "a_file"
+    file.write_text("keep me")
+    res = _infer(tiny_ckpts, tmp_path / "out", **{flag: value.format(file=file)})
+    assert_user_error(res, expect)
+    assert file.read_text() == "keep me" and not list(tmp_path.rglob("*.png"))
+
+
+def test_meta_device_checks_headers_without_reading_tensors(tiny_ckpts, monkeypatch) -> None:
+    from library.flux import safetensors_io
+    from library.flux.loading import load_autoencoder, load_transformer
+
+    def refuse(*_a, **_k):
+        raise AssertionError("a tensor was read")
+
+    monkeypatch.setattr(safetensors_io.Checkpoint, "get", refuse)
+    model = load_transformer(tiny_ckpts.transformer, "meta", torch.float32)
+    assert model.params.guidance_embed and next(model.parameters()).is_meta
+    assert next(load_autoencoder(tiny_ckpts.ae, "meta").parameters()).is_meta
+    with pytest.raises(UserError, match="not a FLUX autoencoder"):
+        load_autoencoder(tiny_ckpts.transformer, "meta")
+
+
+# -- run_main's last resort for unreadable / unwritable paths --------------------------------------------
+
+def test_run_main_turns_os_errors_on_paths_into_one_line() -> None:
+    code = ("from library.errors import run_main\n"
+            "def main():\n    open('/nonexistent_qa/dir/x.txt', 'w')\n"
+            "run_main(main)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=ENV)
+    assert_user_error(res, "/nonexistent_qa/dir/x.txt", "No such file or directory")
+    bug = subprocess.run([sys.executable, "-c", code.replace("open('/nonexistent_qa/dir/x.txt', 'w')",
+                                                             "raise OSError('internal')")],
+                         cwd=ROOT, capture_output=True, text=True, env=ENV)
+    assert bug.returncode == 1 and "Traceback" in bug.stderr  # not a path: a bug keeps its traceback
+
+
+# -- dataset config and scan -----------------------------------------------------------------------------
+
+def test_config_with_every_subset_skipped_is_an_error(tmp_path) -> None:
+    from library.dataset_config import load_dataset_config
+
+    (tmp_path / "img").mkdir()
+    from PIL import Image
+    Image.new("RGB", (32, 32)).save(tmp_path / "img" / "a.png")
+    cfg = tmp_path / "d.toml"
+    cfg.write_text('[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = "img"\n  num_repeats = 0\n')
+    with pytest.raises(UserError, match="no subset is left to train"):
+        load_dataset_config(cfg)
+    cfg.write_text(cfg.read_text().replace("num_repeats = 0", "num_repeats = 1"))
+    assert load_dataset_config(cfg).datasets[0].subsets
+
+
+def test_scan_warnings_name_the_files_and_do_not_advise_the_flag_in_use(tmp_path, caplog) -> None:
+    from PIL import Image
+
+    from library.data.scan import scan
+    from library.dataset_config import load_dataset_config
+
+    img = tmp_path / "img"
+    img.mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (64, 64)).save(img / f"{name}.png")
+    (img / "a.txt").write_text("a caption")
+    (img / "broken.png").write_text("not an image")
+    cfg = tmp_path / "d.toml"
+    cfg.write_text('[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 64\n'
+                   '  [[datasets.subsets]]\n  image_dir = "img"\n')
+    with caplog.at_level(logging.WARNING):
+        items = scan(load_dataset_config(cfg), skip_bad_images=True, progress=False)
+    assert sorted(it.path.name for it in items[0]) == ["a.png", "b.png"]
+    text = caplog.text
+    assert "skipping" in text and "broken.png: cannot read image" in text
+    assert "pass --skip_bad_images" not in text
+    assert "no caption file" in text and str(img / "b.png") in text and str(img / "a.png") not in text
