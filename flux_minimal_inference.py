@@ -234,7 +234,7 @@ class Generator:
             from networks.lora_flux import apply_lora_weights  # noqa: PLC0415 - optional
 
             apply_lora_weights(self.transformer, self.text_encoders.clip, list(args.lora_weights),
-                               args.merge_lora_weights)
+                               args.merge_lora_weights, t5=self.text_encoders.t5)
         self.dev = bool(meta.params.guidance_embed)
         self.ae = self._load_ae() if args.interactive else None
 
@@ -287,7 +287,7 @@ def parse_interactive_line(line: str, last: Request) -> Request:
         try:
             setattr(req, name, kind(value.strip()) if key != "n" or value.strip() != "-" else "")
         except ValueError:
-            raise UserError(f"--{key} {value.strip()!r}: not a {kind.__name__}") from None
+            raise UserError(f"--{key} {value.strip()!r}: not {'an integer' if kind is int else 'a number'}") from None
     step = SIZE_STEP
     req.width, req.height = max(step, req.width // step * step), max(step, req.height // step * step)
     return req

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device for the SVDs")
     p.add_argument("--save_precision", default=None, help="float, fp16 or bf16 (default: float)")
     p.add_argument("--mem_eff_safe_open", action="store_true", help="accepted for kohya compatibility (always lazy)")
-    p.add_argument("--no_metadata", action="store_true")
+    p.add_argument("--no_metadata", action="store_true", help="write minimal metadata")
     return p
 
 

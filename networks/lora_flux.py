@@ -356,12 +356,14 @@ def merge_lora_into_models(transformer: nn.Module | None, clip_l: nn.Module | No
 
 
 def apply_lora_weights(transformer: nn.Module, clip_l: nn.Module | None,
-                       files_and_multipliers: list[tuple[Path, float]], merge: bool) -> None:
+                       files_and_multipliers: list[tuple[Path, float]], merge: bool,
+                       t5: nn.Module | None = None) -> None:
     """Apply LoRA files (any supported format) to the models: merged into the weights, or on the fly as
-    `LoRAModule`s (stacked when several files touch the same layer)."""
+    `LoRAModule`s (stacked when several files touch the same layer). `t5` receives lora_te3_ modules
+    (LoRAs trained with train_t5xxl); without it they are reported as absent."""
     if merge:
-        merge_lora_into_models(transformer, clip_l, None, files_and_multipliers)
+        merge_lora_into_models(transformer, clip_l, t5, files_and_multipliers)
         return
     for path, mult in files_and_multipliers:
-        network = create_network_from_weights(mult, path, transformer, clip_l, None, for_inference=True)
+        network = create_network_from_weights(mult, path, transformer, clip_l, t5, for_inference=True)
         network.apply_to()

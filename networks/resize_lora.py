@@ -28,10 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="LoRA to resize (any supported format)")
     p.add_argument("--save_to", required=True, help="output .safetensors (kohya format)")
     p.add_argument("--new_rank", type=int, default=4, help="maximum rank")
-    p.add_argument("--dynamic_method", default=None, choices=["sv_ratio", "sv_fro", "sv_cumulative"])
-    p.add_argument("--dynamic_param", type=float, default=None)
+    p.add_argument("--dynamic_method", default=None, choices=["sv_ratio", "sv_fro", "sv_cumulative"],
+                   help="choose each module's rank (<= --new_rank) from its singular values, as kohya")
+    p.add_argument("--dynamic_param", type=float, default=None,
+                   help="sv_ratio: keep S_i >= S_0/param (param >= 1); sv_fro / sv_cumulative: fraction in (0, 1]")
     p.add_argument("--save_precision", default=None, help="float, fp16 or bf16 (default: the input's)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="device for the SVDs")
     p.add_argument("--verbose", action="store_true", help="print every module (otherwise a summary)")
     return p
 

@@ -89,3 +89,9 @@ def test_bfl_diffusers_round_trip_is_exact(tiny_ckpts):
     assert dif["encoder.mid_block.attentions.0.to_q.weight"].ndim == 2
     back = ae_diffusers_to_bfl(dif)
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_latent_scale_and_shift_are_flux1s():
+    # Literal values of FLUX.1's vae/config.json (scaling_factor, shift_factor) and BFL's AutoEncoderParams.
+    # The parity tests above cannot see a wrong constant: the tiny diffusers config is written from SCALE/SHIFT.
+    assert (SCALE, SHIFT) == (0.3611, 0.1159)

@@ -50,6 +50,14 @@ def test_no_upscale_by_hand():
     assert b.assign(1000, 700) == Assignment((576, 384), (576, 403))
 
 
+def test_no_upscale_rounds_to_nearest_before_flooring_to_the_step():
+    # kohya's round_to_steps: int(x + 0.5), then floor to the step. 999x1000 (aspect 0.999) > 512^2:
+    # rw = sqrt(262144 * 0.999) = 511.74 -> 512 (truncating would give 511 -> 448); 512 / 0.999 = 512.5 -> 513
+    # -> 512: ratio 1.0; rh = 512.26 -> 512, 512 * 0.999 = 511.5 -> 511 -> 448: ratio 0.875; width first wins
+    b = Bucketer(BucketSpec((512, 512), enable_bucket=True, bucket_no_upscale=True))
+    assert b.assign(999, 1000) == Assignment((512, 512), (512, 513))
+
+
 def test_single_bucket_without_enable_bucket():
     b = Bucketer(BucketSpec((512, 512)))
     assert b.assign(600, 400) == Assignment((512, 512), (768, 512))  # cover, then crop 128 px each side

@@ -53,19 +53,26 @@ def test_save_file_atomic_gives_umask_permissions_not_0600(tmp_path) -> None:
     assert stat.S_IMODE((tmp_path / "x.safetensors").stat().st_mode) == 0o644  # safetensors alone writes 0600
 
 
-def test_save_file_atomic_refuses_a_directory_and_an_uncreatable_folder(tmp_path) -> None:
+def test_save_file_atomic_refuses_a_directory(tmp_path) -> None:
     with pytest.raises(UserError, match="is a directory"):
         save_file_atomic({"a": torch.zeros(2)}, tmp_path)
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(UserError, match="cannot create the output folder"):
-        save_file_atomic({"a": torch.zeros(2)}, tmp_path / "file" / "out.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temporary file left behind
+
+
+@pytest.mark.parametrize("dst", ["{tmp}", "{tmp}/a_file/out.safetensors"])
+def test_convert_to_an_unwritable_place_is_one_line(tmp_path, dst) -> None:
+    lora = lora_file(tmp_path / "in.safetensors")
+    (tmp_path / "a_file").write_text("x")
+    res = run("networks/convert_flux_lora.py", "--src_path", lora, "--dst_path", dst.format(tmp=tmp_path))
+    assert_user_error(res, str(tmp_path))
 
 
 def test_check_output_path_refuses_an_input(tmp_path) -> None:
     src = lora_file(tmp_path / "in.safetensors")
     with pytest.raises(UserError, match="--save_to is the same file as --model"):
         check_output_path(tmp_path / "." / "in.safetensors", "--save_to", {"--model": src})
-    assert check_output_path(tmp_path / "new.safetensors", "--save_to", {"--model": src}) == tmp_path / "new.safetensors"
+    new = tmp_path / "new.safetensors"
+    assert check_output_path(new, "--save_to", {"--model": src}) == new
 
 
 @pytest.mark.parametrize("script,args", [
@@ -228,3 +235,64 @@ def test_scan_warnings_name_the_files_and_do_not_advise_the_flag_in_use(tmp_path
     assert "skipping" in text and "broken.png: cannot read image" in text
     assert "pass --skip_bad_images" not in text
     assert "no caption file" in text and str(img / "b.png") in text and str(img / "a.png") not in text
+
+
+# -- a LoRA trained with train_t5xxl (lora_te3_ modules) at inference ------------------------------------
+
+def test_t5_lora_modules_reach_t5_at_inference_merged_or_not(tiny_ckpts, tmp_path) -> None:
+    from library.flux.loading import load_transformer
+    from library.flux.text_encoders import FluxTextEncoders
+    from networks.lora_flux import apply_lora_weights
+
+    q = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    te = FluxTextEncoders.load(tiny_ckpts.clip_l, tiny_ckpts.t5xxl, "cpu", torch.float32)
+    out_f, in_f = te.t5.state_dict()[q].shape
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "t5.safetensors"
+    name = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"
+    save_file_atomic({f"{name}.lora_down.weight": torch.randn(2, in_f, generator=g),
+                      f"{name}.lora_up.weight": torch.randn(out_f, 2, generator=g),
+                      f"{name}.alpha": torch.tensor(2.0)}, path)
+    base = te.encode(["a dog"], 64).t5_out
+    outs = []
+    for merge in (False, True):
+        te = FluxTextEncoders.load(tiny_ckpts.clip_l, tiny_ckpts.t5xxl, "cpu", torch.float32)
+        transformer = load_transformer(tiny_ckpts.transformer, "cpu", torch.float32)
+        apply_lora_weights(transformer, te.clip, [(path, 1.0)], merge, t5=te.t5)
+        outs.append(te.encode(["a dog"], 64).t5_out)
+    assert (outs[0] - base).abs().max() > 1e-3  # the T5 LoRA is applied, not dropped as "absent"
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    # and flux_minimal_inference.py hands its T5 over (it used to stop: "none of the LoRA's modules exists")
+    import flux_minimal_inference as fmi
+
+    gen = fmi.Generator(fmi.parse_args([
+        "--ckpt_path", str(tiny_ckpts.transformer), "--clip_l", str(tiny_ckpts.clip_l), "--t5xxl",
+        str(tiny_ckpts.t5xxl), "--ae", str(tiny_ckpts.ae), "--dtype", "float32", "--device", "cpu",
+        "--lora_weights", f"{path};1.0", "--merge_lora_weights", "--output_dir", str(tmp_path)]))
+    torch.testing.assert_close(gen.text_encoders.encode(["a dog"], 64).t5_out, outs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_every_undecodable_caption_is_reported_at_once_and_utf16_bom_is_read(tmp_path) -> None:
+    from PIL import Image
+
+    from library.data.scan import scan
+    from library.dataset_config import load_dataset_config
+
+    img = tmp_path / "img"
+    img.mkdir()
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (64, 64)).save(img / f"{name}.png")
+    (img / "a.txt").write_bytes("café au lait".encode("latin-1"))
+    (img / "b.txt").write_bytes(b"\xff\xfe\xff")  # a BOM, then half a UTF-16 code unit
+    (img / "c.txt").write_text("a notepad caption", encoding="utf-16")  # BOM + UTF-16LE
+    cfg = tmp_path / "d.toml"
+    cfg.write_text('[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 64\n'
+                   '  [[datasets.subsets]]\n  image_dir = "img"\n')
+    with pytest.raises(UserError) as err:
+        scan(load_dataset_config(cfg), progress=False)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and "a.txt: caption file is not UTF-8" in lines[0] and "b.txt" in lines[1]
+    (img / "a.txt").write_text("café au lait")
+    (img / "b.txt").unlink()
+    items = {it.path.name: it for it in scan(load_dataset_config(cfg), progress=False)[0]}
+    assert items["a.png"].captions == ("café au lait",) and items["c.png"].captions == ("a notepad caption",)

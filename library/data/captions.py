@@ -61,7 +61,9 @@ class CaptionSpec:
 def read_caption_file(path: Path, enable_wildcard: bool) -> list[str] | None:
     """The caption lines of `path` (the first non-empty line, or every line with wildcards); None if absent."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        raw = path.read_bytes()
+        # UTF-16 with a BOM is what Windows Notepad writes as "Unicode"; anything else must be UTF-8
+        text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
     except FileNotFoundError:
         return None
     except UnicodeDecodeError as e:

@@ -101,7 +101,11 @@ def _subset_sources(sub: SubsetConfig, style: str, where: str, errors: list[str]
     spec = CaptionSpec.from_subset(sub)
     rows = []
     for img in list_images(sub.image_dir):
-        lines, source = find_caption(img, spec)
+        try:
+            lines, source = find_caption(img, spec)
+        except UserError as e:  # a caption that cannot be decoded: collect it, report every one at once
+            errors.append(str(e))
+            continue
         cond = None
         if style == CONTROL:
             cond = _cond_image(img, sub.conditioning_data_dir)

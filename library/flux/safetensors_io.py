@@ -161,7 +161,8 @@ def check_output_path(path: str | os.PathLike, flag: str, inputs: dict[str, str 
     """Refuse an output path that is a folder or one of the inputs (a user's model or LoRA is never replaced)."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path}: is a directory (given as {flag}); give a file name such as {path / 'out.safetensors'}")
+        raise UserError(f"{path}: is a directory (given as {flag}); "
+                        f"give a file name such as {path / 'out.safetensors'}")
     for in_flag, src in inputs.items():
         if src is not None and Path(src).exists() and path.exists() and os.path.samefile(path, src):
             raise UserError(f"{path}: {flag} is the same file as {in_flag}; write to a new file name "
@@ -177,10 +178,7 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a directory, expected a .safetensors file name to write")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"{path.parent}: cannot create the output folder ({err.strerror})") from None
+    path.parent.mkdir(parents=True, exist_ok=True)  # OSError names the folder; callers / run_main report it
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
