@@ -29,12 +29,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = build_config(parsed)
     setup_console_logging(cfg.log)
-    for line in cfg.warnings:
-        warn(line)
     if cfg.data.validate_config or cfg.data.dry_run:
         from library.train.inspect import inspect_data  # noqa: PLC0415
 
+        # Read-only data inspection: the training warnings (ineffective flags, the sigma_scaled default)
+        # are not about the data; the dataset layer prints its own.
         return inspect_data(cfg)
+    for line in cfg.warnings:
+        warn(line)
 
     from library.train.trainer import train  # noqa: PLC0415 (imports torch/accelerate only when training)
 

@@ -28,7 +28,7 @@ def test_two_gloo_processes_match_one_process_at_twice_the_batch(tiny_ckpts, dat
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("effective configuration") == 1  # only rank 0 prints and writes
+    assert proc.stdout.count("full configuration:") == 1  # only rank 0 prints and writes
     assert len(list((data / "pair" / ".flux_cache").rglob("*.safetensors"))) >= 2  # both ranks' shares cached
     train_in_process(args(one, 2))  # one process, twice the batch, reading the same disk caches
     a, b = load_file(str(one / "lora.safetensors")), load_file(str(two / "lora.safetensors"))

@@ -241,6 +241,8 @@ def _stream_into(model: torch.nn.Module, ckpt: Checkpoint | _Prefixed, file_key:
              for mk, fk in file_key.items() if tuple(ckpt.shapes[fk]) != tuple(expected[mk].shape)]
     if wrong:
         raise UserError(f"{ckpt.name}: wrong shape for {_first(wrong, 2)}")
+    if device.type == "meta":  # header-only check (as loading.load_transformer): keys and shapes, no tensor read
+        return
     state = {}
     for mk, fk in file_key.items():
         tensor = ckpt.get(fk)
@@ -260,7 +262,8 @@ def _check_unexpected(ckpt: Checkpoint | _Prefixed, used: set[str], ignored: set
 
 
 def load_clip_l(path: str | Path, device: torch.device | str, dtype: torch.dtype) -> CLIPTextModel:
-    """CLIP-L text model from a ComfyUI-style file (fp16/fp32/fp8) or a diffusers folder, in eval mode."""
+    """CLIP-L text model from a ComfyUI-style file (fp16/fp32/fp8) or a diffusers folder, in eval mode.
+    `device="meta"` checks every key and shape from the header(s) only and returns the unloaded model."""
     flag, device = "--clip_l", torch.device(device)
     with open_checkpoint(_resolve_files(Path(path), "text_encoder", flag)) as whole:
         ckpt = _encoder_view(whole, "text_model.embeddings.token_embedding.weight", flag, "CLIP-L text encoder")
@@ -283,7 +286,8 @@ def load_clip_l(path: str | Path, device: torch.device | str, dtype: torch.dtype
 
 
 def load_t5xxl(path: str | Path, device: torch.device | str, dtype: torch.dtype) -> T5EncoderModel:
-    """T5 v1.1 encoder from a ComfyUI-style file (fp16/bf16/fp32/fp8) or a diffusers folder, in eval mode."""
+    """T5 v1.1 encoder from a ComfyUI-style file (fp16/bf16/fp32/fp8) or a diffusers folder, in eval mode.
+    `device="meta"` checks every key and shape from the header(s) only and returns the unloaded model."""
     flag, device = "--t5xxl", torch.device(device)
     with open_checkpoint(_resolve_files(Path(path), "text_encoder_2", flag)) as whole:
         ckpt = _encoder_view(whole, "encoder.block.0.layer.0.SelfAttention.q.weight", flag, "T5 encoder")

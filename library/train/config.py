@@ -359,3 +359,49 @@ def config_as_dict(cfg: TrainConfig) -> dict[str, Any]:
     if tree["log"].get("wandb_api_key"):
         tree["log"]["wandb_api_key"] = "***"
     return json.loads(json.dumps(tree, default=str))
+
+
+def _on(**flags: Any) -> str:
+    """The names of the truthy options, as `name` or `name=value` (non-bool values)."""
+    items = [k if v is True else f"{k}={v}" for k, v in flags.items() if v not in (None, False, 0, "")]
+    return ", ".join(items) or "defaults"
+
+
+def config_summary(cfg: TrainConfig) -> str:
+    """A few readable lines printed at the start of training (the full tree is saved as *_config.json)."""
+    m, n, o, s, loop, mem = cfg.model, cfg.network, cfg.optimizer, cfg.scheduler, cfg.loop, cfg.memory
+    length = f"{loop.max_train_epochs} epochs" if loop.max_train_epochs else f"{loop.max_train_steps} steps"
+    lrs = f"lr {o.learning_rate:g}" + (f", unet_lr {o.unet_lr:g}" if o.unet_lr is not None else "") + \
+        (f", text_encoder_lr {','.join(f'{x:g}' for x in o.text_encoder_lr)}" if o.text_encoder_lr else "")
+    rank = "from --network_weights" if n.dim_from_weights else f"dim {n.network_dim or 4}, alpha {n.network_alpha:g}"
+    parts = "transformer only" if n.network_train_unet_only else \
+        "text encoder only" if n.network_train_text_encoder_only else "transformer + CLIP-L"
+    lines = {
+        "transformer": str(m.pretrained_model_name_or_path),
+        "encoders": f"CLIP-L {m.clip_l}, T5-XXL {m.t5xxl}, AE {m.ae}",
+        "dataset": cfg.data.dataset_config or f"folders under {cfg.data.cli_values.get('train_data_dir')}",
+        "network": f"{n.network_module} {rank}, {parts}"
+                   + (f", args {' '.join(n.network_args)}" if n.network_args else "")
+                   + (f", weights {n.network_weights}" if n.network_weights else ""),
+        "optimizer": f"{o.optimizer_type}, {lrs}" + (f", args {' '.join(o.optimizer_args)}" if o.optimizer_args
+                                                    else ""),
+        "schedule": f"{length}, gradient accumulation {loop.gradient_accumulation_steps}, {s.lr_scheduler} "
+                    f"(warmup {s.lr_warmup_steps}), seed {loop.seed if loop.seed is not None else DEFAULT_SEED}",
+        "objective": f"{cfg.objective.timestep_sampling} timesteps, {cfg.objective.model_prediction_type} "
+                     f"prediction, {cfg.objective.loss_type} loss",
+        "precision": _on(mixed_precision=cfg.precision.mixed_precision, full_bf16=cfg.precision.full_bf16,
+                         full_fp16=cfg.precision.full_fp16, fp8_base=cfg.precision.fp8_base,
+                         save_precision=cfg.precision.save_precision),
+        "memory/speed": _on(gradient_checkpointing=mem.gradient_checkpointing,
+                            cpu_offload_checkpointing=mem.cpu_offload_checkpointing,
+                            blocks_to_swap=mem.blocks_to_swap, cache_latents=mem.cache_latents,
+                            cache_latents_to_disk=mem.cache_latents_to_disk,
+                            cache_text_encoder_outputs=mem.cache_text_encoder_outputs,
+                            cache_text_encoder_outputs_to_disk=mem.cache_text_encoder_outputs_to_disk,
+                            torch_compile=cfg.speed.torch_compile, xformers=cfg.speed.xformers),
+        "output": f"{cfg.save.output_dir}/{cfg.save.output_name or 'last'}.{cfg.save.save_model_as}"
+                  + (f", every {cfg.save.save_every_n_steps} steps" if cfg.save.save_every_n_steps else "")
+                  + (f", every {cfg.save.save_every_n_epochs} epochs" if cfg.save.save_every_n_epochs else "")
+                  + (", with state" if cfg.save.save_state else ""),
+    }
+    return "configuration:\n" + "\n".join(f"  {k:<13}{v}" for k, v in lines.items())

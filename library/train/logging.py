@@ -34,8 +34,12 @@ def setup_console_logging(cfg: LogConfig) -> None:
 
 
 def warn(message: str) -> None:
-    """A one-line user warning on stderr (also visible when logging is redirected to a file)."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    """A one-line user warning on stderr (also visible when logging is redirected to a file); through
+    tqdm.write, so a warning during training prints above the progress bar instead of into it."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 @dataclass

@@ -99,8 +99,7 @@ def is_relative_step_adafactor(cfg: OptimizerConfig) -> bool:
     return cfg.optimizer_type.lower() == "adafactor" and bool(kwargs.get("relative_step", True))
 
 
-def build_optimizer(groups: ParamGroups, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """Groups carry their own 'lr' (LoRA sets unet/text-encoder LRs); the default LR is --learning_rate."""
+def _construct(groups: ParamGroups, cfg: OptimizerConfig) -> tuple[torch.optim.Optimizer, type, dict[str, Any]]:
     cls, kwargs = _optimizer_class(cfg.optimizer_type)
     kwargs.update(parse_kv_args(cfg.optimizer_args, "optimizer_args"))
     lr: float | None = cfg.learning_rate
@@ -109,12 +108,23 @@ def build_optimizer(groups: ParamGroups, cfg: OptimizerConfig) -> torch.optim.Op
         lr = None
         groups = [{k: v for k, v in g.items() if k != "lr"} for g in groups]
     try:
-        optimizer = cls(groups, lr=lr, **kwargs)
-    except TypeError as err:
+        return cls(groups, lr=lr, **kwargs), cls, kwargs
+    except (TypeError, ValueError) as err:  # unknown keyword / out-of-range value (e.g. betas)
         raise UserError(f"command line: --optimizer_args for {cfg.optimizer_type}: {err}") from None
+
+
+def build_optimizer(groups: ParamGroups, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """Groups carry their own 'lr' (LoRA sets unet/text-encoder LRs); the default LR is --learning_rate."""
+    optimizer, cls, kwargs = _construct(groups, cfg)
     if cls.__module__.startswith("bitsandbytes"):
         _probe_bitsandbytes(cls, kwargs, cfg.optimizer_type, groups)
     return optimizer
+
+
+def check_optimizer(cfg: OptimizerConfig) -> None:
+    """Before any heavy work: --optimizer_type resolves and accepts --optimizer_args (built once over a
+    throw-away parameter; the bitsandbytes device probe waits for the real device in `build_optimizer`)."""
+    _construct([{"params": [torch.nn.Parameter(torch.zeros(1))]}], cfg)
 
 
 def _probe_bitsandbytes(cls: type, kwargs: dict[str, Any], name: str, groups: ParamGroups) -> None:

@@ -21,10 +21,11 @@ import torch
 from library.errors import UserError
 from library.train import models as M
 from library.train.checkpoint import Names
-from library.train.config import DEFAULT_SEED, TrainConfig, config_as_dict
+from library.train.config import DEFAULT_SEED, TrainConfig, config_as_dict, config_summary
 from library.train.logging import warn
 from library.train.optim import build_optimizer, build_scheduler, is_relative_step_adafactor
 from library.train.precision import Dtypes, resolve_dtypes
+from library.train.preflight import preflight
 from library.train.samples import EncodedPrompt, encode_prompts
 
 log = logging.getLogger(__name__)
@@ -172,13 +173,14 @@ def _train_clip(cfg: TrainConfig) -> bool:
 
 
 def setup(cfg: TrainConfig) -> Run:
+    dtypes = resolve_dtypes(cfg.precision)
+    preflight(cfg, dtypes)  # flags, folders and model-file headers: fail in a second, not after loading
     acc = make_accelerator(cfg)
     if acc.device.type == "cpu" and cfg.precision.mixed_precision == "fp16":
         raise UserError("command line: --mixed_precision fp16 needs a GPU (CPU autocast has no fp16); "
                         "use bf16 or no on the CPU")
     seed = cfg.loop.seed if cfg.loop.seed is not None else DEFAULT_SEED
     torch.manual_seed(seed)  # LoRA init (kaiming) is identical on every rank and every run
-    dtypes = resolve_dtypes(cfg.precision)
     out_dir = Path(cfg.save.output_dir)
     if acc.is_main_process:
         _write_config(cfg, out_dir)
@@ -226,17 +228,19 @@ def _load_prompts(cfg: TrainConfig) -> list:
 
 
 def _write_config(cfg: TrainConfig, out_dir: Path) -> None:
-    """Print the effective configuration and save it beside the outputs (JSON tree + re-runnable TOML)."""
+    """Save the effective configuration beside the outputs (JSON tree + re-runnable TOML) and print a
+    short summary of it that names the saved file."""
     from library.train.cli import write_toml_atomic  # noqa: PLC0415
 
     tree = config_as_dict(cfg)
-    print("effective configuration:\n" + json.dumps(tree, indent=1), flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = cfg.save.output_name or "last"
     tmp = out_dir / f".{name}_config.json.tmp"
     tmp.write_text(json.dumps(tree, indent=1), encoding="utf-8")
-    tmp.replace(out_dir / f"{name}_config.json")
+    target = out_dir / f"{name}_config.json"
+    tmp.replace(target)
     write_toml_atomic(out_dir / f"{name}_args.toml", {k: v for k, v in cfg.effective.items()})
+    print(config_summary(cfg) + f"\n  full configuration: {target}", flush=True)
 
 
 def _metadata(cfg: TrainConfig, models: M.Models, network: Any, dataset: Any, total: int, epochs: int,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from library.errors import UserError
 from library.train import checkpoint as C
@@ -41,6 +42,12 @@ class State:
 
 
 def train(cfg: TrainConfig) -> None:
+    # Log lines print above the progress bars (image scan, caching, steps) instead of into them.
+    with logging_redirect_tqdm():
+        _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> None:
     run = setup(cfg)
     state = State()
     if cfg.save.resume:

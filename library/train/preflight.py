@@ -1,0 +1,63 @@
+"""Checks that run first in `setup`, before the image scan and any model load, so a wrong flag or file
+fails in a second with one line instead of minutes later: output folders, every model file (from its
+header only), --network_args and --optimizer_type/--optimizer_args.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from library.errors import UserError
+from library.train.config import TrainConfig
+from library.train.precision import Dtypes
+
+
+def check_output_folder(path: str | None, flag: str) -> None:
+    """`path` is a folder, or can be created as one (its nearest existing ancestor is a writable folder)."""
+    if not path:
+        return
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"command line: --{flag} {path}: exists and is not a folder")
+    ancestor = p if p.exists() else next((a for a in p.absolute().parents if a.exists()), None)
+    if ancestor is None or not ancestor.is_dir():
+        raise UserError(f"command line: --{flag} {path}: {ancestor} is not a folder, cannot create it")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"command line: --{flag} {path}: {ancestor} is not writable")
+
+
+def check_model_files(cfg: TrainConfig, dtypes: Dtypes) -> torch.nn.Module:
+    """Every model file's keys and shapes from its header (nothing read); returns the meta transformer."""
+    from library.flux.loading import load_autoencoder, load_transformer  # noqa: PLC0415
+    from library.flux.text_encoders import load_clip_l, load_t5xxl  # noqa: PLC0415
+    from library.train.models import _need  # noqa: PLC0415 (the same "is required" message as the load)
+
+    m = cfg.model
+    transformer = load_transformer(_need(m.pretrained_model_name_or_path, "pretrained_model_name_or_path"),
+                                   "meta", dtypes.compute)
+    load_clip_l(_need(m.clip_l, "clip_l"), "meta", dtypes.text)
+    load_t5xxl(_need(m.t5xxl, "t5xxl"), "meta", dtypes.text)
+    load_autoencoder(_need(m.ae, "ae"), "meta", dtypes.ae)
+    return transformer
+
+
+def check_network_args(cfg: TrainConfig, transformer: torch.nn.Module) -> None:
+    """--network_args keys and values, with the block counts of the actual transformer."""
+    from library.train.models import network_kwargs  # noqa: PLC0415
+    from networks.lora_args import parse_network_args  # noqa: PLC0415
+
+    n_double = len(getattr(transformer, "double_blocks", []))
+    n_single = len(getattr(transformer, "single_blocks", []))
+    parse_network_args(network_kwargs(cfg), n_double, n_single)
+
+
+def preflight(cfg: TrainConfig, dtypes: Dtypes) -> None:
+    from library.train.optim import check_optimizer  # noqa: PLC0415
+
+    check_output_folder(cfg.save.output_dir, "output_dir")
+    check_output_folder(cfg.log.logging_dir, "logging_dir")
+    check_optimizer(cfg.optimizer)  # cheapest first: no file is opened
+    check_network_args(cfg, check_model_files(cfg, dtypes))
