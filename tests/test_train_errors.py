@@ -69,6 +69,8 @@ def test_good_arguments_pass_preflight(tiny_ckpts, tmp_path: Path, tripwire) -> 
     (["--output_dir", "{file}"], "--output_dir {file}: exists and is not a folder"),
     (["--output_dir", "{file}/sub"], "--output_dir {file}/sub: {file} is not a folder"),
     (["--logging_dir", "{file}/logs"], "--logging_dir {file}/logs: {file} is not a folder"),
+    (["--network_weights", "{file}"], "{file}: not a safetensors file"),
+    (["--base_weights", "{file}.missing"], "{file}.missing: no such file"),
 ])
 def test_bad_flags_fail_before_data_and_models(tiny_ckpts, tmp_path: Path, tripwire, capsys, extra: list[str],
                                               needle: str) -> None:

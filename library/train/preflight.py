@@ -1,6 +1,6 @@
 """Checks that run first in `setup`, before the image scan and any model load, so a wrong flag or file
 fails in a second with one line instead of minutes later: output folders, every model file (from its
-header only), --network_args and --optimizer_type/--optimizer_args.
+header only), the LoRA files to start from or merge, --network_args and --optimizer_type/--optimizer_args.
 """
 
 from __future__ import annotations
@@ -54,10 +54,20 @@ def check_network_args(cfg: TrainConfig, transformer: torch.nn.Module) -> None:
     parse_network_args(network_kwargs(cfg), n_double, n_single)
 
 
+def check_lora_files(cfg: TrainConfig) -> None:
+    """--network_weights and --base_weights parse as LoRA files (they are small: read them whole)."""
+    from networks.lora_formats import read_lora  # noqa: PLC0415
+
+    for path in [cfg.network.network_weights, *cfg.network.base_weights]:
+        if path:
+            read_lora(path)
+
+
 def preflight(cfg: TrainConfig, dtypes: Dtypes) -> None:
     from library.train.optim import check_optimizer  # noqa: PLC0415
 
     check_output_folder(cfg.save.output_dir, "output_dir")
     check_output_folder(cfg.log.logging_dir, "logging_dir")
     check_optimizer(cfg.optimizer)  # cheapest first: no file is opened
+    check_lora_files(cfg)
     check_network_args(cfg, check_model_files(cfg, dtypes))
