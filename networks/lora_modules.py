@@ -64,7 +64,9 @@ class LoRAAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The LoRA contribution to the output, or None when it contributes nothing this call."""
-        if not self.enabled or self.merged or self.multiplier == 0:
+        # Multiplier 0 skips the work at inference; in training the (zero) contribution stays in the graph so
+        # a batch of a network_multiplier = 0 dataset still backpropagates (zero gradients), as in kohya.
+        if not self.enabled or self.merged or (self.multiplier == 0 and not self.training):
             return None
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return None

@@ -61,3 +61,33 @@ def test_validation_loss_on_held_out_images_and_sample_at_first(tiny_ckpts, data
     val = {int(r[0]): float(r[2]) for r in rows if r[2]}
     assert sorted(val) == [2, 4]
     assert val[2] != val[4] and all(0 < v < 10 for v in val.values())
+
+
+def test_control_pairs_and_dataset_network_multiplier(tiny_ckpts, data: Path, tmp_path: Path) -> None:
+    """A Kontext edit-pair subset trains end to end; a dataset with network_multiplier = 0 trains nothing
+    (the LoRA contributes nothing there, so its up weights stay at their zero init)."""
+    from safetensors.torch import load_file
+
+    src, tgt = tmp_path / "source", tmp_path / "target"
+    src.mkdir()
+    tgt.mkdir()
+    for p in (data / "dog").glob("*.jpg"):  # the "before" image of each pair: same name, other content
+        Image.open(p).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(src / p.name)
+        (tgt / p.name).write_bytes(p.read_bytes())
+        (tgt / p.name).with_suffix(".txt").write_text("turn the dog upright")
+
+    def run(name: str, multiplier: float) -> dict:
+        toml = tmp_path / f"{name}.toml"
+        toml.write_text(f'[[datasets]]\nresolution = 32\nbatch_size = 2\nnetwork_multiplier = {multiplier}\n'
+                        f'[[datasets.subsets]]\nimage_dir = "{tgt}"\nconditioning_data_dir = "{src}"\n'
+                        'caption_extension = ".txt"\n')
+        out = tmp_path / name
+        argv = base_args(tiny_ckpts, data, out, "--max_train_steps", "3")
+        argv[argv.index("--dataset_config") + 1] = str(toml)
+        train_in_process(argv)
+        return load_file(str(out / "lora.safetensors"))
+
+    trained = run("pairs", 1.0)
+    assert any(v.abs().max() > 0 for k, v in trained.items() if k.endswith("lora_up.weight"))
+    frozen = run("pairs_off", 0.0)
+    assert all(v.abs().max() == 0 for k, v in frozen.items() if k.endswith("lora_up.weight"))

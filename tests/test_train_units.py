@@ -159,3 +159,39 @@ def test_xformers_flag_reaches_the_model(tiny_ckpts) -> None:
     else:
         apply_memory_and_speed(cfg, model, torch.device("cpu"))
         assert model.gradient_checkpointing
+
+
+def test_kontext_reference_tokens_reach_the_model(tiny_ckpts) -> None:
+    """Control-subset batches: the clean reference latents go in as extra tokens with first id axis 1."""
+    from contextlib import nullcontext
+
+    from library.flux.loading import load_transformer
+    from library.train.step import StepInputs, flow_matching_loss
+
+    model = load_transformer(tiny_ckpts.transformer, "cpu", torch.float32)
+    p = model.params
+    g = torch.Generator().manual_seed(0)
+    lat, ref = torch.randn(1, 16, 4, 4, generator=g), torch.randn(1, 16, 6, 4, generator=g)
+    t5, pooled = torch.randn(1, 8, p.context_in_dim, generator=g), torch.randn(1, p.vec_in_dim, generator=g)
+    seen = {}
+    forward = model.forward
+
+    def spy(**kw):
+        seen.update(cond=kw["cond"], cond_ids=kw["cond_ids"])
+        return forward(**kw)
+
+    model.forward = spy
+    obj = build_config(parse_args(["--model_prediction_type", "raw"])).objective
+
+    def loss(cond):
+        x = StepInputs(lat, t5, pooled, torch.ones(1, 8), torch.ones(1), None, ("a#0",), cond_latents=cond)
+        with torch.no_grad():
+            return float(flow_matching_loss(model, x, obj, 1, 5, True, False, nullcontext))
+
+    plain = loss(None)
+    assert seen["cond"] is None
+    with_ref = loss(ref)
+    assert seen["cond"].shape == (1, 6, 64)  # (6/2)*(4/2) tokens of 16*2*2 channels
+    assert seen["cond_ids"][0, :, 0].eq(1).all() and seen["cond_ids"][0, -1, 1:].tolist() == [2.0, 1.0]
+    assert abs(with_ref - plain) > 1e-4 * plain  # the reference changes the prediction
+    assert loss(ref * 0.5) != pytest.approx(with_ref, rel=1e-6)

@@ -27,6 +27,7 @@ class StepInputs:
     sample_weights: torch.Tensor  # [B] prior_loss_weight for regularization images, else 1
     loss_mask: torch.Tensor | None  # [B, 1, h, w]
     keys: tuple[str, ...]  # one per sample: what seeds its noise
+    cond_latents: torch.Tensor | None = None  # [B, 16, h', w'] FLUX.1 Kontext reference image (control subsets)
 
 
 def sample_generator(seed: int, step: int, key: str) -> torch.Generator:
@@ -72,11 +73,17 @@ def flow_matching_loss(transformer: torch.nn.Module, x: StepInputs, obj: Objecti
     dev = latents.device
     dtype = x.t5_out.dtype
     guidance = torch.full((b,), obj.guidance_scale, device=dev) if guidance_embed else None
+    cond = cond_ids = None
+    if x.cond_latents is not None:  # Kontext: clean reference tokens appended, first id axis 1
+        hc, wc = x.cond_latents.shape[-2:]
+        cond = pack_latents(x.cond_latents.float())
+        cond_ids = make_img_ids(b, hc // 2, wc // 2, index=1).to(dev)
     with autocast():
         packed = transformer(img=pack_latents(noisy), img_ids=make_img_ids(b, h // 2, w // 2).to(dev),
                              txt=x.t5_out, txt_ids=make_txt_ids(b, x.t5_out.shape[1]).to(dev, dtype),
                              timesteps=sigmas, y=x.clip_pooled, guidance=guidance,
-                             txt_mask=x.t5_attn_mask.bool() if apply_t5_attn_mask else None)
+                             txt_mask=x.t5_attn_mask.bool() if apply_t5_attn_mask else None,
+                             cond=cond, cond_ids=cond_ids)
     pred = unpack_latents(packed.float(), h, w)
     p, t = flow.prediction_and_target(obj.model_prediction_type, pred, noisy, latents, noise, sigmas)
     huber_c = None

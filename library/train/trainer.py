@@ -115,6 +115,10 @@ def after_optimizer_step(run: Run, state: State, bar: Any) -> bool:
 
 def forward_backward(run: Run, batch: Any, state: State) -> float:
     inputs = make_inputs(run, batch)
+    # A batch comes from one dataset, so its network_multiplier (dataset TOML key) is one number.
+    multiplier = float(batch.network_multiplier[0])
+    if multiplier != run.network.multiplier:
+        run.network.set_multiplier(multiplier)
     obj, cfg = run.cfg.objective, run.cfg
     loss = flow_matching_loss(run.models.transformer, inputs, obj, run.seed, state.global_step,
                               run.models.guidance_embed, cfg.model.apply_t5_attn_mask, run.accelerator.autocast)
@@ -148,12 +152,8 @@ def optimizer_step(run: Run) -> None:
 
 def make_inputs(run: Run, batch: Any) -> StepInputs:
     dev, cdtype = run.accelerator.device, run.dtypes.compute
-    if batch.latents is not None:
-        latents = batch.latents.to(dev, torch.float32)
-    else:
-        with torch.no_grad():
-            ae = run.models.ae
-            latents = ae.encode(batch.images.to(dev, next(ae.parameters()).dtype)).float()
+    latents = _latents(run, batch.latents, batch.images)
+    cond = _latents(run, batch.cond_latents, batch.cond_images)
     if batch.t5_out is not None:
         t5, pooled, mask = batch.t5_out, batch.clip_pooled, batch.t5_attn_mask
     else:
@@ -162,7 +162,18 @@ def make_inputs(run: Run, batch: Any) -> StepInputs:
     return StepInputs(latents=latents, t5_out=t5.to(dev, cdtype), clip_pooled=pooled.to(dev, cdtype),
                       t5_attn_mask=mask.to(dev), sample_weights=weights.to(dev),
                       loss_mask=None if batch.loss_mask is None else batch.loss_mask.to(dev),
-                      keys=sample_keys(list(batch.paths)))
+                      keys=sample_keys(list(batch.paths)), cond_latents=cond)
+
+
+def _latents(run: Run, cached: torch.Tensor | None, images: torch.Tensor | None) -> torch.Tensor | None:
+    """Float32 latents on the device: from the cache, or encoded now by the AE (no latent cache)."""
+    if cached is not None:
+        return cached.to(run.accelerator.device, torch.float32)
+    if images is None:
+        return None
+    ae = run.models.ae
+    with torch.no_grad():
+        return ae.encode(images.to(run.accelerator.device, next(ae.parameters()).dtype)).float()
 
 
 def encode_live(run: Run, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -220,6 +231,7 @@ def validate(run: Run, state: State) -> None:
 def sample(run: Run, step: int, epoch: int | None) -> None:
     acc = run.accelerator
     if run.prompts and acc.is_main_process:
+        run.network.set_multiplier(1.0)  # samples show the LoRA at full strength, whatever the last dataset's
         paths = write_samples(run.prompts, run.models.transformer, run.models.ae, run.out_dir,
                               run.cfg.save.output_name or "sample", step, epoch, run.seed, run.models.guidance_embed,
                               run.models.t5_max_length, run.cfg.model.apply_t5_attn_mask, acc.autocast)
