@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from safetensors.torch import load_file
 
+from library.atomic import write_text_atomic
 from library.errors import UserError
 from library.flux.safetensors_io import read_header, save_file_atomic
 
@@ -111,11 +112,8 @@ class DigestIndex:
     def save(self) -> None:
         if self.path is None or not self._dirty:
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(self._entries))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, json.dumps(self._entries))
         except OSError:
             return  # only a speed-up for --skip_cache_check; the cache itself reports unwritable folders
         self._dirty = False

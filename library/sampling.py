@@ -27,6 +27,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
+from library.atomic import atomic_target
 from library.flow import flux_mu, time_shift
 from library.flux.math import make_img_ids, make_txt_ids, pack_latents, unpack_latents
 from library.flux.text_encoders import FluxTextEncoders, TextEncoding, default_t5_max_length
@@ -215,17 +216,11 @@ def save_png(image: Image.Image, path: str | os.PathLike, settings: SampleSettin
              extra: dict | None = None) -> Path:
     """Write `image` as PNG with "parameters" and a JSON chunk of `settings` (+ `extra`), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     info.add_text("parameters", parameters_text(settings, str((extra or {}).get("model", ""))))
     info.add_text(PNG_JSON_KEY, json.dumps({**asdict(settings), **(extra or {})}, sort_keys=True))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_target(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

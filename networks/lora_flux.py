@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from library.atomic import atomic_target
 from library.errors import UserError
 from networks import lora_keys as K
 from networks.lora_args import NetworkArgs, parse_network_args, unet_rank
@@ -272,9 +273,8 @@ def save_lora(weights: dict[str, LoRAWeight], file: str | os.PathLike, dtype: to
         md.update(safetensors_hashes(sd, md))
         save_file_atomic(sd, file, md)
     else:
-        tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
-        torch.save(sd, tmp)
-        os.replace(tmp, file)
+        with atomic_target(file) as tmp:
+            torch.save(sd, tmp)
 
 
 # -- factories (kohya's names) -----------------------------------------------------------------------------

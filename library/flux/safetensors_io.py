@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
+from library.atomic import atomic_target
 from library.errors import UserError
 
 _PICKLE_MAGICS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -178,13 +179,8 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a directory, expected a .safetensors file name to write")
-    path.parent.mkdir(parents=True, exist_ok=True)  # OSError names the folder; callers / run_main report it
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    # mkdir's OSError names the folder; callers / run_main report it
+    with atomic_target(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         # safetensors creates files 0600; give the output the permissions any other file would get (umask)
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -10,7 +10,6 @@ vector, guidance), so parity tests against diffusers can fail.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from library.flux.autoencoder import SCALE, SHIFT, AutoEncoder, AutoEncoderParam
 from library.flux.convert import ae_bfl_to_diffusers, transformer_bfl_to_diffusers
 from library.flux.model import Flux, FluxParams
 from library.flux.safetensors_io import save_file_atomic
+from library.flux.tiny_text import write_json
 
 TINY_AE = AutoEncoderParams(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=16)
 TRANSFORMER_DTYPE = torch.bfloat16  # as flux1-dev.safetensors ships
@@ -74,13 +74,6 @@ def tiny_ae_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: v.to(AE_DTYPE) for k, v in _randomize(model, seed + 100).items()}
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def transformer_config(p: FluxParams) -> dict:
     """diffusers FluxTransformer2DModel config.json for `p`."""
     return {"_class_name": "FluxTransformer2DModel", "_diffusers_version": DIFFUSERS_VERSION,
@@ -133,7 +126,7 @@ def _write_sharded(sd: dict[str, torch.Tensor], folder: Path, basename: str, n_s
         save_file_atomic({k: sd[k] for k in shard}, folder / file)
         weight_map.update({k: file for k in shard})
         total += sum(sd[k].numel() * sd[k].element_size() for k in shard)
-    _write_json(folder / f"{basename}.safetensors.index.json",
+    write_json(folder / f"{basename}.safetensors.index.json",
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
@@ -153,11 +146,11 @@ def write_tiny_checkpoints(out_dir: str | Path, seed: int = 0, guidance_embed: b
     clip_l, t5xxl = write_tiny_text_encoders(out, seed)
 
     pipe = out / f"FLUX.1-tiny-{variant}"
-    _write_json(pipe / "model_index.json", MODEL_INDEX)
-    _write_json(pipe / "scheduler" / "scheduler_config.json", scheduler_config(guidance_embed))
-    _write_json(pipe / "transformer" / "config.json", transformer_config(tiny_flux_params(guidance_embed)))
+    write_json(pipe / "model_index.json", MODEL_INDEX)
+    write_json(pipe / "scheduler" / "scheduler_config.json", scheduler_config(guidance_embed))
+    write_json(pipe / "transformer" / "config.json", transformer_config(tiny_flux_params(guidance_embed)))
     _write_sharded(transformer_bfl_to_diffusers(flux_sd), pipe / "transformer", "diffusion_pytorch_model")
-    _write_json(pipe / "vae" / "config.json", vae_config(TINY_AE))
+    write_json(pipe / "vae" / "config.json", vae_config(TINY_AE))
     save_file_atomic(ae_bfl_to_diffusers(ae_sd), pipe / "vae" / "diffusion_pytorch_model.safetensors")
     write_tiny_text_encoders_diffusers(pipe, seed)
     return TinyCheckpoints(transformer=transformer, ae=ae, clip_l=clip_l, t5xxl=t5xxl, diffusers=pipe,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from library.atomic import write_text_atomic
 from library.flux.safetensors_io import save_file_atomic
 from library.flux.text_encoders import (
     ClipSizes,
@@ -106,11 +107,8 @@ def write_tiny_text_encoders(out_dir: Path, seed: int) -> tuple[Path, Path]:
     return clip_path, t5_path
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
+def write_json(path: Path, obj: dict) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _copy_tokenizer(name: str, dest: Path) -> None:
@@ -127,7 +125,7 @@ def write_tiny_text_encoders_diffusers(pipeline_dir: Path, seed: int) -> None:
     clip_sd = tiny_clip_state_dict(seed)
     clip_sd.pop("text_projection.weight")  # diffusers' text_encoder is a CLIPTextModel, without projection
     save_file_atomic(clip_sd, pipeline_dir / "text_encoder" / "model.safetensors")
-    _write_json(pipeline_dir / "text_encoder" / "config.json", clip_config(TINY_CLIP).to_dict())
+    write_json(pipeline_dir / "text_encoder" / "config.json", clip_config(TINY_CLIP).to_dict())
 
     t5_sd = tiny_t5_state_dict(seed)
     names = sorted(t5_sd)
@@ -138,9 +136,9 @@ def write_tiny_text_encoders_diffusers(pipeline_dir: Path, seed: int) -> None:
         save_file_atomic({k: t5_sd[k] for k in shard}, pipeline_dir / "text_encoder_2" / file)
         weight_map.update({k: file for k in shard})
         total += sum(t5_sd[k].numel() * t5_sd[k].element_size() for k in shard)
-    _write_json(pipeline_dir / "text_encoder_2" / "model.safetensors.index.json",
+    write_json(pipeline_dir / "text_encoder_2" / "model.safetensors.index.json",
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
-    _write_json(pipeline_dir / "text_encoder_2" / "config.json", t5_config(TINY_T5).to_dict())
+    write_json(pipeline_dir / "text_encoder_2" / "config.json", t5_config(TINY_T5).to_dict())
 
     _copy_tokenizer("clip_l", pipeline_dir / "tokenizer")
     _copy_tokenizer("t5_v1_1_xxl", pipeline_dir / "tokenizer_2")

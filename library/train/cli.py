@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import toml
 
+from library.atomic import write_text_atomic
 from library.errors import UserError
 from library.train.flags import FLAGS, Flag
 
@@ -180,7 +180,4 @@ def write_config_file(parsed: ParsedArgs) -> Path:
 
 
 def write_toml_atomic(file: Path, values: dict[str, Any]) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
-    tmp.write_text(toml.dumps(values), encoding="utf-8")
-    os.replace(tmp, file)
+    write_text_atomic(file, toml.dumps(values))

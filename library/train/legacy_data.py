@@ -11,10 +11,10 @@ The generated file is saved beside the outputs, so the run can be repeated with 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
+from library.atomic import write_text_atomic
 from library.errors import UserError
 from library.train.logging import warn
 
@@ -49,8 +49,4 @@ def write_folder_mode_config(train_data_dir: str, reg_data_dir: str | None, out_
     parts += _subsets(train_data_dir, False, "train_data_dir")
     if reg_data_dir:
         parts += _subsets(reg_data_dir, True, "reg_data_dir")
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.tmp{os.getpid()}")
-    tmp.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
-    os.replace(tmp, out_file)
-    return out_file
+    return write_text_atomic(out_file, "\n\n".join(parts) + "\n")

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from library.atomic import atomic_target, write_text_atomic
 from library.train.config import LogConfig
 
 log = logging.getLogger("flux_train")
@@ -145,19 +145,14 @@ def draw_loss_plot(record: LossRecord, path: Path, title: str = "training loss",
         for _, mean, epoch_end_step in record.epoch_means:
             cx, cy = px(epoch_end_step, min(max(mean, y0), y1))
             draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=(200, 60, 20))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        img.save(tmp, format="PNG")
     return path
 
 
 
 def write_loss_csv(record: LossRecord, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     validation = dict(record.validation)  # step -> the last validation loss measured at that step
     rows = ["step,loss,validation_loss"] + [f"{s},{v!r},{validation[s]!r}" if s in validation else f"{s},{v!r},"
                                             for s, v in zip(record.steps, record.losses)]
-    tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, "\n".join(rows) + "\n")

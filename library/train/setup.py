@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from library.atomic import write_text_atomic
 from library.errors import UserError
 from library.train import models as M
 from library.train.checkpoint import Names
@@ -233,12 +234,8 @@ def _write_config(cfg: TrainConfig, out_dir: Path) -> None:
     from library.train.cli import write_toml_atomic  # noqa: PLC0415
 
     tree = config_as_dict(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
     name = cfg.save.output_name or "last"
-    tmp = out_dir / f".{name}_config.json.tmp"
-    tmp.write_text(json.dumps(tree, indent=1), encoding="utf-8")
-    target = out_dir / f"{name}_config.json"
-    tmp.replace(target)
+    target = write_text_atomic(out_dir / f"{name}_config.json", json.dumps(tree, indent=1))
     write_toml_atomic(out_dir / f"{name}_args.toml", {k: v for k, v in cfg.effective.items()})
     print(config_summary(cfg) + f"\n  full configuration: {target}", flush=True)
 
