@@ -25,13 +25,12 @@ from library.flux.autoencoder import AutoEncoder, AutoEncoderParams
 from library.flux.convert import ae_diffusers_to_bfl, apply_plan_entry, is_diffusers_ae, \
     is_diffusers_transformer, transformer_diffusers_plan
 from library.flux.model import FP8_DTYPE, Flux, FluxParams, apply_fp8_storage, to_fp8
-from library.flux.safetensors_io import Checkpoint, open_checkpoint, shard_files
+from library.flux.safetensors_io import Checkpoint, first_keys, open_checkpoint, shard_files
 
 log = logging.getLogger(__name__)
 
 _TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _AE_PREFIXES = ("first_stage_model.", "vae.")
-_SHOW = 3  # offending keys named in an error message
 
 
 def _resolve(path: str | Path, subfolder: str, what: str) -> list[Path]:
@@ -66,21 +65,15 @@ def _kind_of(keys: list[str]) -> str | None:
     return None
 
 
-def _first(keys, n: int = _SHOW) -> str:
-    keys = sorted(keys)
-    more = ", ..." if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
 def _check(ckpt_name: str, what: str, expected: dict[str, torch.Tensor],
            shapes: dict[str, tuple[int, ...]]) -> None:
     """Strict key and shape check: missing, unexpected, wrong shape -> UserError naming the first keys."""
     missing = expected.keys() - shapes.keys()
     if missing:
-        raise UserError(f"{ckpt_name}: not a {what}: missing {len(missing)} keys ({_first(missing)})")
+        raise UserError(f"{ckpt_name}: not a {what}: missing {len(missing)} keys ({first_keys(missing)})")
     unexpected = shapes.keys() - expected.keys()
     if unexpected:
-        raise UserError(f"{ckpt_name}: not a {what}: {len(unexpected)} unexpected keys ({_first(unexpected)})")
+        raise UserError(f"{ckpt_name}: not a {what}: {len(unexpected)} unexpected keys ({first_keys(unexpected)})")
     for key in sorted(expected):
         if tuple(expected[key].shape) != tuple(shapes[key]):
             raise UserError(f"{ckpt_name}: {key}: shape {tuple(shapes[key])}, expected "

@@ -26,6 +26,12 @@ _PICKLE_MAGICS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+def first_keys(keys, n: int = 3) -> str:
+    """The first `n` of `keys` (sorted) for an error message, with how many more there are."""
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
 def read_header(path: str | os.PathLike) -> dict[str, dict]:
     """Return the safetensors header (tensor name → {dtype, shape, data_offsets}), without `__metadata__`.
 

@@ -27,7 +27,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from library.errors import UserError
-from library.flux.safetensors_io import Checkpoint, open_checkpoint, shard_files
+from library.flux.safetensors_io import Checkpoint, first_keys, open_checkpoint, shard_files
 
 CLIP_HEAD_DIM = 64  # CLIP text transformers use 64-wide heads (CLIP-L: 768 = 12 x 64)
 CLIP_MAX_LENGTH = 77  # CLIP's context length; FLUX pools over exactly these tokens
@@ -114,11 +114,6 @@ def _resolve_files(path: Path, subfolder: str, flag: str) -> list[Path]:
         raise UserError(f"{path}: no {subfolder}/model.safetensors (or sharded index) in this folder "
                         f"(given as {flag}); pass the .safetensors file or a diffusers FLUX folder")
     return files
-
-
-def _first(keys: list[str] | set[str], n: int = 3) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 def _layout_hint(keys: list[str], flag: str) -> str:
@@ -236,11 +231,11 @@ def _stream_into(model: torch.nn.Module, ckpt: Checkpoint | _Prefixed, file_key:
     expected = model.state_dict()
     missing = {fk for mk, fk in file_key.items() if fk not in ckpt}
     if missing:
-        raise UserError(f"{ckpt.name}: missing key(s) {_first(missing)}{_layout_hint(ckpt.keys(), flag)}")
+        raise UserError(f"{ckpt.name}: missing key(s) {first_keys(missing)}{_layout_hint(ckpt.keys(), flag)}")
     wrong = [f"{fk} {tuple(ckpt.shapes[fk])} (expected {tuple(expected[mk].shape)})"
              for mk, fk in file_key.items() if tuple(ckpt.shapes[fk]) != tuple(expected[mk].shape)]
     if wrong:
-        raise UserError(f"{ckpt.name}: wrong shape for {_first(wrong, 2)}")
+        raise UserError(f"{ckpt.name}: wrong shape for {first_keys(wrong, 2)}")
     if device.type == "meta":  # header-only check (as loading.load_transformer): keys and shapes, no tensor read
         return
     state = {}
@@ -258,7 +253,7 @@ def _stream_into(model: torch.nn.Module, ckpt: Checkpoint | _Prefixed, file_key:
 def _check_unexpected(ckpt: Checkpoint | _Prefixed, used: set[str], ignored: set[str], flag: str) -> None:
     unexpected = set(ckpt.keys()) - used - ignored
     if unexpected:
-        raise UserError(f"{ckpt.name}: unexpected key(s) {_first(unexpected)}{_layout_hint(ckpt.keys(), flag)}")
+        raise UserError(f"{ckpt.name}: unexpected key(s) {first_keys(unexpected)}{_layout_hint(ckpt.keys(), flag)}")
 
 
 def load_clip_l(path: str | Path, device: torch.device | str, dtype: torch.dtype) -> CLIPTextModel:
