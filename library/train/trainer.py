@@ -9,6 +9,7 @@ Gradient accumulation and the LR schedule are counted here, in the saved state, 
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import time
@@ -122,10 +123,12 @@ def forward_backward(run: Run, batch: Any, state: State) -> float:
     obj, cfg = run.cfg.objective, run.cfg
     loss = flow_matching_loss(run.models.transformer, inputs, obj, run.seed, state.global_step,
                               run.models.guidance_embed, cfg.model.apply_t5_attn_mask, run.accelerator.autocast)
-    if _agree(run, int(not torch.isfinite(loss).item())):
-        stop_non_finite(run, state, float(loss.item()))
+    # One host sync per micro-step, taken before backward is queued so the host does not wait for it.
+    value = float(loss.item())
+    if _agree(run, int(not math.isfinite(value))):
+        stop_non_finite(run, state, value)
     run.accelerator.backward(loss / cfg.loop.gradient_accumulation_steps)
-    return float(loss.item())
+    return value
 
 
 def optimizer_step(run: Run) -> None:
