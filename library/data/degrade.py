@@ -81,7 +81,8 @@ class DegradationConfig:
 
     def ranges(self) -> dict[str, Any]:
         """The settings that matter for the listed ops (what --dry_run prints)."""
-        used = {k for op in self.ops for k in _OP_KEYS[op]}
+        used = {k for op in self.ops for k in _OP_KEYS[op]} - {"noise_peak" if self.noise_type == "gaussian"
+                                                               else "noise_sigma"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name in used}
 
 
@@ -457,3 +458,38 @@ def load_degradation_file(path: str | Path) -> DegradationConfig:
         raise UserError("\n".join(f"{path}: {e}" for e in errors))
     assert cfg is not None
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------- CLI shorthand
+
+CLI_PREFIX = "degradation_"  # --degradation_types a,b + --degradation_<key> for every other key
+
+
+def cli_flag(key: str) -> str:
+    return "--degradation_types" if key == "ops" else f"--{CLI_PREFIX}{key}"
+
+
+def _cli_number(text: str, integer: bool) -> Any:
+    try:
+        return int(text) if integer else float(text)
+    except ValueError:
+        return text  # left as text: the parser reports it with the flag's name
+
+
+def parse_cli_degradation(values: dict[str, Any]) -> tuple[DegradationConfig | None, list[str]]:
+    """The `--degradation_*` flags the user gave (name -> value, unset ones absent or None) as one config.
+
+    Ranges are written "low,high" or one value ("2,8", "0.5"); `--degradation_types` lists the ops.
+    Returns (None, []) when no such flag was given.
+    """
+    given = {k[len(CLI_PREFIX):]: v for k, v in values.items() if k.startswith(CLI_PREFIX) and v is not None}
+    if not given:
+        return None, []
+    table: dict[str, Any] = {}
+    for key, raw in given.items():
+        key = "ops" if key == "types" else key
+        if key in _RANGE_KEYS and isinstance(raw, str):
+            parts = [_cli_number(p.strip(), _RANGE_KEYS[key][0]) for p in raw.split(",")]
+            raw = parts[0] if len(parts) == 1 else parts
+        table[key] = raw
+    return parse_degradation(table, "command line", spot=cli_flag)
