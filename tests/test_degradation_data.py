@@ -253,3 +253,13 @@ def test_dry_run_prints_variants_and_ranges_and_writes_a_contact_sheet(tmp_path,
     assert flux_train_network.main(["--dataset_config", str(plain), "--dry_run", "--output_dir",
                                     str(tmp_path / "o2")]) == 0
     assert "contact sheet" not in capsys.readouterr().out and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("name, images, variants", [("restoration_kontext.toml", 5, 4),
+                                                    ("demo_restoration.toml", 11, 2)])
+def test_shipped_restoration_configs_validate(name, images, variants):
+    cfg = load_dataset_config(REPO / "dataset_configs" / name)
+    subs = [s for ds in cfg.datasets for s in ds.subsets]
+    assert all(s.degradation is not None and s.degradation.variants == variants for s in subs)
+    train, _ = build_datasets(cfg, seed=0, progress=False)
+    assert sum(len(its) for its in train.items) == images * variants
