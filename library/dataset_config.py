@@ -393,6 +393,10 @@ def load_dataset_config(path: str | Path, cli_values: Mapping[str, Any] | None =
         # kohya skips num_repeats = 0 subsets; with none left, training would have nothing to step on
         ctx.errors.append("datasets: no subset is left to train (every subset has num_repeats = 0 or repeats "
                           "an earlier source); set num_repeats >= 1")
+    if ctx.cli_degradation is not None and not any(ctx.sources.get(k) == "cli" for k in ctx.sources
+                                                   if k.endswith(".degradation")):
+        ctx.warnings.append("--degradation_types: no subset takes it (each has conditioning_data_dir or a "
+                            "degradation table of its own)")
     if ctx.errors:
         raise UserError("\n".join(e if e.startswith(("--", str(path))) else f"{path}: {e}" for e in ctx.errors))
     for w in ctx.warnings:

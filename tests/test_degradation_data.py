@@ -263,3 +263,15 @@ def test_shipped_restoration_configs_validate(name, images, variants):
     assert all(s.degradation is not None and s.degradation.variants == variants for s in subs)
     train, _ = build_datasets(cfg, seed=0, progress=False)
     assert sum(len(its) for its in train.items) == images * variants
+
+
+def test_cli_shorthand_without_a_clean_subset_warns(tmp_path):
+    tgt, ctl = images(tmp_path / "t", 1), images(tmp_path / "c", 1)
+    cfg_path = write(tmp_path, f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = "{tgt}"\n'
+                               f'conditioning_data_dir = "{ctl}"\n')
+    cfg = load_dataset_config(cfg_path, {"degradation_types": "blur"})
+    assert cfg.datasets[0].subsets[0].degradation is None
+    assert any(w.startswith("--degradation_types: no subset takes it") for w in cfg.warnings)
+    plain = write(tmp_path, f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = "{tgt}"\n', "p.toml")
+    assert not load_dataset_config(plain, {"degradation_types": "blur"}).warnings
+    assert load_dataset_config(two_subsets(tmp_path), {"degradation_types": "blur"}).warnings  # own tables win
