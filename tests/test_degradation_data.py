@@ -275,3 +275,19 @@ def test_cli_shorthand_without_a_clean_subset_warns(tmp_path):
     plain = write(tmp_path, f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = "{tgt}"\n', "p.toml")
     assert not load_dataset_config(plain, {"degradation_types": "blur"}).warnings
     assert load_dataset_config(two_subsets(tmp_path), {"degradation_types": "blur"}).warnings  # own tables win
+
+
+def test_validation_split_keeps_the_variants_of_an_image_together(tmp_path):
+    img = images(tmp_path / "v", 6)
+    cfg = load_dataset_config(write(tmp_path, f"""
+        [[datasets]]
+        resolution = 32
+        validation_split = 0.5
+          [[datasets.subsets]]
+          image_dir = "{img}"
+          degradation = {{ ops = ["noise"], variants = 3 }}
+        """))
+    train, val = build_datasets(cfg, seed=0, progress=False)
+    tp, vp = [it.path for it in train.items[0]], [it.path for it in val.items[0]]
+    assert len(set(tp)) == 3 and len(set(vp)) == 3 and not set(tp) & set(vp)
+    assert len(tp) == len(vp) == 9  # every variant of an image on its side

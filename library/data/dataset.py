@@ -188,6 +188,11 @@ class FluxDataset:
         assert sub.degradation is not None and it.variant is not None
         return sample_params(sub.degradation, self.seed, it.image_key, it.variant)
 
+    def pair(self, it: Item) -> tuple[np.ndarray, np.ndarray | None]:
+        """(target, control) uint8 RGB at the item's bucket, centre crop, no flip: what a preview shows."""
+        rgb, _, cond = self._pixels(it, None)
+        return rgb, cond
+
     # ------------------------------------------------------------------------------------------ caching
     def _cache_root(self, it: Item, cache_dir: Path | None) -> Path:
         if cache_dir is not None:

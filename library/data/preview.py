@@ -47,7 +47,7 @@ def contact_sheet(dataset: FluxDataset, items: list[Item]) -> Image.Image:
     """Rows of [target | control] with a label "subset d.s  name  variant v"."""
     rows = []
     for it in items:
-        rgb, _, cond = dataset._pixels(it, None)
+        rgb, cond = dataset.pair(it)
         assert cond is not None
         rows.append((f"{it.dataset}.{it.subset}  {it.image_key}  variant {it.variant}", _tile(rgb), _tile(cond)))
     width = max(t.width + c.width for _, t, c in rows) + 12
