@@ -50,7 +50,7 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "x"
 
 
-def parse_image_name(file: str, prompt_ids: set[str] | None = None) -> ImageId:
+def parse_image_name(file: str, prompt_ids: set[str] | None = None, prompts_file: str = "the prompts file") -> ImageId:
     """Parse either layout; `prompt_ids` (from a prompts file) disambiguates the published one."""
     if not file.lower().endswith(".png"):
         raise UserError(f"{file}: not a .png image name (expected <lora>_<step>_<promptid>_<seed>_<strength>.png)")
@@ -63,6 +63,9 @@ def parse_image_name(file: str, prompt_ids: set[str] | None = None) -> ImageId:
         step, pid = parts[i], parts[i + 1]
         if step.isdigit() and pid and (prompt_ids is None or pid in prompt_ids):
             return ImageId(file, "_".join(parts[:i]), int(step), pid)
-    known = f" with a prompt id from the prompts file ({', '.join(sorted(prompt_ids)[:5])} ...)" if prompt_ids else ""
+    if m:
+        raise UserError(f"{file}: prompt id {m['pid']!r} is not in {prompts_file} (ids: "
+                        f"{', '.join(sorted(prompt_ids or ())[:8])}); add it or give the matching prompts file")
+    known = f" with a prompt id from {prompts_file} ({', '.join(sorted(prompt_ids)[:5])} ...)" if prompt_ids else ""
     raise UserError(f"{file}: image name does not follow <lora>_<step>_<promptid>_<seed>_<strength>.png or "
                     f"<lora>_<step>_<promptid>_<anything>.png{known}; rename it or move it out of --images")

@@ -22,7 +22,6 @@ from library.errors import UserError
 from library.eval.names import BASE
 from library.eval.score import METRICS, notes_path, spectra_path
 from library.eval.table import ID_COLUMNS, read_rows
-from library.sampling import read_png_settings
 
 THUMB = 192  # px, the longer side of grid thumbnails
 LABELS = {"clip_score": "CLIP score (100·cos, text)", "clip_i": "CLIP-I (cos to references)",
@@ -81,6 +80,8 @@ def _lora_meta(images: Path | None, rows: list[dict]) -> dict[str, dict]:
     for r in rows:
         if r["lora"] in meta or r["lora"] == BASE or images is None or not (images / r["file"]).is_file():
             continue
+        from library.sampling import read_png_settings  # noqa: PLC0415 - imports transformers
+
         md = read_png_settings(images / r["file"])
         meta[r["lora"]] = {k: str(md.get(k, "")) for k in ("network_dim", "resolution", "variant")}
     return meta

@@ -22,7 +22,6 @@ from library.eval.models import batches, pick_device
 from library.eval.names import ImageId, parse_image_name
 from library.eval.prompts import apply_class_tokens, load_eval_prompts
 from library.eval.table import ID_COLUMNS, write_rows
-from library.sampling import PNG_JSON_KEY
 
 log = logging.getLogger(__name__)
 METRICS = ("clip_score", "clip_i", "dino", "hf_energy", "hf_ratio", "grid16")
@@ -69,6 +68,8 @@ def _open(path: Path) -> Image.Image:
 
 
 def _png_prompt(path: Path) -> str | None:
+    from library.sampling import PNG_JSON_KEY  # noqa: PLC0415 - pulls in the text encoders (transformers)
+
     try:
         with Image.open(path) as im:
             raw = getattr(im, "text", {}).get(PNG_JSON_KEY)
@@ -90,7 +91,7 @@ def collect(cfg: ScoreConfig) -> list[Item]:
     prompts = {p.id: p.text for p in load_eval_prompts(cfg.prompts)} if cfg.prompts else None
     items = []
     for f in files:
-        iid = parse_image_name(f.name, set(prompts) if prompts is not None else None) if prompts is not None \
+        iid = parse_image_name(f.name, set(prompts), str(cfg.prompts)) if prompts is not None \
             else parse_image_name(f.name)
         text = prompts.get(iid.prompt_id) if prompts is not None else _png_prompt(f)
         if text is None:
@@ -197,6 +198,9 @@ def score(cfg: ScoreConfig) -> tuple[Path, list[dict]]:
 
 
 def _check_out(out: Path) -> None:
+    """Fail before any model is loaded if the CSV could not be written (nothing is created here)."""
+    if out.is_dir():
+        raise UserError(f"{out}: --out is a folder; give a file name such as {out / 'scores.csv'}")
     existing = out.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
