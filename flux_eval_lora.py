@@ -168,11 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     a = build_parser().parse_args(argv)
     if a.command == "render":
-        from library.eval.render import Renderer, plan  # noqa: PLC0415
+        from library.eval.render import Renderer, is_done, plan  # noqa: PLC0415
 
         cfg = render_config(a)
         jobs = plan(cfg)
-        made = Renderer(cfg).render(jobs) if any(not j.path.exists() for j in jobs) else []
+        made = Renderer(cfg).render(jobs) if not all(is_done(j, cfg) for j in jobs) else []
         print(f"rendered {len(made)} image(s), {len(jobs) - len(made)} already there, in {cfg.out_dir}")
     elif a.command == "score":
         from library.eval.score import score  # noqa: PLC0415

@@ -14,6 +14,7 @@ from PIL import Image
 
 import flux_eval_lora
 import flux_minimal_inference
+from library.errors import UserError
 from eval_helpers import PHOTOS, photo, tiny_clip, tiny_dino  # noqa: F401 (fixtures)
 from library.eval.table import read_rows
 from library.flux.loading import load_transformer
@@ -82,6 +83,13 @@ def test_render_score_report(tiny_ckpts, setup, tiny_clip, tiny_dino, tmp_path):
     after = {p.name: p.stat().st_mtime_ns for p in images.glob("*.png")}
     assert sorted(after) == sorted(before)
     assert sorted(n for n in after if after[n] != before[n]) == ["base_0_01_1_0.png", "dog_10_01_1_0.5.png"]
+
+    # an image of the same name but other settings is not silently reused
+    (setup / "other.json").write_text(json.dumps({**PROMPTS, "00": "a photo of sks cat"}))
+    argv = ["render", *_models(tiny_ckpts), "--loras", str(setup / "loras"), "--strengths", "0,0.5,1",
+            "--prompts", str(setup / "other.json"), "--seeds", "1", "--out_dir", str(images), *SIZE]
+    with pytest.raises(UserError, match="base_0_00_1_0.png: exists but was rendered with other settings .prompt"):
+        flux_eval_lora.main(argv)
 
     csv = tmp_path / "scores" / "scores.csv"
     argv = ["score", "--images", str(images), "--prompts", str(setup / "prompts.json"), "--clip_model", str(tiny_clip),

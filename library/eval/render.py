@@ -33,6 +33,7 @@ class LoraFile:
     name: str  # the training run's output name (the part before -stepNNNNNNNN / -NNNNNN)
     step: int  # ss_steps from the metadata, else the name's step (or epoch number), else 0
     metadata: dict = field(default_factory=dict, hash=False, compare=False)
+    variant: str = ""  # a study variant's name, written into the PNG metadata
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,6 @@ class RenderConfig:
     dtype: str = "bfloat16"
     fp8: bool = False
     device: str | None = None
-    label: str = ""  # a study variant's name, written into the PNG metadata
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,28 @@ def plan(cfg: RenderConfig) -> list[Job]:
     return jobs
 
 
+def is_done(job: Job, cfg: RenderConfig) -> bool:
+    """The image exists (complete: writes are atomic) and was made with these settings; an image of the
+    same name made with another prompt, size, step count or LoRA file is an error, not silently reused."""
+    if not job.path.exists():
+        return False
+    from library.sampling import read_png_settings  # noqa: PLC0415
+
+    try:
+        md = read_png_settings(job.path)
+    except (OSError, ValueError):
+        md = {}
+    want = {"prompt": job.prompt.text, "seed": job.seed, "width": cfg.width, "height": cfg.height,
+            "strength": job.strength, "lora_file": str(job.lora.path) if job.lora else ""}
+    if cfg.steps:
+        want["steps"] = cfg.steps
+    diff = sorted(k for k, v in want.items() if k in md and md[k] != v) if md else ["(no settings metadata)"]
+    if diff:
+        raise UserError(f"{job.path}: exists but was rendered with other settings ({', '.join(diff)}); use another "
+                        "--out_dir or delete it")
+    return True
+
+
 class Renderer:
     """The loaded base model; `render(jobs)` swaps LoRAs in and out as the jobs need them."""
 
@@ -143,7 +165,7 @@ class Renderer:
 
     def render(self, jobs: list[Job]) -> list[Path]:
         made = []
-        todo = [j for j in jobs if not j.path.exists()]
+        todo = [j for j in jobs if not is_done(j, self.cfg)]
         if len(todo) < len(jobs):
             log.info("%d of %d images exist already (resuming)", len(jobs) - len(todo), len(jobs))
         bar = tqdm(total=len(todo), desc="rendering", unit="img")
@@ -189,6 +211,6 @@ class Renderer:
                  "fp8": c.fp8, "lora": lf.name if lf else BASE, "lora_file": str(lf.path) if lf else "",
                  "step": lf.step if lf else 0, "strength": job.strength, "prompt_id": job.prompt.id,
                  "network_dim": md.get("ss_network_dim", ""), "network_alpha": md.get("ss_network_alpha", ""),
-                 "resolution": md.get("modelspec.resolution", ""), "variant": c.label,
+                 "resolution": md.get("modelspec.resolution", ""), "variant": lf.variant if lf else "",
                  "lora_weights": [[str(lf.path), job.strength]] if lf else []}
         return save_png(image, job.path, s, extra)

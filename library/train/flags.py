@@ -300,6 +300,10 @@ FLAGS: list[Flag] = [
         _f("validate_config", "flag", False, "print the resolved dataset config and exit"),
         _f("dry_run", "flag", False, "print the training plan (datasets, buckets, steps) and exit"),
         _f("skip_bad_images", "flag", False, "skip unreadable images with a warning instead of stopping"),
+        _f("eval_clip_model", "str", None, "CLIP folder (transformers layout): score the sample images as made"),
+        _f("eval_reference_dir", "str", None, "reference images: also the samples' mean CLIP-I (with eval_clip_model)"),
+        _f("eval_class_token_map", "str", None, "'TOKEN=TEXT' replacements for CLIP scoring, e.g. 'sks dog=a dog'",
+           nargs="*"),
     ),
 ]
 
