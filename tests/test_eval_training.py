@@ -43,7 +43,11 @@ def test_sample_images_are_scored_while_training(tiny_ckpts, data: Path, tiny_cl
     assert [e.step for e in acc.Scalars("eval/clip_score")] == [2, 4]
 
 
-def test_eval_flags_need_sample_prompts(tiny_ckpts, data: Path, tiny_clip, tmp_path: Path) -> None:
+def test_eval_flags_are_checked_before_loading(tiny_ckpts, data: Path, tiny_clip, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--sample_prompts"):
         train_in_process(base_args(tiny_ckpts, data, tmp_path / "o", "--max_train_steps", "1",
                                    "--eval_clip_model", str(tiny_clip)))
+    with pytest.raises(UserError, match="--eval_clip_model: no config.json"):
+        train_in_process(base_args(tiny_ckpts, data, tmp_path / "o", "--max_train_steps", "1", "--sample_prompts",
+                                   str(data / "prompts.txt"), "--eval_clip_model", str(data)))
+    assert not (tmp_path / "o").exists()

@@ -20,7 +20,7 @@ from PIL import Image
 from library.atomic import atomic_target, write_text_atomic
 from library.errors import UserError
 from library.eval.names import BASE
-from library.eval.score import METRICS, notes_path, spectra_path
+from library.eval.score import notes_path, spectra_path
 from library.eval.table import ID_COLUMNS, read_rows
 
 THUMB = 192  # px, the longer side of grid thumbnails

@@ -50,6 +50,13 @@ def train(cfg: TrainConfig) -> None:
 
 
 def _train(cfg: TrainConfig) -> None:
+    if (cfg.sample.eval_clip_model or cfg.sample.eval_reference_dir) and not cfg.sample.sample_prompts:
+        raise UserError("--eval_clip_model / --eval_reference_dir score the --sample_prompts images; give "
+                        "--sample_prompts (and --sample_every_n_epochs or --sample_every_n_steps)")
+    if cfg.sample.eval_clip_model:  # a wrong folder fails now, not after the models are loaded and cached
+        from library.eval.models import model_type  # noqa: PLC0415 - optional
+
+        model_type(cfg.sample.eval_clip_model, "--eval_clip_model", ("clip",))
     run = setup(cfg)
     state = State(scorer=_sample_scorer(run))
     if cfg.save.resume:
@@ -253,9 +260,6 @@ def _sample_scorer(run: Run) -> Any:
     sc = run.cfg.sample
     if not sc.eval_clip_model and not sc.eval_reference_dir or not run.accelerator.is_main_process:
         return None
-    if not sc.sample_prompts:
-        raise UserError("--eval_clip_model / --eval_reference_dir score the --sample_prompts images; give "
-                        "--sample_prompts (and --sample_every_n_epochs or --sample_every_n_steps)")
     from library.eval.sample_scores import make_sample_scorer  # noqa: PLC0415 - optional, loads transformers
 
     return make_sample_scorer(sc.eval_clip_model, sc.eval_reference_dir, sc.eval_class_token_map or (),
