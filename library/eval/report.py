@@ -99,7 +99,8 @@ def plot_comparison(rows: list[dict], metrics: list[str], meta: dict[str, dict],
         if r["lora"] != BASE:
             last[r["lora"]] = max(last.get(r["lora"], (-1, -1.0)), (r["step"] or 0, r["strength"] or 0))
     loras = sorted(last)
-    names = [f"{lo}\n" + ", ".join(f"{k.replace('network_dim', 'rank')}={meta.get(lo, {}).get(k, '?')}" for k in keys)
+    names = [f"{lo}\n" + ", ".join(f"{k.replace('network_dim', 'rank')}={meta.get(lo, {}).get(k, '?')}" for k in keys
+                                   if not (k == "variant" and meta.get(lo, {}).get(k) == lo))  # already the name
              for lo in loras]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
     for ax, m in zip(axes[0], metrics):
