@@ -4,6 +4,7 @@ decisions, and (slow) a reduced study end to end that a rerun does not redo."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,12 @@ def test_reduced_study_end_to_end_and_rerun_redoes_nothing(tiny_ckpts, data: Pat
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[r2] skip" in r.stdout and "[r4-nocap] skip" in r.stdout
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    # a variant killed after its step-2 save: it resumes from that state instead of starting over
+    train = out / "train" / "r2"
+    for p in (train / "r2.safetensors", train / "r2-state"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[r2] resume" in r.stdout and f"--resume {train / 'r2-step00000002-state'}" in r.stdout
+    assert "[r4-nocap] skip" in r.stdout and (train / "r2.safetensors").is_file()
+    assert "resumed from" in r.stderr
