@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 
 class ClipScorer:
     def __init__(self, folder: str | Path, device: torch.device | None = None, batch_size: int = 32):
+        model_type(folder, "--clip_model", ("clip",))  # before the (slow) transformers import
         from transformers import CLIPModel, CLIPProcessor  # noqa: PLC0415 - heavy, only when scoring
 
-        model_type(folder, "--clip_model", ("clip",))
         try:
             self.processor = CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
             self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True)

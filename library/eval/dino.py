@@ -18,9 +18,9 @@ DINO_TYPES = ("dinov2", "dinov2_with_registers", "vit")
 
 class DinoEmbedder:
     def __init__(self, folder: str | Path, device: torch.device | None = None, batch_size: int = 32):
+        model_type(folder, "--dino_model", DINO_TYPES)  # before the (slow) transformers import
         from transformers import AutoImageProcessor, AutoModel  # noqa: PLC0415 - heavy, only when scoring
 
-        model_type(folder, "--dino_model", DINO_TYPES)
         try:
             self.processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
             self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)

@@ -17,8 +17,8 @@ from library.atomic import atomic_target, write_text_atomic
 from library.errors import UserError
 from library.eval import frequency as F
 from library.eval.clip import ClipScorer, clip_scores, mean_reference_similarity
-from library.eval.dino import DinoEmbedder
-from library.eval.models import batches, pick_device
+from library.eval.dino import DINO_TYPES, DinoEmbedder
+from library.eval.models import batches, model_type, pick_device
 from library.eval.names import ImageId, parse_image_name
 from library.eval.prompts import apply_class_tokens, load_eval_prompts
 from library.eval.table import ID_COLUMNS, write_rows
@@ -182,6 +182,10 @@ def save_spectra(path: Path, spectra: dict[str, np.ndarray]) -> None:
 def score(cfg: ScoreConfig) -> tuple[Path, list[dict]]:
     """Score every image; write the CSV, the spectra (.npz) and the notes; returns (csv path, rows)."""
     _check_out(cfg.out)
+    if cfg.clip_model:  # a wrong model folder fails before any image is read
+        model_type(cfg.clip_model, "--clip_model", ("clip",))
+    if cfg.dino_model:
+        model_type(cfg.dino_model, "--dino_model", DINO_TYPES)
     items = collect(cfg)
     notes: dict[str, str] = {}
     spectra = score_items(cfg, items, notes)
