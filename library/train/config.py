@@ -150,6 +150,9 @@ class SampleConfig:
     sample_every_n_steps: int | None
     sample_every_n_epochs: int | None
     sample_at_first: bool
+    eval_clip_model: str | None = None  # score the sample images (library/eval/sample_scores.py)
+    eval_reference_dir: str | None = None
+    eval_class_token_map: tuple[str, ...] | list[str] | None = None
 
 
 @dataclass(frozen=True)

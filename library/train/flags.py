@@ -319,6 +319,10 @@ FLAGS: list[Flag] = [
         _f("degradation_scratches", "str", None, "scratch strokes per image, range (default 1,6)"),
         _f("degradation_scratch_width", "str", None, "scratch width range in pixels (default 1,2)"),
         _f("degradation_grayscale_prob", "float", None, "probability of the grayscale op (default 1)"),
+        _f("eval_clip_model", "str", None, "CLIP folder (transformers layout): score the sample images as made"),
+        _f("eval_reference_dir", "str", None, "reference images: also the samples' mean CLIP-I (with eval_clip_model)"),
+        _f("eval_class_token_map", "str", None, "'TOKEN=TEXT' replacements for CLIP scoring, e.g. 'sks dog=a dog'",
+           nargs="*"),
     ),
 ]
 

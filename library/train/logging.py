@@ -50,6 +50,7 @@ class LossRecord:
     losses: list[float] = field(default_factory=list)
     epoch_means: list[tuple[int, float, int]] = field(default_factory=list)  # (epoch, mean, its last step)
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (step, sample-image scores)
     _epoch_sum: float = 0.0
     _epoch_n: int = 0
 
@@ -68,6 +69,9 @@ class LossRecord:
     def add_validation(self, step: int, loss: float) -> None:
         self.validation.append((step, loss))
 
+    def add_eval(self, step: int, scores: dict[str, float]) -> None:
+        self.evals.append((step, dict(scores)))
+
     @property
     def epoch_open(self) -> bool:
         """Steps were recorded since the last `end_epoch` (training stopped inside an epoch)."""
@@ -79,12 +83,14 @@ class LossRecord:
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "losses": self.losses, "epoch_means": self.epoch_means,
-                "validation": self.validation, "epoch_sum": self._epoch_sum, "epoch_n": self._epoch_n}
+                "validation": self.validation, "epoch_sum": self._epoch_sum, "epoch_n": self._epoch_n,
+                "evals": self.evals}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.losses = list(state["steps"]), list(state["losses"])
         self.epoch_means = [tuple(x) for x in state["epoch_means"]]  # type: ignore[misc]
         self.validation = [tuple(x) for x in state.get("validation", [])]  # type: ignore[misc]
+        self.evals = [(int(s), dict(d)) for s, d in state.get("evals", [])]
         self._epoch_sum, self._epoch_n = state["epoch_sum"], state["epoch_n"]
 
 
@@ -155,4 +161,10 @@ def write_loss_csv(record: LossRecord, path: Path) -> Path:
     validation = dict(record.validation)  # step -> the last validation loss measured at that step
     rows = ["step,loss,validation_loss"] + [f"{s},{v!r},{validation[s]!r}" if s in validation else f"{s},{v!r},"
                                             for s, v in zip(record.steps, record.losses)]
+    if record.evals:  # sample-image scores (--eval_clip_model): one more column each, filled at sampled steps
+        evals = dict(record.evals)
+        names = sorted({k for _, d in record.evals for k in d})
+        rows[0] += "".join(f",eval_{k}" for k in names)
+        for i, s in enumerate(record.steps, start=1):
+            rows[i] += "".join(f",{evals[s][k]!r}" if s in evals and k in evals[s] else "," for k in names)
     return write_text_atomic(path, "\n".join(rows) + "\n")

@@ -40,6 +40,7 @@ class State:
     record: LossRecord = field(default_factory=LossRecord)
     stop_signal: int = 0  # the signal number that asked us to stop (SIGINT/SIGTERM)
     last_time: float = field(default_factory=time.perf_counter)  # when the previous optimizer step ended
+    scorer: Any = None  # library.eval.sample_scores.SampleScorer with --eval_clip_model
 
 
 def train(cfg: TrainConfig) -> None:
@@ -49,8 +50,15 @@ def train(cfg: TrainConfig) -> None:
 
 
 def _train(cfg: TrainConfig) -> None:
+    if (cfg.sample.eval_clip_model or cfg.sample.eval_reference_dir) and not cfg.sample.sample_prompts:
+        raise UserError("--eval_clip_model / --eval_reference_dir score the --sample_prompts images; give "
+                        "--sample_prompts (and --sample_every_n_epochs or --sample_every_n_steps)")
+    if cfg.sample.eval_clip_model:  # a wrong folder fails now, not after the models are loaded and cached
+        from library.eval.models import model_type  # noqa: PLC0415 - optional
+
+        model_type(cfg.sample.eval_clip_model, "--eval_clip_model", ("clip",))
     run = setup(cfg)
-    state = State()
+    state = State(scorer=_sample_scorer(run))
     if cfg.save.resume:
         resume(run, state, cfg.save.resume)
     elif cfg.loop.initial_step is not None or cfg.loop.initial_epoch is not None:
@@ -61,7 +69,7 @@ def _train(cfg: TrainConfig) -> None:
     bar = _progress(run, state)
     try:
         if cfg.sample.sample_at_first:
-            sample(run, state.global_step, None)
+            sample(run, state.global_step, None, state)
         log.info("start training: %d steps, %d epochs, %d steps per epoch", run.total_steps, run.num_epochs,
                  run.steps_per_epoch)
         done = state.global_step >= run.total_steps
@@ -103,7 +111,7 @@ def after_optimizer_step(run: Run, state: State, bar: Any) -> bool:
     log_step(run, state, loss, bar)
     if cfg.sample.sample_every_n_steps and not cfg.sample.sample_every_n_epochs \
             and step % cfg.sample.sample_every_n_steps == 0:
-        sample(run, step, None)
+        sample(run, step, None, state)
     if run.val_loader is not None and wants_validation(cfg, step, None):
         validate(run, state)
     if cfg.save.save_every_n_steps and step % cfg.save.save_every_n_steps == 0 and step < run.total_steps:
@@ -215,7 +223,7 @@ def end_epoch(run: Run, state: State, epoch: int) -> None:
     if run.val_loader is not None and wants_validation(cfg, None, n):
         validate(run, state)
     if cfg.sample.sample_every_n_epochs and n % cfg.sample.sample_every_n_epochs == 0:
-        sample(run, state.global_step, n)
+        sample(run, state.global_step, n, state)
     every = cfg.save.save_every_n_epochs
     if every and n % every == 0 and n < run.num_epochs and state.global_step < run.total_steps:
         save(run, state, run.names.epoch(n), cfg.save.save_state)
@@ -231,7 +239,7 @@ def validate(run: Run, state: State) -> None:
         log.info("step %d: validation loss %.5f", state.global_step, loss)
 
 
-def sample(run: Run, step: int, epoch: int | None) -> None:
+def sample(run: Run, step: int, epoch: int | None, state: State | None = None) -> None:
     acc = run.accelerator
     if run.prompts and acc.is_main_process:
         run.network.set_multiplier(1.0)  # samples show the LoRA at full strength, whatever the last dataset's
@@ -239,7 +247,23 @@ def sample(run: Run, step: int, epoch: int | None) -> None:
                               run.cfg.save.output_name or "sample", step, epoch, run.seed, run.models.guidance_embed,
                               run.models.t5_max_length, run.cfg.model.apply_t5_attn_mask, acc.autocast)
         log.info("wrote %d sample image(s) under %s", len(paths), run.out_dir / "sample")
+        if state is not None and state.scorer is not None and paths:
+            scores = state.scorer.score(paths, [e.prompt.prompt for e in run.prompts])
+            acc.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
+            state.record.add_eval(step, scores)
+            log.info("step %d: sample scores %s", step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
     acc.wait_for_everyone()
+
+
+def _sample_scorer(run: Run) -> Any:
+    """The CLIP scorer of --eval_clip_model (rank 0 only: it alone writes and scores the samples)."""
+    sc = run.cfg.sample
+    if not sc.eval_clip_model and not sc.eval_reference_dir or not run.accelerator.is_main_process:
+        return None
+    from library.eval.sample_scores import make_sample_scorer  # noqa: PLC0415 - optional, loads transformers
+
+    return make_sample_scorer(sc.eval_clip_model, sc.eval_reference_dir, sc.eval_class_token_map or (),
+                              run.accelerator.device)
 
 
 def save(run: Run, state: State, lora_path: Any, with_state: bool) -> None:

@@ -1,0 +1,40 @@
+"""DINO image embeddings for the DreamBooth paper's subject-fidelity metric (mean cosine similarity of a
+generated image to the reference images). The embedding is the final-layer CLS token (`last_hidden_state
+[:, 0]`, after the last layer norm): what DINO ViT-S/16 and DINOv2 use as the global image descriptor
+(ViTModel's `pooler_output` would add an untrained dense + tanh pooler, so it is not used)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from library.errors import UserError
+from library.eval.models import batches, model_type, pick_device
+
+DINO_TYPES = ("dinov2", "dinov2_with_registers", "vit")
+
+
+class DinoEmbedder:
+    def __init__(self, folder: str | Path, device: torch.device | None = None, batch_size: int = 32):
+        model_type(folder, "--dino_model", DINO_TYPES)  # before the (slow) transformers import
+        from transformers import AutoImageProcessor, AutoModel  # noqa: PLC0415 - heavy, only when scoring
+
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+            self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{folder}: --dino_model: cannot load the model and its image processor "
+                            f"({str(err).splitlines()[0][:200]})") from None
+        self.device = device or pick_device()
+        self.model = self.model.to(self.device).eval()
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def image_embeds(self, images: list[Image.Image]) -> torch.Tensor:
+        out = []
+        for chunk in batches([im.convert("RGB") for im in images], self.batch_size):
+            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device)
+            out.append(self.model(pixel_values=pixels).last_hidden_state[:, 0].float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.model.config.hidden_size)
