@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Sequence
 
 from library.differential.stages import DifferentialOptions
@@ -32,23 +33,62 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def split_args(argv: Sequence[str]) -> tuple[DifferentialOptions, list[str], bool]:
-    """(our options, the trainer's argv, --help asked)."""
+def add_iterate_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("iterative enhancement (flux_enhance_iterate.py)")
+    g.add_argument("--iterations", type=int, default=1, help="rounds after round 0 (default 1)")
+    g.add_argument("--initial_lora", default=None,
+                   help="round 0's differential LoRA (default: trained from --dataset_config's pairs)")
+    g.add_argument("--pair_command", default=None,
+                   help="shell template making a round's pairs: must write {out}/before/NAME.png and {out}/after/NAME.png "
+                        "(+ NAME.txt captions); placeholders {model} {out} {round} {lora} {ae} {clip_l} {t5xxl} {prompts}")
+    g.add_argument("--prompts", default=None, help="prompt file (one per line) for the built-in pair generation")
+    g.add_argument("--images_per_prompt", type=int, default=2, help="built-in pairs: seeds per prompt (default 2)")
+    g.add_argument("--after_strength", type=float, default=1.0,
+                   help="built-in pairs: the last round's LoRA strength for the after images (default 1)")
+    g.add_argument("--pair_width", type=int, default=64, help="built-in pairs: image width (default 64)")
+    g.add_argument("--pair_height", type=int, default=64, help="built-in pairs: image height (default 64)")
+    g.add_argument("--pair_steps", type=int, default=8, help="built-in pairs: sampling steps (default 8)")
+    g.add_argument("--pair_guidance", type=float, default=3.5, help="built-in pairs: guidance (default 3.5)")
+    g.add_argument("--fuse_precision", default="bf16", help="working copies: bf16, fp8 or float (default bf16)")
+    g.add_argument("--combine_rank", type=int, default=None,
+                   help="combine the rounds by SVD to this rank (default: exact, ranks concatenated)")
+    g.add_argument("--keep_models", action="store_true", help="keep every round's fused working model")
+
+
+def split_args(argv: Sequence[str], iterate: bool = False) -> tuple[DifferentialOptions, list[str], bool]:
+    """(our options, the trainer's argv, --help asked); with `iterate`, the options are
+    (DifferentialOptions, IterateOptions) and the first value is that pair."""
     argv = list(argv)
     wants_help = any(a in ("-h", "--help") for a in argv)
-    ns, rest = build_parser().parse_known_args([a for a in argv if a not in ("-h", "--help")])
-    opts = DifferentialOptions(**vars(ns))
+    parser = build_parser()
+    if iterate:
+        add_iterate_flags(parser)
+    ns, rest = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
+    values = vars(ns)
+    names = {f.name for f in dataclasses.fields(DifferentialOptions)}
+    opts = DifferentialOptions(**{k: v for k, v in values.items() if k in names})
+    if iterate:
+        from library.differential.iterate import IterateOptions  # noqa: PLC0415
+
+        pair = (opts, IterateOptions(**{k: v for k, v in values.items() if k not in names}))
     for name in ("stage1_max_train_steps", "stage1_network_dim"):
         if getattr(opts, name) is not None and getattr(opts, name) < 1:
             raise UserError(f"command line: --{name} must be at least 1")
     if opts.stage1_learning_rate is not None and not opts.stage1_learning_rate > 0:
         raise UserError("command line: --stage1_learning_rate must be positive")
-    return opts, rest, wants_help
+    return (pair if iterate else opts), rest, wants_help
 
 
-def help_text() -> str:
+def help_text(iterate: bool = False) -> str:
     from library.train.cli import build_parser as train_parser  # noqa: PLC0415
 
-    ours = build_parser().format_help()
+    parser = build_parser()
+    if iterate:
+        parser.prog, parser.description = "flux_enhance_iterate.py", (
+            "Iterative enhancement: round 0 trains a differential LoRA on your pairs, each further round fuses the "
+            "LoRAs so far into a working copy of the base, makes new pairs with it and trains the next one; the "
+            "rounds are combined into one LoRA (docs/differential.md).")
+        add_iterate_flags(parser)
+    ours = parser.format_help()
     theirs = train_parser().format_help().split("\n\n", 2)[-1]  # the flag groups, without usage/description
     return ours + "\nflux_train_network.py flags (all passed through to both stages):\n\n" + theirs

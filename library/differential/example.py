@@ -53,3 +53,37 @@ def write_pairs(root: Path, size: int = 64, names: tuple[str, ...] = NAMES, swap
                     f'batch_size = {batch_size}\n[[datasets.subsets]]\nimage_dir = "{after}"\n'
                     f'before_dir = "{before}"\n')
     return toml
+
+
+def _encode(ae, rgb: np.ndarray):
+    import torch  # noqa: PLC0415
+
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        return ae.encode(x)[0]
+
+
+def grade_axis(ae_path: Path, pairs_root: Path, resolution: int = 32):
+    """The grade's direction in the AE's latent space: (mean latent of the befores, mean(after) - mean(before)),
+    per channel, over the pair images resized to the training resolution.
+
+    The tiny test AE has random weights, so its decoder does not preserve colour (a decoded image's warmth is
+    about the same for graded and plain inputs); the grade is therefore read where the model works, in the
+    latents the AE gives the graded and the plain photos."""
+    import torch  # noqa: PLC0415
+
+    from library.flux.loading import load_autoencoder  # noqa: PLC0415
+
+    ae = load_autoencoder(ae_path, "cpu", torch.float32)
+    means = {}
+    for side in ("before", "after"):
+        zs = [_encode(ae, np.asarray(Image.open(p).convert("RGB").resize((resolution, resolution), Image.LANCZOS)))
+              for p in sorted((pairs_root / side).glob("*.png"))]
+        means[side] = torch.stack([z.mean((1, 2)) for z in zs]).mean(0)
+    return means["before"], means["after"] - means["before"]
+
+
+def grade_coordinate(latents, axis) -> float:
+    """Where a latent [16, h, w] lies on the grade's axis: 0 = like the befores, 1 = like the afters."""
+    origin, d = axis
+    return float(((latents.mean((1, 2)) - origin) @ d) / (d @ d))
