@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_console_logging(cfg.log)
     for line in cfg.warnings:
         warn(line)
-    result = run_differential(parsed, opts, train)
+    if opts.pair_mode == "average":
+        from library.differential.average import run_average  # noqa: PLC0415
+
+        result = run_average(parsed, opts, train)
+    else:
+        result = run_differential(parsed, opts, train)
     print(f"differential LoRA: {result}")
     return 0
 

@@ -87,3 +87,41 @@ def grade_coordinate(latents, axis) -> float:
     """Where a latent [16, h, w] lies on the grade's axis: 0 = like the befores, 1 = like the afters."""
     origin, d = axis
     return float(((latents.mean((1, 2)) - origin) @ d) / (d @ d))
+
+
+# ---------------------------------------------------------------------------------- the end-to-end example
+
+def train_grade_lora(ckpts, root: Path, swap: bool, steps: int = 12, stage1_steps: int = 24, lr: float = 2e-3,
+                     seed: int = 3, names: tuple[str, ...] = NAMES[:2]) -> Path:
+    """Pairs (graded after / plain before, or swapped) under root, then a differential LoRA on them."""
+    from library.differential.run import run_differential  # noqa: PLC0415
+    from library.differential.stages import DifferentialOptions  # noqa: PLC0415
+    from library.train.cli import parse_args  # noqa: PLC0415
+    from library.train.trainer import train  # noqa: PLC0415
+
+    toml = write_pairs(root / "pairs", size=64, names=names, swap=swap)
+    argv = ["--pretrained_model_name_or_path", str(ckpts.transformer), "--clip_l", str(ckpts.clip_l),
+            "--t5xxl", str(ckpts.t5xxl), "--ae", str(ckpts.ae), "--dataset_config", str(toml),
+            "--output_dir", str(root / "out"), "--output_name", "grade", "--network_dim", "4", "--network_alpha", "4",
+            "--network_train_unet_only", "--learning_rate", str(lr), "--seed", str(seed),
+            "--model_prediction_type", "raw", "--cache_latents", "--cache_text_encoder_outputs",
+            "--t5xxl_max_token_length", "16", "--max_data_loader_n_workers", "0", "--max_train_steps", str(steps),
+            "--console_log_level", "WARNING"]
+    return run_differential(parse_args(argv), DifferentialOptions(stage1_max_train_steps=stage1_steps), train)
+
+
+def grade_shift(ckpts, pairs_root: Path, lora: Path, seeds: tuple[int, ...] = (0, 1, 2, 3),
+                axis_sign: float = 1.0) -> list[tuple[float, float]]:
+    """Per seed: (grade coordinate of the plain base's sample, the same with the LoRA at strength 1), on the
+    axis of the grade measured from `pairs_root` (axis_sign -1: the pairs are swapped, measure the grade's
+    own direction)."""
+    from library.differential.render import RenderModels, RenderSettings, render  # noqa: PLC0415
+
+    origin, d = grade_axis(ckpts.ae, pairs_root)
+    axis = (origin, d) if axis_sign > 0 else (origin + d, -d)
+    models = RenderModels(ckpts.transformer, ckpts.ae, ckpts.clip_l, ckpts.t5xxl)
+    settings = RenderSettings(32, 32, 6, 3.5, 16)
+    prompts = [CAPTION] * len(seeds)
+    base = render(models, prompts, list(seeds), [], settings)
+    with_lora = render(models, prompts, list(seeds), [(lora, 1.0)], settings)
+    return [(grade_coordinate(b.latents, axis), grade_coordinate(w.latents, axis)) for b, w in zip(base, with_lora)]
