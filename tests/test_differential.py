@@ -175,3 +175,42 @@ def test_cli_errors_exit_2_in_one_line(tiny_ckpts, pairs, tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "flux_train_differential.py"), "--help"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "--stage1_max_train_steps" in res.stdout and "--max_train_steps" in res.stdout
+
+
+def test_disk_caches_serve_both_stages(tiny_ckpts, tmp_path):
+    """Stage 2 finds every text entry stage 1 wrote; the after latents are new entries beside the befores'."""
+    from library.train.trainer import train
+
+    toml = write_pairs(tmp_path / "d", size=64, names=("chelsea.png", "coffee.png"))
+    cache = tmp_path / "d" / "after" / ".flux_cache"
+    counts = []
+
+    def counting(cfg):
+        train(cfg)
+        counts.append({kind: len(list((cache / kind).rglob("*.safetensors"))) for kind in ("text", "latents")})
+
+    argv = args(tiny_ckpts, toml, tmp_path / "out", "--max_train_steps", "2", "--stage1_max_train_steps", "2",
+                "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk")
+    opts, rest, _ = split_args(argv)
+    R.run_differential(parse_args(rest), opts, counting)
+    assert counts == [{"text": 1, "latents": 2}, {"text": 1, "latents": 4}]
+
+
+def test_pair_mode_average_is_the_mean_of_the_group_loras(tiny_ckpts, tmp_path):
+    from networks.lora_formats import read_lora
+
+    for name in ("chelsea", "coffee"):
+        write_pairs(tmp_path / name, size=64, names=(f"{name}.png",))
+    toml = tmp_path / "groups.toml"
+    toml.write_text('[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 32\n' + "".join(
+        f'[[datasets.subsets]]\nimage_dir = "{tmp_path / n / "after"}"\nbefore_dir = "{tmp_path / n / "before"}"\n'
+        for n in ("chelsea", "coffee")))
+    out = tmp_path / "out"
+    differential(args(tiny_ckpts, toml, out, "--max_train_steps", "2", "--stage1_max_train_steps", "2",
+                      "--pair_mode", "average"))
+    g0, g1, avg = (read_lora(out / f"{n}.safetensors").weights for n in ("grade_g0", "grade_g1", "grade"))
+    for n in avg:
+        assert torch.allclose(avg[n].delta(), 0.5 * (g0[n].delta() + g1[n].delta()), atol=1e-6), n
+    assert any(not torch.allclose(g0[n].delta(), g1[n].delta(), atol=1e-5) for n in avg)  # the groups differ
+    assert "chelsea" in (out / "grade_g0_data.toml").read_text() and "coffee" not in \
+        (out / "grade_g0_data.toml").read_text()

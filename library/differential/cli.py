@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "befores, stage 2 learns the afters on base + stage 1; only stage 2 is kept. Every "
                             "flag of flux_train_network.py is accepted too (listed below).")
     g = p.add_argument_group("differential (stage 1 = the before images; defaults over-fit on purpose)")
-    g.add_argument("--stage1_max_train_steps", type=int, default=None, help="stage-1 steps (default 2 x --max_train_steps)")
+    g.add_argument("--stage1_max_train_steps", type=int, default=None, help="stage-1 steps (default 2 x --max_train_steps, or 2 x --max_train_epochs epochs)")
     g.add_argument("--stage1_learning_rate", type=float, default=None,
                    help="stage-1 learning rate (default --unet_lr or --learning_rate)")
     g.add_argument("--stage1_network_dim", type=int, default=None, help="stage-1 rank (default 2 x --network_dim, >= 8)")

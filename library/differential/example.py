@@ -17,10 +17,10 @@ CAPTION = "a photo"
 
 
 def colour_grade(rgb: np.ndarray) -> np.ndarray:
-    """The fixed warm grade on uint8 RGB [H, W, 3]: red x1.15 + 30, green unchanged, blue x0.7."""
+    """The fixed warm grade on uint8 RGB [H, W, 3]: red x1.3 + 50, green unchanged, blue x0.5."""
     x = rgb.astype(np.float32)
-    x[..., 0] = x[..., 0] * 1.15 + 30
-    x[..., 2] = x[..., 2] * 0.7
+    x[..., 0] = x[..., 0] * 1.3 + 50
+    x[..., 2] = x[..., 2] * 0.5
     return np.clip(x + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -91,8 +91,9 @@ def grade_coordinate(latents, axis) -> float:
 
 # ---------------------------------------------------------------------------------- the end-to-end example
 
-def train_grade_lora(ckpts, root: Path, swap: bool, steps: int = 12, stage1_steps: int = 24, lr: float = 2e-3,
-                     seed: int = 3, names: tuple[str, ...] = NAMES[:2]) -> Path:
+def train_grade_lora(ckpts, root: Path, swap: bool, steps: int = 12, stage1_steps: int = 40, lr: float = 2e-3,
+                     stage1_lr: float = 1e-2, stage1_dim: int = 16, seed: int = 3,
+                     names: tuple[str, ...] = NAMES[:2]) -> Path:
     """Pairs (graded after / plain before, or swapped) under root, then a differential LoRA on them."""
     from library.differential.run import run_differential  # noqa: PLC0415
     from library.differential.stages import DifferentialOptions  # noqa: PLC0415
@@ -107,20 +108,24 @@ def train_grade_lora(ckpts, root: Path, swap: bool, steps: int = 12, stage1_step
             "--model_prediction_type", "raw", "--cache_latents", "--cache_text_encoder_outputs",
             "--t5xxl_max_token_length", "16", "--max_data_loader_n_workers", "0", "--max_train_steps", str(steps),
             "--console_log_level", "WARNING"]
-    return run_differential(parse_args(argv), DifferentialOptions(stage1_max_train_steps=stage1_steps), train)
+    opts = DifferentialOptions(stage1_max_train_steps=stage1_steps, stage1_learning_rate=stage1_lr,
+                               stage1_network_dim=stage1_dim)
+    return run_differential(parse_args(argv), opts, train)
 
 
 def grade_shift(ckpts, pairs_root: Path, lora: Path, seeds: tuple[int, ...] = (0, 1, 2, 3),
-                axis_sign: float = 1.0) -> list[tuple[float, float]]:
+                axis_sign: float = 1.0, steps: int = 1) -> list[tuple[float, float]]:
     """Per seed: (grade coordinate of the plain base's sample, the same with the LoRA at strength 1), on the
     axis of the grade measured from `pairs_root` (axis_sign -1: the pairs are swapped, measure the grade's
-    own direction)."""
+    own direction). One sampling step by default: the tiny random model's multi-step trajectories leave the
+    region the LoRA was trained on (the samples of the random base are far from any photo), where its effect
+    has no defined sign; the first step starts from pure noise, as training at t ~ 1 does."""
     from library.differential.render import RenderModels, RenderSettings, render  # noqa: PLC0415
 
     origin, d = grade_axis(ckpts.ae, pairs_root)
     axis = (origin, d) if axis_sign > 0 else (origin + d, -d)
     models = RenderModels(ckpts.transformer, ckpts.ae, ckpts.clip_l, ckpts.t5xxl)
-    settings = RenderSettings(32, 32, 6, 3.5, 16)
+    settings = RenderSettings(32, 32, steps, 3.5, 16)
     prompts = [CAPTION] * len(seeds)
     base = render(models, prompts, list(seeds), [], settings)
     with_lora = render(models, prompts, list(seeds), [(lora, 1.0)], settings)

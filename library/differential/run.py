@@ -192,6 +192,9 @@ def dry_run(parsed: ParsedArgs, opts: DifferentialOptions) -> str:
     stage2 = plan_stage2(parsed, stage1.path, None)
     check_pairs(stage2.train)
     lines = []
+    if opts.pair_mode == "average":
+        lines.append("--pair_mode average: each subset with before_dir is a group trained as below on its own pairs "
+                     "(<X>_g<k>_stage1, <X>_g<k>); the result is their average")
     for st, what in ((stage1, "fit the before images (over-fit on purpose)"),
                      (stage2, "learn after - before: the after images on base + stage 1")):
         lines.append(f"stage {st.index}: {what} -> {st.path}")

@@ -29,7 +29,7 @@ STAGE1_SUFFIX = "_stage1"
 class DifferentialOptions:
     """The flags of flux_train_differential.py that flux_train_network.py does not have."""
 
-    stage1_max_train_steps: int | None = None  # default: 2 x --max_train_steps (over-fit the befores)
+    stage1_max_train_steps: int | None = None  # default: 2 x --max_train_steps (or 2 x --max_train_epochs)
     stage1_learning_rate: float | None = None  # default: --unet_lr or --learning_rate
     stage1_network_dim: int | None = None  # default: 2 x --network_dim, at least 8
     stage1_network_alpha: float | None = None  # default: the stage-1 rank (scale 1)
@@ -59,10 +59,12 @@ def stage1_values(parsed: ParsedArgs, opts: DifferentialOptions) -> dict[str, An
     """The stage-1 replacements, with the over-fitting defaults."""
     v = parsed.values
     steps = opts.stage1_max_train_steps or 2 * int(v["max_train_steps"])
+    # stage 2 counted in epochs: stage 1 gets twice its epochs unless its steps are given
+    epochs = 2 * int(v["max_train_epochs"]) if v["max_train_epochs"] and not opts.stage1_max_train_steps else None
     lr = opts.stage1_learning_rate if opts.stage1_learning_rate is not None else (v["unet_lr"] or v["learning_rate"])
     dim = opts.stage1_network_dim or max(8, 2 * int(v["network_dim"] or 4))
     alpha = opts.stage1_network_alpha if opts.stage1_network_alpha is not None else float(dim)
-    return {"output_name": result_name(parsed) + STAGE1_SUFFIX, "max_train_steps": steps, "max_train_epochs": None,
+    return {"output_name": result_name(parsed) + STAGE1_SUFFIX, "max_train_steps": steps, "max_train_epochs": epochs,
             "learning_rate": lr, "unet_lr": None, "network_dim": dim, "network_alpha": alpha,
             "lr_scheduler": opts.stage1_lr_scheduler, "lr_warmup_steps": 0, "network_weights": None,
             "dim_from_weights": False}
@@ -96,6 +98,9 @@ def check_command(parsed: ParsedArgs) -> None:
                         "and before_dir = the before images; see docs/differential.md)")
     if (v["save_model_as"] or "safetensors") != "safetensors":
         raise UserError(f"command line: --save_model_as {v['save_model_as']}: a differential run writes safetensors")
+    if v["fp8_base"] or v["fp8_base_unet"]:
+        raise UserError("command line: --fp8_base: stage 2 merges stage 1 into the base weights (--base_weights), "
+                        "which fp8 weights cannot take; train the differential LoRA without --fp8_base")
     if v["network_train_text_encoder_only"]:
         raise UserError("command line: --network_train_text_encoder_only: a differential LoRA trains the transformer")
 
