@@ -9,8 +9,8 @@ Without `--flux_model`, the LoRAs are combined into one LoRA (`--save_to`): by d
 concatenating the ranks (`--concat`; the up blocks carry ratio · alpha/rank so the file's alpha = rank), or
 by SVD of the summed ΔW to `--new_rank`, with the retained energy ‖ΔW_r‖²/‖ΔW‖² reported per module
 (`--energy_report` writes it as JSON). `--ratios` may be negative: `--models a b --ratios 1 -1` is a − b,
-`--ratios 0.5 0.5` the average (networks/lora_algebra.py). (kohya's default sums downs and ups separately, which is not the
-sum of the updates; this tool never does that.)
+`--ratios 0.5 0.5` the average (networks/lora_algebra.py). (kohya's default sums downs and ups separately,
+which is not the sum of the updates; this tool never does that.)
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -168,7 +167,8 @@ def test_stage1_file_must_be_a_flux_lora_and_user_files_are_never_overwritten(ti
 
 def test_cli_errors_exit_2_in_one_line(tiny_ckpts, pairs, tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "flux_train_differential.py"),
-                          *args(tiny_ckpts, pairs, tmp_path / "out", "--stage1_weights", str(tmp_path / "no.safetensors"))],
+                          *args(tiny_ckpts, pairs, tmp_path / "out", "--stage1_weights",
+                                str(tmp_path / "no.safetensors"))],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and res.stderr.startswith("error: "), res.stderr
     assert "no.safetensors" in res.stderr

@@ -20,7 +20,8 @@ def test_differential_lora_moves_samples_along_the_grade_and_swapped_the_other_w
     Measure: the mean sampled latent's coordinate on the grade axis (origin = mean latent of the plain photos,
     unit = mean latent of the graded ones minus it; the tiny AE's random decoder does not keep colour, so the
     grade is read in the latents the AE gives graded and plain photos). Samples: prompt "a photo", seeds 0-7,
-    32x32, 1 sampling step (see example.grade_shift), guidance 3.5, with the LoRA at strength 1 on the PLAIN base vs the plain base alone.
+    32x32, 1 sampling step (see example.grade_shift), guidance 3.5, with the LoRA at strength 1 on the PLAIN base
+    vs the plain base alone.
     Pass: the mean over the 8 seeds moves the expected way (towards the grade; swapped: away) by > MARGIN.
     The effect is weak on the tiny random model: single seeds do move the other way (5 of 8 seeds moved away
     from the grade in one swapped run), so only the mean is asserted.

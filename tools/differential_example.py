@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         moved = [w - b for b, w in shifts]
         summary[name] = {"lora": str(lora), "per_seed": [{"base": b, "with_lora": w} for b, w in shifts],
                          "mean_shift": sum(moved) / len(moved)}
-        print(f"{name}: {lora}\n  grade coordinate per seed (base -> with LoRA): "
-              + ", ".join(f"{b:+.2f} -> {w:+.2f}" for b, w in shifts) + f"\n  mean shift {summary[name]['mean_shift']:+.3f}")
+        per_seed = ", ".join(f"{b:+.2f} -> {w:+.2f}" for b, w in shifts)
+        print(f"{name}: {lora}\n  grade coordinate per seed (base -> with LoRA): {per_seed}\n"
+              f"  mean shift {summary[name]['mean_shift']:+.3f}")
     summary["seconds"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"summary: {out / 'summary.json'} ({summary['seconds']:.0f} s)")

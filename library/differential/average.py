@@ -63,7 +63,8 @@ def run_average(parsed: ParsedArgs, opts: DifferentialOptions, train: Trainer) -
     out_dir, name = Path(parsed.values["output_dir"] or "output"), result_name(parsed)
     result, record = out_dir / f"{name}.safetensors", out_dir / f"{name}_average.json"
     if result.exists() and not record.is_file():
-        raise UserError(f"{result}: already exists and is not from this run; choose another --output_name or --output_dir")
+        raise UserError(f"{result}: already exists and is not from this run; choose another --output_name or "
+                        "--output_dir")
     single = dataclasses.replace(opts, pair_mode="single")
     loras = []
     for k, cfg in enumerate(group_configs(parsed, out_dir)):

@@ -21,10 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "befores, stage 2 learns the afters on base + stage 1; only stage 2 is kept. Every "
                             "flag of flux_train_network.py is accepted too (listed below).")
     g = p.add_argument_group("differential (stage 1 = the before images; defaults over-fit on purpose)")
-    g.add_argument("--stage1_max_train_steps", type=int, default=None, help="stage-1 steps (default 2 x --max_train_steps, or 2 x --max_train_epochs epochs)")
+    g.add_argument("--stage1_max_train_steps", type=int, default=None,
+                   help="stage-1 steps (default 2 x --max_train_steps, or 2 x --max_train_epochs epochs)")
     g.add_argument("--stage1_learning_rate", type=float, default=None,
                    help="stage-1 learning rate (default --unet_lr or --learning_rate)")
-    g.add_argument("--stage1_network_dim", type=int, default=None, help="stage-1 rank (default 2 x --network_dim, >= 8)")
+    g.add_argument("--stage1_network_dim", type=int, default=None,
+                   help="stage-1 rank (default 2 x --network_dim, >= 8)")
     g.add_argument("--stage1_network_alpha", type=float, default=None, help="stage-1 alpha (default its rank: scale 1)")
     g.add_argument("--stage1_lr_scheduler", default="constant", help="stage-1 LR schedule (default constant)")
     g.add_argument("--stage1_weights", default=None, help="use this stage-1 LoRA instead of training one")
@@ -39,8 +41,9 @@ def add_iterate_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--initial_lora", default=None,
                    help="round 0's differential LoRA (default: trained from --dataset_config's pairs)")
     g.add_argument("--pair_command", default=None,
-                   help="shell template making a round's pairs: must write {out}/before/NAME.png and {out}/after/NAME.png "
-                        "(+ NAME.txt captions); placeholders {model} {out} {round} {lora} {ae} {clip_l} {t5xxl} {prompts}")
+                   help="shell template making a round's pairs: must write {out}/before/NAME.png and "
+                        "{out}/after/NAME.png (+ NAME.txt captions); placeholders {model} {out} {round} {lora} "
+                        "{ae} {clip_l} {t5xxl} {prompts}")
     g.add_argument("--prompts", default=None, help="prompt file (one per line) for the built-in pair generation")
     g.add_argument("--images_per_prompt", type=int, default=2, help="built-in pairs: seeds per prompt (default 2)")
     g.add_argument("--after_strength", type=float, default=1.0,

@@ -59,11 +59,13 @@ def check_options(o: IterateOptions) -> None:
     if o.iterations < 0:
         raise UserError(f"command line: --iterations {o.iterations}: must be >= 0")
     if o.fuse_precision not in FUSE_PRECISIONS:
-        raise UserError(f"command line: --fuse_precision {o.fuse_precision}: expected one of {', '.join(FUSE_PRECISIONS)}")
+        raise UserError(f"command line: --fuse_precision {o.fuse_precision}: expected one of "
+                        f"{', '.join(FUSE_PRECISIONS)}")
     if o.combine_rank is not None and o.combine_rank < 1:
         raise UserError(f"command line: --combine_rank {o.combine_rank}: must be >= 1")
     if o.images_per_prompt < 1 or o.pair_steps < 1 or min(o.pair_width, o.pair_height) < 16:
-        raise UserError("command line: --images_per_prompt and --pair_steps must be >= 1, --pair_width/--pair_height >= 16")
+        raise UserError("command line: --images_per_prompt and --pair_steps must be >= 1, "
+                        "--pair_width/--pair_height >= 16")
     if o.iterations and o.pair_command is None:
         if not o.prompts or not Path(o.prompts).is_file():
             raise UserError(f"command line: --prompts {o.prompts}: a prompt file (one prompt per line) is needed for "
@@ -102,7 +104,8 @@ def open_iter_progress(out_dir: Path, name: str, print_: str) -> IterProgress:
         data = json.loads(path.read_text(encoding="utf-8"))
         old, done = str(data["fingerprint"]), dict(data["done"])
     except (ValueError, KeyError, TypeError):
-        raise UserError(f"{path}: not an iteration progress record; remove it or choose another --output_name") from None
+        raise UserError(f"{path}: not an iteration progress record; remove it or choose another "
+                        "--output_name") from None
     if old != print_:
         raise UserError(f"{path}: an earlier run with other settings wrote into {out_dir}; choose another "
                         "--output_name or --output_dir (or delete its files to start over)")
@@ -126,8 +129,8 @@ def run_pair_command(template: str, fields: dict[str, str], out: Path) -> None:
     try:
         command = template.format(**{k: shlex.quote(v) for k, v in fields.items()})
     except (KeyError, IndexError, ValueError) as e:
-        raise UserError(f"--pair_command: unknown or bad placeholder {e} (use {', '.join('{'+k+'}' for k in fields)})") \
-            from None
+        names = ", ".join("{" + k + "}" for k in fields)
+        raise UserError(f"--pair_command: unknown or bad placeholder {e} (use {names})") from None
     log.info("pair command: %s", command)
     res = subprocess.run(command, shell=True, capture_output=True, text=True)
     if res.returncode != 0:
@@ -258,7 +261,8 @@ def combine_rounds(loras: list[Path], o: IterateOptions, out: Path, progress: It
           "ss_network_alpha": str(max(ranks)),
           **modelspec(out.stem, extra={"enhance_rounds": json.dumps([p.name for p in loras]),
                                        "enhance_round_sha256": json.dumps([sha256_file(p) for p in loras]),
-                                       "enhance_combine": "exact" if o.combine_rank is None else f"svd rank {o.combine_rank}"})}
+                                       "enhance_combine": "exact" if o.combine_rank is None else
+                                       f"svd rank {o.combine_rank}"})}
     save_lora(result.weights, out, None, md)
     if result.energy:
         write_text_atomic(out.with_name(out.stem + "_energy.json"),

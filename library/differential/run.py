@@ -202,7 +202,8 @@ def dry_run(parsed: ParsedArgs, opts: DifferentialOptions) -> str:
             lines.append("  given by --stage1_weights (not trained)")
             continue
         c = st.train
-        lines.append(f"  steps {c.loop.max_train_steps if not c.loop.max_train_epochs else str(c.loop.max_train_epochs) + ' epochs'}, "
+        length = f"{c.loop.max_train_epochs} epochs" if c.loop.max_train_epochs else f"{c.loop.max_train_steps} steps"
+        lines.append(f"  {length}, "
                      f"lr {c.optimizer.unet_lr or c.optimizer.learning_rate:g} ({c.scheduler.lr_scheduler}), "
                      f"rank {c.network.network_dim or 4}, alpha {c.network.network_alpha:g}")
         lines.append(f"  base weights: {', '.join(c.network.base_weights) or 'none'}")
