@@ -214,3 +214,23 @@ def test_pair_mode_average_is_the_mean_of_the_group_loras(tiny_ckpts, tmp_path):
     assert any(not torch.allclose(g0[n].delta(), g1[n].delta(), atol=1e-5) for n in avg)  # the groups differ
     assert "chelsea" in (out / "grade_g0_data.toml").read_text() and "coffee" not in \
         (out / "grade_g0_data.toml").read_text()
+
+
+def test_before_dir_key_is_checked_like_conditioning_data_dir(tmp_path):
+    from library.dataset_config import format_resolved, load_dataset_config
+
+    toml = write_pairs(tmp_path / "d", size=64, names=("chelsea.png",))
+    assert "before_dir = " in format_resolved(load_dataset_config(toml))
+    bad = tmp_path / "bad.toml"
+    bad.write_text(toml.read_text().replace(str(tmp_path / "d" / "before"), str(tmp_path / "missing")))
+    with pytest.raises(UserError, match=r"datasets\[0\]\.subsets\[0\]\.before_dir: .*missing: no such directory"):
+        load_dataset_config(bad)
+    meta = tmp_path / "meta.json"
+    meta.write_text("{}")
+    bad.write_text(f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nmetadata_file = "{meta}"\n'
+                   f'before_dir = "{tmp_path / "d" / "before"}"\n')
+    with pytest.raises(UserError, match=r"before_dir: not allowed in a finetune subset"):
+        load_dataset_config(bad)
+    bad.write_text(toml.read_text() + "before_dirr = 1\n")
+    with pytest.raises(UserError, match="did you mean before_dir"):
+        load_dataset_config(bad)
