@@ -60,6 +60,7 @@ class SubsetConfig:
     cache_info: bool
     custom_attributes: dict[str, Any] | None = field(default=None, hash=False)
     degradation: DegradationConfig | None = None  # ours: the control image is made from the image
+    before_dir: Path | None = None  # our extension: "before" images paired with image_dir's (library/data/pairs.py)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class ResolvedDatasetConfig:
     path: Path
     datasets: tuple[DatasetConfig, ...]
     masked_loss: bool = False  # conditioning images are loss masks (kohya) instead of Kontext references
+    pair_side: str = "after"  # subsets with before_dir train on their "after" (image_dir) or "before" images
     sources: dict[str, str] = field(default_factory=dict, hash=False, compare=False)  # "datasets[0].x" -> level
     warnings: tuple[str, ...] = ()
 
@@ -271,7 +273,7 @@ def _bucket_checks(ds: dict[str, Any], where: str, errors: list[str], warnings: 
 def _check_subset_paths(sub: SubsetConfig, style: str, where: str, errors: list[str]) -> None:
     from library.data.images import list_images  # lists names only; opens no image
 
-    for name in ("image_dir", "conditioning_data_dir"):
+    for name in ("image_dir", "conditioning_data_dir", "before_dir"):
         p = getattr(sub, name)
         if p is not None and not p.is_dir():
             errors.append(f"{where}.{name}: {p}: {'is not a directory' if p.exists() else 'no such directory'}")

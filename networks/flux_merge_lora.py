@@ -7,13 +7,16 @@ Into a base (`--flux_model`): W += ratio · alpha/rank · up @ down for every mo
 
 Without `--flux_model`, the LoRAs are combined into one LoRA (`--save_to`): by default exactly, by
 concatenating the ranks (`--concat`; the up blocks carry ratio · alpha/rank so the file's alpha = rank), or
-by SVD of the summed ΔW to `--new_rank`. (kohya's default sums downs and ups separately, which is not the
-sum of the updates; this tool never does that.)
+by SVD of the summed ΔW to `--new_rank`, with the retained energy ‖ΔW_r‖²/‖ΔW‖² reported per module
+(`--energy_report` writes it as JSON). `--ratios` may be negative: `--models a b --ratios 1 -1` is a − b,
+`--ratios 0.5 0.5` the average (networks/lora_algebra.py). (kohya's default sums downs and ups separately,
+which is not the sum of the updates; this tool never does that.)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -23,12 +26,14 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
+from library.atomic import write_text_atomic  # noqa: E402
 from library.errors import UserError, run_main  # noqa: E402
 from library.flux.safetensors_io import check_output_path  # noqa: E402
+from networks import lora_algebra as A  # noqa: E402
 from networks import lora_keys as K  # noqa: E402
 from networks.lora_formats import LoRAWeight, read_lora  # noqa: E402
 from networks.lora_metadata import NETWORK_MODULE, modelspec  # noqa: E402
-from networks.lora_svd import check_svd_args, low_rank, parse_dtype  # noqa: E402
+from networks.lora_svd import check_svd_args, parse_dtype  # noqa: E402
 
 log = logging.getLogger("flux_merge_lora")
 
@@ -51,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem_eff_load_save", action="store_true", help="accepted for kohya compatibility (always lazy)")
     p.add_argument("--concat", action="store_true", help="combine by concatenating ranks (exact; the default)")
     p.add_argument("--new_rank", type=int, default=None, help="combine by SVD of the summed update to this rank")
+    p.add_argument("--energy_report", default=None,
+                   help="with --new_rank: write the retained energy per module (JSON) to this file")
     p.add_argument("--shuffle", action="store_true", help="permute the rank order of the combined LoRA (as kohya)")
     p.add_argument("--no_metadata", action="store_true", help="write minimal metadata")
     p.add_argument("--diffusers", action="store_true", help="accepted: diffusers-layout bases are detected")
@@ -124,25 +131,9 @@ def merge_into_file(base: Path, out: Path, deltas: dict[str, torch.Tensor], dtyp
 def combine(files: list[tuple[Path, float]], new_rank: int | None, shuffle: bool = False
             ) -> tuple[dict[str, LoRAWeight], dict[str, float]]:
     """One LoRA whose ΔW is Σ ratio·ΔW_i: concatenated ranks (exact) or SVD to `new_rank`.
-    Returns the weights and, for SVD, the retained norm per module."""
-    parts: dict[str, list[tuple[LoRAWeight, float]]] = {}
-    for path, ratio in files:
-        for name, w in read_lora(path).weights.items():
-            parts.setdefault(name, []).append((w, ratio))
-    out, retained = {}, {}
-    gen = torch.Generator().manual_seed(0)
-    for name, ws in sorted(parts.items()):
-        if new_rank is not None:
-            lr = low_rank(sum(w.delta() * r for w, r in ws), new_rank)
-            out[name], retained[name] = LoRAWeight(lr.down, lr.up, float(lr.rank)), lr.retained
-            continue
-        down = torch.cat([w.down.float() for w, _ in ws])
-        up = torch.cat([w.up.float() * (w.scale * r) for w, r in ws], dim=1)
-        if shuffle:
-            perm = torch.randperm(down.shape[0], generator=gen)
-            down, up = down[perm], up[:, perm]
-        out[name] = LoRAWeight(down, up, float(down.shape[0]))
-    return out, retained
+    Returns the weights and, for SVD, the retained energy ‖ΔW_r‖²/‖ΔW‖² per module."""
+    result = A.combine(A.read_terms(files), new_rank, shuffle)
+    return result.weights, result.energy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,9 +152,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if a.concat and a.new_rank:
             raise UserError("--concat and --new_rank: choose one way to combine")
-        weights, retained = combine(files, a.new_rank, a.shuffle)
-        for name, r in retained.items():
-            log.info("%s: retained norm %.4f", name, r)
+        weights, energy = combine(files, a.new_rank, a.shuffle)
+        for name, e in energy.items():
+            log.info("%s: retained energy %.4f", name, e)
+        log.info("%s", A.energy_summary(energy))
+        if a.energy_report:
+            write_text_atomic(a.energy_report, json.dumps({"new_rank": a.new_rank, "energy": energy}, indent=1))
         ranks = sorted({w.rank for w in weights.values()})
         md = {"ss_network_module": NETWORK_MODULE, "ss_base_model_version": "flux1",
               "ss_network_dim": str(max(ranks)), "ss_network_alpha": str(max(ranks)),

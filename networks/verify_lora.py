@@ -3,16 +3,21 @@
 The rules model ComfyUI 0.3.75, Forge @dfdcbab6, diffusers 0.42.1, InvokeAI 6.14.2 and kohya sd-scripts
 @48d368fa as read and tested in ../shared/reference/lora-formats.md §2 (the ComfyUI, diffusers and InvokeAI
 rules are exercised against the real loaders by tests/test_lora_interop.py). Exit status 1 when any
-checked loader would drop a key, refuse the file or apply a different strength than the file means;
-0 when all use everything as intended; 2 for a bad file.
+checked loader would drop a key, refuse the file or apply a different strength than the file means,
+or when a module holds non-finite values; 0 when all use everything as intended; 2 for a bad file.
 
-    python networks/verify_lora.py my_lora.safetensors [--loaders comfyui,diffusers] [--json]
+It also reports the effective norm of each module, ‖(alpha/rank)·up @ down‖_F (the size of the update the
+file means), so a user sees that a combined or subtracted LoRA is what they meant: `a - a` is all zeros,
+`0.5·a + 0.5·a` has a's norms. `--norms` lists every module (the default prints a summary).
+
+    python networks/verify_lora.py my_lora.safetensors [--loaders comfyui,diffusers] [--json] [--norms]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -176,6 +181,41 @@ def _stem_name(key: str) -> tuple[str | None, str | None]:
     return (cls[0], cls[1]) if cls else (None, None)
 
 
+@dataclass
+class Norms:
+    norm: dict[str, float]  # module -> ‖scale·up@down‖_F
+    non_finite: list[str]  # modules whose down, up or alpha hold NaN/inf
+
+    def summary(self) -> str:
+        if not self.norm:
+            return "no module"
+        vals = sorted(v for v in self.norm.values() if math.isfinite(v))
+        if not vals:
+            return f"{len(self.norm)} modules, none finite"
+        top = max((n for n in self.norm if math.isfinite(self.norm[n])), key=self.norm.get)
+        total = math.sqrt(sum(v * v for v in vals))
+        return (f"{len(self.norm)} modules, total {total:.4g}, min {vals[0]:.4g}, median {vals[len(vals) // 2]:.4g}, "
+                f"max {vals[-1]:.4g} ({top})")
+
+
+def module_norms(path: Path) -> Norms:
+    """The effective norm of every module of a LoRA file and the modules with non-finite values."""
+    import torch  # noqa: PLC0415
+
+    from networks.lora_algebra import effective_norm  # noqa: PLC0415
+
+    sd, meta = load_lora_file(path)
+    parsed = parse_lora(sd, meta, source=str(path))
+    norm, bad = {}, []
+    for name, w in sorted(parsed.weights.items()):
+        finite = bool(torch.isfinite(w.down).all() and torch.isfinite(w.up).all()) and \
+            (w.alpha is None or math.isfinite(w.alpha))
+        if not finite:
+            bad.append(name)
+        norm[name] = effective_norm(w) if finite else float("nan")
+    return Norms(norm, bad)
+
+
 def verify(path: Path, loaders: tuple[str, ...] = LOADERS) -> list[Report]:
     sd, meta = load_lora_file(path)
     parse_lora(sd, meta, source=str(path))  # a corrupt pair (ranks of down and up differ) fails here, naming the file
@@ -196,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("files", nargs="+", help="LoRA .safetensors files")
     p.add_argument("--loaders", default=",".join(LOADERS), help=f"comma list of {', '.join(LOADERS)}")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--norms", action="store_true", help="list the effective norm of every module")
     a = p.parse_args(argv)
     loaders = tuple(x.strip() for x in a.loaders.split(",") if x.strip())
     bad = [x for x in loaders if x not in LOADERS]
@@ -204,10 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     all_ok, dump = True, {}
     for f in a.files:
         reps = verify(Path(f), loaders)
-        all_ok &= all(r.ok for r in reps)
-        dump[f] = [r.__dict__ | {"ok": r.ok} for r in reps]
+        norms = module_norms(Path(f))
+        all_ok &= all(r.ok for r in reps) and not norms.non_finite
+        dump[f] = {"loaders": [r.__dict__ | {"ok": r.ok} for r in reps],
+                   "norms": {k: (v if math.isfinite(v) else None) for k, v in norms.norm.items()},
+                   "non_finite": norms.non_finite}
         if not a.json:
             print(f"{f}:")
+            print(f"  effective norm ‖scale·up@down‖_F: {norms.summary()}")
+            if norms.non_finite:
+                print(f"  NON-FINITE values in {len(norms.non_finite)} module(s): {', '.join(norms.non_finite[:10])}")
+            for name, v in norms.norm.items() if a.norms else ():
+                print(f"      norm: {name}: {v:.6g}")
             for r in reps:
                 status = "OK" if r.ok else ("REJECTED: " + r.rejected if r.rejected else "PROBLEM")
                 strength = "" if r.scale_range is None else (

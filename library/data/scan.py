@@ -19,6 +19,7 @@ from tqdm import tqdm
 from library.data.buckets import Assignment, Bucketer, BucketSpec
 from library.data.captions import CaptionSpec, find_caption
 from library.data.images import BadImageError, list_images, read_size
+from library.data.pairs import AFTER, BEFORE, check_sizes, match_pairs
 from library.data.schema import CONTROL, FINETUNE, IMAGE_EXTENSIONS
 from library.dataset_config import DatasetConfig, ResolvedDatasetConfig, SubsetConfig
 from library.errors import UserError
@@ -95,12 +96,17 @@ def _cond_image(image: Path, cond_dir: Path) -> Path | None:
     return None
 
 
-def _subset_sources(sub: SubsetConfig, style: str, where: str, errors: list[str]
+def _subset_sources(sub: SubsetConfig, style: str, where: str, errors: list[str], side: str = AFTER
                     ) -> list[tuple[Path, list[str], str, tuple[int, int] | None, Path | None]]:
-    """(image, caption lines, caption source, known size, conditioning image) for each image of a subset."""
+    """(image, caption lines, caption source, known size, conditioning image) for each image of a subset.
+    With before_dir, side "before" takes each after image's before partner (captions stay the after's)."""
     if style == FINETUNE:
         return [(p, [c], "metadata", size, None) for p, c, size in _metadata_entries(sub, where)]
     spec = CaptionSpec.from_subset(sub)
+    pairs = {}
+    if sub.before_dir is not None:
+        pairs = match_pairs(sub.image_dir, sub.before_dir, where, errors)
+        check_sizes(pairs, errors)
     rows = []
     for img in list_images(sub.image_dir):
         try:
@@ -114,7 +120,7 @@ def _subset_sources(sub: SubsetConfig, style: str, where: str, errors: list[str]
             if cond is None:
                 errors.append(f"{img}: {where}: no conditioning image named {img.stem}.* in "
                               f"{sub.conditioning_data_dir}")
-        rows.append((img, lines, source, None, cond))
+        rows.append((pairs.get(img, img) if side == BEFORE else img, lines, source, None, cond))
     return rows
 
 
@@ -137,7 +143,8 @@ def scan(cfg: ResolvedDatasetConfig, skip_bad_images: bool = False, progress: bo
             if sub.face_crop_aug_range is not None:
                 errors.append(f"{cfg.path}: datasets[{i}].subsets[{j}].face_crop_aug_range: face-centred crops "
                               "are not supported by this trainer; remove the key")
-            rows_by_subset[i, j] = _subset_sources(sub, ds.style, f"datasets[{i}].subsets[{j}]", errors)
+            rows_by_subset[i, j] = _subset_sources(sub, ds.style, f"datasets[{i}].subsets[{j}]", errors,
+                                                   cfg.pair_side)
             if not rows_by_subset[i, j]:
                 errors.append(f"{cfg.path}: datasets[{i}].subsets[{j}]: no images "
                               f"({sub.metadata_file or sub.image_dir} lists none)")

@@ -97,6 +97,8 @@ KEYS: tuple[Key, ...] = (
     _k("metadata_file", "path", _S, None, cli=None, styles=frozenset({FINETUNE}), required=frozenset({FINETUNE})),
     _k("conditioning_data_dir", "path", _S, None, cli=None, styles=frozenset({CONTROL}),
        required=frozenset({CONTROL})),
+    _k("before_dir", "path", _S, None, cli=None, styles=frozenset({DREAMBOOTH}),
+       doc="our extension: same-named \"before\" images of image_dir's \"after\" images (differential LoRAs)"),
     _k("is_reg", "bool", _S, False, cli=None, styles=frozenset({DREAMBOOTH})),
     _k("alpha_mask", "bool", _S, False, styles=frozenset({DREAMBOOTH, FINETUNE})),
     # ours: a [datasets.subsets.degradation] table makes each image's control image (library/data/degrade.py)

@@ -200,6 +200,7 @@ class DataConfig:
     cli_values: Mapping[str, Any]  # only the dataset flags the user gave (kohya's CLI precedence level)
     validate_config: bool
     dry_run: bool
+    pair_side: str = "after"  # subsets with before_dir: train on the after or the before images (differential)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ unneeded encoders freed -> LoRA injected -> memory/speed options -> optimizer, s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -98,6 +99,8 @@ def _data(cfg: TrainConfig, acc: Any, seed: int) -> tuple[Any, Any, Any]:
     for key in ("train_data_dir", "reg_data_dir", "in_json"):
         cli.pop(key, None)
     resolved = load_dataset_config(path, cli)
+    if cfg.data.pair_side != resolved.pair_side:  # a differential run's stage 1 trains on the before images
+        resolved = dataclasses.replace(resolved, pair_side=cfg.data.pair_side)
     skip_bad = bool(cfg.data.cli_values.get("skip_bad_images"))
     dataset, validation = build_datasets(resolved, seed, skip_bad, progress=acc.is_main_process)
     # kohya caps the workers at the CPU count; --persistent_data_loader_workers keeps one pool for all epochs.
