@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from library.atomic import atomic_target
+from library.atomic import write_bytes_atomic
 from library.errors import UserError
 
 _PICKLE_MAGICS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -151,19 +151,6 @@ def open_checkpoint(files: Path | list[Path]) -> Iterator[Checkpoint]:
         ckpt.close()
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (os.umask would race other threads)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def check_output_path(path: str | os.PathLike, flag: str, inputs: dict[str, str | os.PathLike | None]) -> Path:
     """Refuse an output path that is a folder or one of the inputs (a user's model or LoRA is never replaced)."""
     path = Path(path)
@@ -177,16 +164,43 @@ def check_output_path(path: str | os.PathLike, flag: str, inputs: dict[str, str 
     return path
 
 
-def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file to a temporary name beside `path`, then rename it into place."""
-    from safetensors.torch import save_file
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+              ) -> tuple[int, Iterator[bytes | memoryview]]:
+    """(file size, chunks) of a safetensors file, produced one tensor at a time (nothing is held twice, no
+    temporary file of safetensors' own): 8-byte header length, the JSON header padded to 8 bytes, the data."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+
+    def chunks() -> Iterator[bytes | memoryview]:
+        yield struct.pack("<Q", len(raw)) + raw
+        for t in tensors.values():
+            if t.numel():
+                yield memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    return 8 + len(raw) + offset, chunks()
+
+
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None, fsync: bool = False) -> int:
+    """Write a safetensors file to a temporary name beside `path`, then rename it into place; returns its size.
+    A full disk is a one-line `UserError` naming `path` and the space needed (checked before writing)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a directory, expected a .safetensors file name to write")
+    size, chunks = serialize(tensors, metadata)
     # mkdir's OSError names the folder; callers / run_main report it
-    with atomic_target(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        # safetensors creates files 0600; give the output the permissions any other file would get (umask)
-        os.chmod(tmp, 0o666 & ~_umask())
+    write_bytes_atomic(path, chunks, needed=size, fsync=fsync)
+    return size

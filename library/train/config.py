@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from library.errors import UserError
 from library.train.cli import ParsedArgs, non_default_values
 from library.train.flags import DATASET_FLAGS, FLAG_BY_NAME_DEFAULTS, INEFFECTIVE
+from library.train.ranges import check_ranges
 
 
 DEFAULT_SEED = 42  # --seed unset: a fixed seed, so every run is reproducible (kohya draws a random one)
@@ -253,6 +254,7 @@ def _resolve(v: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_config(parsed: ParsedArgs) -> TrainConfig:
+    check_ranges(parsed.values)
     v = _resolve(parsed.values)
     given = parsed.given
     cfg = TrainConfig(
