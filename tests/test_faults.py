@@ -280,3 +280,61 @@ def test_optimizer_change_without_recorded_settings_is_caught_from_the_param_gro
     with pytest.raises(UserError, match="another optimizer"):
         check_param_groups(saved, torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True).state_dict()["param_groups"],
                            "s")
+
+
+# -- hostile safetensors headers (every reader goes through read_header) -----------------------------------
+
+def _hostile(path: Path, header: object) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 16)
+    return path
+
+
+@pytest.mark.parametrize("header, needle", [
+    ({"a": {"dtype": "F32", "shape": [2]}}, "'data_offsets' must be [begin, end], got None"),
+    ({"a": [1, 2]}, "expected {dtype, shape, data_offsets}, got list"),
+    ({"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, "unknown dtype 'Q7'"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, "needs 12 bytes, data_offsets give 8"),
+    ({"a": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, "'shape' must be a list of sizes"),
+    ({"__metadata__": {"k": 1}}, "__metadata__ must map names to strings"),
+])
+def test_malformed_headers_are_one_line(tmp_path: Path, header: object, needle: str) -> None:
+    from library.flux.safetensors_io import read_header
+
+    with pytest.raises(UserError) as err:
+        read_header(_hostile(tmp_path / "h.safetensors", header))
+    assert needle in str(err.value) and str(tmp_path / "h.safetensors") in str(err.value)
+
+
+def test_a_well_formed_header_passes(tmp_path: Path) -> None:  # the control
+    from library.flux.safetensors_io import read_header
+
+    header = {"__metadata__": {"k": "v"}, "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
+    assert read_header(_hostile(tmp_path / "h.safetensors", header))["a"]["shape"] == [2, 2]
+
+
+def test_truncated_cache_entry_under_skip_cache_check_is_one_line(tmp_path: Path) -> None:
+    from library.cache import TensorCache
+
+    cache = TensorCache(tmp_path / "c", "latents", skip_check=True)
+    key = "cd" * 8
+    cache.put(key, {"latents": torch.ones(4, 8, 8)})
+    f = cache.file(key)
+    f.write_bytes(f.read_bytes()[:-50])
+    assert cache.has(key)  # trusted without a look, as --skip_cache_check asks
+    with pytest.raises(UserError, match="truncated.*delete it to re-encode"):
+        cache.get(key)
+
+
+def test_cache_clean_up_removes_dead_and_foreign_temporaries_only(tmp_path: Path) -> None:
+    from library.cache import TensorCache
+
+    cache = TensorCache(tmp_path / "c", "latents")
+    cache.put("ef" * 8, {"latents": torch.ones(1)})
+    folder = cache.file("ef" * 8).parent
+    dead, live = folder / f".x.safetensors.tmp{_dead_pid()}", folder / f".y.safetensors.tmp{os.getppid()}"
+    st = folder / ".tmpAb12Cd"  # safetensors' own temporary (older versions wrote them)
+    for p in (dead, live, st):
+        p.write_bytes(b"x")
+    assert cache.remove_stale_temporaries() == 2
+    assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, cache.file("ef" * 8).name])

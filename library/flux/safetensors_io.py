@@ -61,12 +61,40 @@ def read_header(path: str | os.PathLike) -> dict[str, dict]:
             raise UserError(f"{path}: not a safetensors file (header is not valid JSON)") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: not a safetensors file (header is not a JSON object)")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise UserError(f"{path}: not a valid safetensors file (__metadata__ must map names to strings)")
     data_len = size - 8 - n
-    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    end = max((check_entry(path, name, info) for name, info in header.items()), default=0)
     if end > data_len:
         raise UserError(f"{path}: truncated: tensors need {end} bytes of data but the file holds {data_len}")
     return header
+
+
+_ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+              "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def check_entry(path: Path, name: str, info: object) -> int:
+    """One header entry is {dtype, shape, data_offsets} with a known dtype and consistent sizes; returns its end."""
+    where = f"{path}: not a valid safetensors file: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise UserError(f"{where}: expected {{dtype, shape, data_offsets}}, got {type(info).__name__}")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _ITEM_SIZE:
+        raise UserError(f"{where}: unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise UserError(f"{where}: 'shape' must be a list of sizes, got {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
+                                                                    for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise UserError(f"{where}: 'data_offsets' must be [begin, end], got {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * _ITEM_SIZE[dtype]:
+        raise UserError(f"{where}: shape {shape} of {dtype} needs {numel * _ITEM_SIZE[dtype]} bytes, data_offsets "
+                        f"give {offsets[1] - offsets[0]}")
+    return offsets[1]
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -273,7 +273,10 @@ def load_state(path: str | Path) -> LoadedState:
     path = resolve_state_dir(path)
     train_state = read_train_state(path)
     net_file = path / "network.safetensors"
-    read_header(net_file)  # one line for a truncated or foreign file
+    try:
+        read_header(net_file)  # one line for a truncated or foreign file
+    except UserError as err:
+        raise UserError(f"{err}; --resume: resume from an earlier state") from None
     try:
         network = load_file(str(net_file))
     except Exception as err:  # SafetensorError for a damaged body
