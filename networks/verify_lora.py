@@ -191,6 +191,19 @@ def verify(path: Path, loaders: tuple[str, ...] = LOADERS) -> list[Report]:
     return out
 
 
+def value_problems(path: Path) -> list[str]:
+    """Non-finite tensors (any loader's output would be NaN: black images) and absurdly large ones."""
+    from networks.lora_checks import ABSURD, absurd_tensors, first_non_finite  # noqa: PLC0415
+
+    sd, _ = load_lora_file(path)
+    bad = first_non_finite(sd)
+    out = [f"tensor {bad[0]} holds {bad[1]} values: every loader produces NaN/black images"] if bad else []
+    big = absurd_tensors(sd)
+    if big:
+        out.append(f"{len(big)} tensor(s) hold values beyond ±{ABSURD:g} (first: {big[0]}): images will blow up")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", help="LoRA .safetensors files")
@@ -204,10 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     all_ok, dump = True, {}
     for f in a.files:
         reps = verify(Path(f), loaders)
-        all_ok &= all(r.ok for r in reps)
-        dump[f] = [r.__dict__ | {"ok": r.ok} for r in reps]
+        problems = value_problems(Path(f))
+        all_ok &= all(r.ok for r in reps) and not problems
+        dump[f] = [r.__dict__ | {"ok": r.ok} for r in reps] + \
+            ([{"loader": "values", "ok": False, "problems": problems}] if problems else [])
         if not a.json:
             print(f"{f}:")
+            for prob in problems:
+                print(f"  values    PROBLEM: {prob}")
             for r in reps:
                 status = "OK" if r.ok else ("REJECTED: " + r.rejected if r.rejected else "PROBLEM")
                 strength = "" if r.scale_range is None else (

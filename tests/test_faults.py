@@ -338,3 +338,25 @@ def test_cache_clean_up_removes_dead_and_foreign_temporaries_only(tmp_path: Path
         p.write_bytes(b"x")
     assert cache.remove_stale_temporaries() == 2
     assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, cache.file("ef" * 8).name])
+
+
+def test_our_safetensors_writer_produces_safetensors_own_bytes(tmp_path: Path) -> None:
+    """The streaming writer (one write seam, no `.tmpXXXXXX` of safetensors' own) is byte-identical to
+    safetensors.torch.save, for every dtype, empty and 0-d tensors, with and without metadata."""
+    from safetensors.torch import save
+
+    from library.flux.safetensors_io import serialize
+
+    g = torch.Generator().manual_seed(0)
+    t = {"b": torch.randn(3, generator=g).bfloat16(), "a": torch.arange(5), "z": torch.zeros(2, dtype=torch.float16),
+         "s": torch.tensor(1.5), "c": torch.randn(2, 3, generator=g), "bo": torch.tensor([True, False]),
+         "u": torch.tensor([1], dtype=torch.uint8), "i8": torch.tensor([-1], dtype=torch.int8),
+         "d": torch.randn(2, generator=g).double(), "i32": torch.tensor([3], dtype=torch.int32),
+         "f8": torch.randn(3, generator=g).to(torch.float8_e4m3fn), "e": torch.zeros(0, 3)}
+    for md in ({"k": "v"}, None):
+        size, chunks = serialize(t, md)
+        ours = b"".join(bytes(c) for c in chunks)
+        assert ours == save(t, md) and size == len(ours)
+    save_file_atomic(t, tmp_path / "x.safetensors", {"k": "v"})
+    assert (tmp_path / "x.safetensors").read_bytes() == save(t, {"k": "v"})
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]

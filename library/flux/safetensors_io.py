@@ -195,6 +195,8 @@ def check_output_path(path: str | os.PathLike, flag: str, inputs: dict[str, str 
 _DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                 torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                 torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+_DTYPE_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
+                "I64", "U64")  # safetensors' Dtype enum order
 
 
 def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
@@ -202,10 +204,13 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None 
     """(file size, chunks) of a safetensors file, produced one tensor at a time (nothing is held twice, no
     temporary file of safetensors' own): 8-byte header length, the JSON header padded to 8 bytes, the data."""
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
     for name, t in tensors.items():
         if t.dtype not in _DTYPE_NAMES:
             raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
+    # safetensors' own order (widest dtype first, then by name), so the bytes equal safetensors.torch.save's
+    tensors = dict(sorted(tensors.items(), key=lambda kv: (-_DTYPE_ORDER.index(_DTYPE_NAMES[kv[1].dtype]), kv[0])))
+    offset = 0
+    for name, t in tensors.items():
         n = t.numel() * t.element_size()
         header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
