@@ -360,3 +360,57 @@ def test_our_safetensors_writer_produces_safetensors_own_bytes(tmp_path: Path) -
     save_file_atomic(t, tmp_path / "x.safetensors", {"k": "v"})
     assert (tmp_path / "x.safetensors").read_bytes() == save(t, {"k": "v"})
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+# -- hostile data and names --------------------------------------------------------------------------------
+
+def test_an_absurd_png_is_refused_from_its_header(tmp_path: Path, monkeypatch) -> None:
+    from PIL import Image
+
+    from library.data import images
+
+    Image.new("L", (1, 400000)).save(tmp_path / "tall.png")  # ~1.6 KB on disk
+    Image.new("L", (10, 640)).save(tmp_path / "ok.png")
+    assert (tmp_path / "tall.png").stat().st_size < 4000
+    monkeypatch.setattr(images.Image.Image, "load", lambda self: pytest.fail("decoded"))
+    with pytest.raises(images.BadImageError, match=r"1x400000 pixels: sides above 32768"):
+        images.read_size(tmp_path / "tall.png")
+    monkeypatch.undo()
+    assert images.read_size(tmp_path / "ok.png") == (10, 640)  # the control: 1:64 is still accepted
+
+
+def test_dataset_resolution_beyond_16384_is_a_config_error(tmp_path: Path) -> None:
+    from library.dataset_config import load_dataset_config
+
+    (tmp_path / "d.toml").write_text('[[datasets]]\nresolution = 100000\n[[datasets.subsets]]\nimage_dir = "x"\n')
+    with pytest.raises(UserError, match="expected sizes of at most 16384, got 100000x100000"):
+        load_dataset_config(tmp_path / "d.toml", check_paths=False)
+
+
+def test_broken_and_looping_links_in_an_image_folder_are_counted(tmp_path: Path, caplog) -> None:
+    from PIL import Image
+
+    from library.data.images import list_images
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    with caplog.at_level("WARNING"):
+        assert list_images(tmp_path) == [tmp_path / "a.png"]
+    assert "2 image name(s) are broken or looping symbolic links" in caplog.text
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--output_name", "../escaped/x"], "--output_name '../escaped/x': must be a plain file name"),
+    (["--network_args", "rank_dropout=2"], "rank_dropout=2: must be a probability in [0, 1)"),
+    (["--network_args", "module_dropout=nan"], "module_dropout=nan: must be a probability"),
+])
+def test_names_and_network_args_out_of_range(flags: list[str], needle: str) -> None:
+    from library.train.cli import parse_args
+    from library.train.config import build_config
+    from library.train.models import network_kwargs
+    from networks.lora_args import parse_network_args
+
+    with pytest.raises(UserError) as err:
+        parse_network_args(network_kwargs(build_config(parse_args(flags))))
+    assert needle in str(err.value)

@@ -351,6 +351,11 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("sample_every_n_steps", "sample_every_n_epochs"):
         value = getattr(cfg.sample, name)
         _require(value is None or value >= 1, f"--{name} must be at least 1")
+    name = cfg.save.output_name
+    _require(name is None or (name not in ("", ".", "..") and "/" not in name and "\\" not in name
+                              and not name.startswith(".")),
+             f"--output_name {name!r}: must be a plain file name (no folders, not hidden): every output goes into "
+             "--output_dir; put the folder there instead")
 
 
 def config_as_dict(cfg: TrainConfig) -> dict[str, Any]:
