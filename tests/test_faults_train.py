@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,11 +21,17 @@ from library.train import checkpoint as C
 from library.train import trainer
 from library.train.cli import parse_args
 from library.train.config import build_config
-from train_helpers import base_args, data, train_in_process  # noqa: F401 (data: a fixture)
+from train_helpers import REPO, base_args, data, train_in_process  # noqa: F401 (data: a fixture)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
 
 
 def _temporaries(folder: Path) -> list[str]:
@@ -57,6 +66,7 @@ def test_disk_full_at_the_final_save_keeps_the_last_pair(tiny_ckpts, data: Path,
 
     train_in_process(base_args(tiny_ckpts, data, out, "--max_train_steps", "1", "--save_state"))
     before = _snapshot(out)
+    (out / f".lora-step00000007.safetensors.tmp{_dead_pid()}").write_bytes(b"a killed run's leftover")
     monkeypatch.setattr(atomic, "_write", write)
     with pytest.raises(UserError) as err:
         train_in_process(base_args(tiny_ckpts, data, out, "--max_train_steps", "2", "--learning_rate", "5e-3",
@@ -168,3 +178,23 @@ def test_resume_with_another_optimizer_is_one_line_before_models(tiny_ckpts, dat
     with pytest.raises(UserError, match="trained with --optimizer_type AdamW, this run asks for SGDNesterov"):
         flux_train_network.main(base_args(tiny_ckpts, data, tmp_path / "out", "--optimizer_type", "SGDNesterov",
                                           "--resume", str(trained / "lora-step00000001-state")))
+
+
+def test_truncated_state_file_on_the_command_line_is_one_line_exit_2(tiny_ckpts, data: Path, trained: Path,
+                                                                     tmp_path: Path) -> None:
+    import shutil
+
+    state = tmp_path / "copy-state"
+    shutil.copytree(trained / "lora-step00000001-state", state)
+    opt = state / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:100])
+    before = _snapshot(state)
+    proc = subprocess.run([sys.executable, str(REPO / "flux_train_network.py"),
+                           *base_args(tiny_ckpts, data, tmp_path / "out", "--resume", str(state))],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {opt}: --resume: damaged or truncated (RuntimeError); resume from an earlier state, "
+                      "or start again without --resume"], proc.stderr
+    assert _snapshot(state) == before and not (tmp_path / "out").exists()  # checked before anything is written

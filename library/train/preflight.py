@@ -98,13 +98,13 @@ def check_output_outside_data(cfg: TrainConfig) -> None:
 
 
 def check_resume(cfg: TrainConfig) -> None:
-    """--resume: the state folder is complete and was trained with this optimizer (no model needed)."""
+    """--resume: every file of the state folder reads (a LoRA's state is small) and it was trained with this
+    optimizer, before any model is loaded."""
     from library.train import checkpoint as C  # noqa: PLC0415
     from library.train.resume_settings import check_optimizer_matches  # noqa: PLC0415
 
     if cfg.save.resume:
-        path = C.resolve_state_dir(cfg.save.resume)
-        saved = C.read_train_state(path).get("settings")
+        saved = C.load_state(cfg.save.resume).train_state.get("settings")
         check_optimizer_matches(saved, cfg.optimizer.optimizer_type, cfg.save.resume)
 
 
