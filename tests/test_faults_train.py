@@ -198,3 +198,33 @@ def test_truncated_state_file_on_the_command_line_is_one_line_exit_2(tiny_ckpts,
     assert errors == [f"error: {opt}: --resume: damaged or truncated (RuntimeError); resume from an earlier state, "
                       "or start again without --resume"], proc.stderr
     assert _snapshot(state) == before and not (tmp_path / "out").exists()  # checked before anything is written
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_launch_saves_and_exits_without_a_traceback(tiny_ckpts, data: Path,
+                                                                              tmp_path: Path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    args = base_args(tiny_ckpts, data, out, "--max_train_steps", "100000")
+    args[args.index("--dataset_config") + 1] = str(data / "dog.toml")
+    proc = subprocess.Popen([sys.executable, "-m", "library.train.launch", "--multi_gpu", "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "--main_process_port", "29531", str(REPO / "flux_train_network.py"), *args],
+                            cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    seen, deadline = [], time.time() + 240
+    for line in proc.stderr:
+        seen.append(line)
+        if "start training" in line or time.time() > deadline:
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    rest = "".join(seen) + proc.stderr.read()
+    assert proc.wait(timeout=240) == 128 + signal.SIGTERM, rest[-3000:]
+    assert "Traceback" not in rest and "SignalException" not in rest, rest[-3000:]
+    assert "SIGTERM: the training processes were stopped after saving a state" in rest
+    states = [p for p in out.iterdir() if p.name.endswith("-state")]
+    assert len(states) == 1 and C.load_state(states[0]).train_state["global_step"] >= 1
+    assert not (out / ".lock").exists() and _temporaries(out) == []
