@@ -414,3 +414,28 @@ def test_names_and_network_args_out_of_range(flags: list[str], needle: str) -> N
     with pytest.raises(UserError) as err:
         parse_network_args(network_kwargs(build_config(parse_args(flags))))
     assert needle in str(err.value)
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path: Path, monkeypatch, caplog) -> None:
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING"):
+        fd = acquire(tmp_path)
+    assert fd is None and "cannot lock the output folder (No locks available)" in caplog.text
+    release(tmp_path, fd)
+
+
+def test_disk_full_while_writing_a_png_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    from library.train.logging import LossRecord, draw_loss_plot
+
+    record = LossRecord()
+    for step in range(1, 4):
+        record.add(step, 1.0 / step)
+    _full_at(monkeypatch, 0)
+    with pytest.raises(UserError, match=r"loss\.png: disk full"):
+        draw_loss_plot(record, tmp_path / "loss.png")
+    assert list(tmp_path.iterdir()) == []

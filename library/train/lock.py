@@ -32,8 +32,9 @@ def _holder(path: Path) -> str:
         return "another process"
 
 
-def acquire(folder: Path) -> int:
-    """Take the lock (a file descriptor to keep open), or raise UserError naming the run that holds it."""
+def acquire(folder: Path) -> int | None:
+    """Take the lock (a file descriptor to keep open), or raise UserError naming the run that holds it.
+    None where the file system has no locks (some network/FUSE mounts): the run goes on, with a warning."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     while True:
@@ -45,6 +46,11 @@ def acquire(folder: Path) -> int:
             os.close(fd)
             raise UserError(f"{folder}: another training run ({_holder(path)}) is writing to this --output_dir; "
                             f"wait for it to finish or choose another --output_dir (lock: {path})") from None
+        except OSError as err:  # ENOLCK / EOPNOTSUPP: no locking on this file system
+            os.close(fd)
+            log.warning("%s: cannot lock the output folder (%s); make sure no other run writes here", path,
+                        err.strerror or err)
+            return None
         # The file may have been removed (released) by its holder between our open and flock: retry then.
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
@@ -61,7 +67,9 @@ def acquire(folder: Path) -> int:
     return fd
 
 
-def release(folder: Path, fd: int) -> None:
+def release(folder: Path, fd: int | None) -> None:
+    if fd is None:
+        return
     try:
         (folder / LOCK_NAME).unlink(missing_ok=True)
     finally:
