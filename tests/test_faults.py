@@ -27,7 +27,7 @@ from library.flux.safetensors_io import save_file_atomic
 from library.train import checkpoint as C
 from library.train.leftovers import clean_output_folder
 from library.train.lock import acquire, release
-from train_helpers import REPO, base_args, data, train_in_process  # noqa: F401 (data: a fixture)
+from train_helpers import REPO, base_args, data  # noqa: F401 (data: a fixture)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

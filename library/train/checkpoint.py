@@ -134,6 +134,11 @@ def _swap_dir(stage: Path, path: Path) -> None:
         fsync_dir(path.parent)
 
 
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -161,6 +166,7 @@ def save_checkpoint(lora_path: Path, write_lora: Callable[[Path], None], state: 
     state_stage = temp_name(state_path)
     try:
         write_lora(lora_stage)
+        fsync_file(lora_stage)  # on the disk before any rename (power loss)
         if state is not None:
             manifest = {"lora": {"file": lora_path.name, "sha256": file_sha256(lora_stage)}}
             payload = state_payload(state.network_sd, state.optimizer, state.scheduler, state.rng_states,

@@ -5,6 +5,7 @@ header only), the LoRA files to start from or merge, --network_args and --optimi
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -73,10 +74,14 @@ def data_folders(cfg: TrainConfig) -> list[tuple[str, Path]]:
     if cfg.data.dataset_config:
         for k in ("train_data_dir", "reg_data_dir", "in_json"):
             cli.pop(k, None)
+        quiet = logging.getLogger(load_dataset_config.__module__)  # its warnings print once, at the data stage
+        quiet.disabled, was = True, quiet.disabled
         try:
             resolved = load_dataset_config(cfg.data.dataset_config, cli, check_paths=False)
         except UserError:
             return out
+        finally:
+            quiet.disabled = was
         for i, d in enumerate(resolved.datasets):
             for j, sub in enumerate(d.subsets):
                 for key in ("image_dir", "conditioning_data_dir"):

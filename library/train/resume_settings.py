@@ -61,7 +61,9 @@ def check_optimizer_matches(saved: dict[str, Any] | None, optimizer_type: str, w
 
 def check_param_groups(saved_groups: list[dict[str, Any]], current_groups: list[dict[str, Any]], where: str) -> None:
     """States without recorded settings: another optimizer shows as other hyper-parameter names."""
-    ignore = {"params", "initial_lr", "name"}
+    # bookkeeping and implementation switches that differ between torch versions, not between optimizers
+    ignore = {"params", "initial_lr", "name", "foreach", "maximize", "capturable", "differentiable", "fused",
+              "decoupled_weight_decay"}
     if saved_groups and current_groups:
         a, b = set(saved_groups[0]) - ignore, set(current_groups[0]) - ignore
         if a != b:

@@ -292,7 +292,9 @@ def resume(run: Run, state: State, path: str) -> None:
     loaded = C.load_state(path)
     saved = loaded.train_state.get("settings")
     RS.check_optimizer_matches(saved, run.cfg.optimizer.optimizer_type, path)
-    RS.check_param_groups(loaded.optimizer.get("param_groups", []), run.optimizer.state_dict()["param_groups"], path)
+    if not saved:  # an older state without recorded settings: the optimizer's hyper-parameter names tell
+        RS.check_param_groups(loaded.optimizer.get("param_groups", []), run.optimizer.state_dict()["param_groups"],
+                              path)
     try:
         run.network.load_state_dict(loaded.network, strict=True)
     except RuntimeError as err:
