@@ -439,3 +439,22 @@ def test_disk_full_while_writing_a_png_is_one_line(tmp_path: Path, monkeypatch) 
     with pytest.raises(UserError, match=r"loss\.png: disk full"):
         draw_loss_plot(record, tmp_path / "loss.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_hostile_header_is_one_line_in_the_trainer_and_the_tools(tiny_ckpts, data: Path, tmp_path: Path) -> None:
+    import flux_train_network
+    from networks import convert_flux_lora, verify_lora
+
+    bad = _hostile(tmp_path / "bad.safetensors", {"a": {"dtype": "F32", "shape": [2]}})  # no data_offsets
+    args = base_args(tiny_ckpts, data, tmp_path / "out")
+    args[args.index("--ae") + 1] = str(bad)
+    for call in (lambda: flux_train_network.main(args),
+                 lambda: flux_train_network.main([*base_args(tiny_ckpts, data, tmp_path / "out"),
+                                                  "--network_weights", str(bad)]),
+                 lambda: verify_lora.main([str(bad)]),
+                 lambda: convert_flux_lora.main(["--src_path", str(bad), "--dst_path", str(tmp_path / "c.safetensors"),
+                                                 "--dst", "diffusers"])):
+        with pytest.raises(UserError, match=r"bad\.safetensors: not a valid safetensors file: tensor 'a': "
+                                            r"'data_offsets'"):
+            call()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c.safetensors").exists()
