@@ -12,6 +12,7 @@ carries its prompt and settings ("parameters" text as A1111/kohya write it, plus
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import time
@@ -119,6 +120,8 @@ def parse_lora_arg(text: str) -> tuple[Path, float]:
         multiplier = float(mult) if mult.strip() else 1.0
     except ValueError:
         raise UserError(f"--lora_weights {text!r}: multiplier {mult!r} is not a number (use PATH;0.8)") from None
+    if not math.isfinite(multiplier):
+        raise UserError(f"--lora_weights {text!r}: multiplier {mult} must be a finite number")
     if not Path(path).is_file():
         raise UserError(f"{path}: no such LoRA file (given in --lora_weights)")
     return Path(path), multiplier
@@ -148,6 +151,10 @@ def _compute(dtype: str) -> str:
     return "bfloat16" if dtype == FP8 else dtype  # fp8 weights are upcast; the math runs in bf16
 
 
+# FLUX's T5 was trained with at most 512 tokens; 16k-pixel sides and 10k steps are typos, not requests.
+_LIMITS = {"steps": 10000, "width": 16384, "height": 16384, "t5xxl_max_token_length": 512}
+
+
 def parse_args(argv: list[str] | None = None) -> InferenceArgs:
     a = build_parser().parse_args(argv)
     ckpt = Path(a.ckpt_path)
@@ -157,6 +164,11 @@ def parse_args(argv: list[str] | None = None) -> InferenceArgs:
         value = getattr(a, name)
         if value is not None and value < (SIZE_STEP if name in ("width", "height") else 1):
             raise UserError(f"--{name} {value}: too small")
+        if value is not None and value > _LIMITS[name]:
+            raise UserError(f"--{name} {value}: too large (at most {_LIMITS[name]})")
+    for name in ("guidance", "cfg_scale"):
+        if getattr(a, name) is not None and not math.isfinite(getattr(a, name)):
+            raise UserError(f"--{name} {getattr(a, name)}: must be a finite number")
     if a.seed is not None and not -(2**63) <= a.seed < 2**64:
         raise UserError(f"--seed {a.seed}: out of range (torch seeds are 64-bit: use 0 .. 2**64-1)")
     _check_output_dir(Path(a.output_dir))

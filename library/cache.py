@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from safetensors.torch import load_file
 
-from library.atomic import write_text_atomic
+from library.atomic import parse_temporary, pid_alive, write_text_atomic
 from library.errors import UserError
 from library.flux.safetensors_io import read_header, save_file_atomic
 
@@ -161,8 +162,12 @@ class TensorCache:
         if self.root is None:
             return self._memory[key]
         try:
+            if self.skip_check:  # a truncated or foreign entry is one line, not a SafetensorError
+                read_header(self.file(key))
             return load_file(str(self.file(key)))
-        except (OSError, RuntimeError) as e:
+        except UserError as e:
+            raise UserError(f"{e}; unreadable cache entry: delete it to re-encode") from None
+        except Exception as e:  # noqa: BLE001 (OSError, safetensors' own error for a damaged body)
             raise UserError(f"{self.file(key)}: unreadable cache entry ({e}); delete it to re-encode") from None
 
     def remove_stale_temporaries(self) -> int:
@@ -170,9 +175,13 @@ class TensorCache:
         if self.root is None or not (self.root / self.kind).exists():
             return 0
         n = 0
-        for p in (self.root / self.kind).rglob(".*.tmp*"):
-            p.unlink(missing_ok=True)
-            n += 1
+        # ours (`.name.tmpPID`, of processes that no longer run: two runs may share a dataset's cache) and
+        # safetensors' own `.tmpXXXXXX` that older versions left (nothing else writes into this folder)
+        for p in (self.root / self.kind).rglob(".*"):
+            ours = parse_temporary(p.name)
+            if (ours and not pid_alive(ours[2])) or re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", p.name):
+                p.unlink(missing_ok=True)
+                n += 1
         return n
 
 

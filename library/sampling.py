@@ -16,6 +16,7 @@ FluxPipeline + FlowMatchEulerDiscreteScheduler and the BFL reference (`get_sched
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -27,7 +28,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
-from library.atomic import atomic_target
+from library.atomic import write_bytes_atomic
 from library.flow import flux_mu, time_shift
 from library.flux.math import make_img_ids, make_txt_ids, pack_latents, unpack_latents
 from library.flux.text_encoders import FluxTextEncoders, TextEncoding, default_t5_max_length
@@ -219,8 +220,9 @@ def save_png(image: Image.Image, path: str | os.PathLike, settings: SampleSettin
     info = PngInfo()
     info.add_text("parameters", parameters_text(settings, str((extra or {}).get("model", ""))))
     info.add_text(PNG_JSON_KEY, json.dumps({**asdict(settings), **(extra or {})}, sort_keys=True))
-    with atomic_target(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    write_bytes_atomic(path, buf.getvalue())  # through the one write seam (disk full: one line)
     return path
 
 

@@ -63,6 +63,9 @@ def extract(org: Path, tuned: Path, dim: int | None, energy: float | None, clamp
             if wa.ndim != 2:
                 continue
             d = b.get(k).to(device, torch.float32) - wa.to(device, torch.float32)
+            if not torch.isfinite(d).all():  # SVD of NaN/inf fails deep inside LAPACK otherwise
+                src = tuned if not torch.isfinite(b.get(k)).all() else org
+                raise UserError(f"{src}: tensor {k!r} holds non-finite (nan/inf) values; cannot extract a LoRA")
             if float(d.abs().max()) <= min_diff:
                 continue
             lr = low_rank(d, rank, energy, clamp_quantile)

@@ -31,6 +31,7 @@ from library.errors import UserError, run_main  # noqa: E402
 from library.flux.safetensors_io import check_output_path  # noqa: E402
 from networks import lora_algebra as A  # noqa: E402
 from networks import lora_keys as K  # noqa: E402
+from networks.lora_checks import check_combinable, check_finite, check_numbers  # noqa: E402
 from networks.lora_formats import LoRAWeight, read_lora  # noqa: E402
 from networks.lora_metadata import NETWORK_MODULE, modelspec  # noqa: E402
 from networks.lora_svd import check_svd_args, parse_dtype  # noqa: E402
@@ -118,6 +119,7 @@ def merge_into_file(base: Path, out: Path, deltas: dict[str, torch.Tensor], dtyp
                 if tuple(t.shape) != tuple(where[k].shape):
                     raise UserError(f"{base}: {k}: shape {list(t.shape)} but the LoRA's ΔW is {list(where[k].shape)}")
                 t = (t.to(device, torch.float32) + where[k]).to(t.dtype if dtype is None else torch.float32)
+                check_finite({k: t}, str(base), "after the merge, ")  # a NaN base or an overflow: never written
             if dtype == torch.float8_e4m3fn:
                 fp8 = t.ndim == 2 and k.startswith(("double_blocks.", "single_blocks.")) and k.endswith(".weight")
                 t = to_fp8(t.float()) if fp8 else t.to(torch.bfloat16)
@@ -136,10 +138,23 @@ def combine(files: list[tuple[Path, float]], new_rank: int | None, shuffle: bool
     return result.weights, result.energy
 
 
+def check_merge_args(a: argparse.Namespace, files: list[tuple[Path, float]]) -> None:
+    """Before anything is read at size: finite ratios, an output for every text encoder given, a working device
+    that exists, and LoRAs (each finite, read_lora checks) of one model."""
+    check_numbers(a.ratios, "--ratios")
+    for enc in ("clip_l", "t5xxl"):
+        if getattr(a, enc) and not getattr(a, f"{enc}_save_to"):
+            raise UserError(f"--{enc} {getattr(a, enc)}: give --{enc}_save_to too (where the merged {enc} is written)")
+    if a.working_device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--working_device {a.working_device}: CUDA is not available here; use --working_device cpu")
+    check_combinable([(str(p), read_lora(p).weights) for p, _ in files])
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = build_parser().parse_args(argv)
     files = [(Path(m), r) for m, r in zip(a.models, _ratios(a.models, a.ratios))]
+    check_merge_args(a, files)
     dtype = parse_dtype(a.save_precision, allow_fp8=True)
     check_svd_args(("--new_rank", a.new_rank))
     inputs = {"--flux_model": a.flux_model, "--clip_l": a.clip_l, "--t5xxl": a.t5xxl,

@@ -9,6 +9,7 @@ Rank priority per module, as kohya: `network_reg_dims` (first matching regex) > 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -122,6 +123,21 @@ def _in_dims(v: object) -> tuple[int, ...]:
     return dims
 
 
+def _check_ranges(raw: dict[str, object], type_dims: dict[str, int | None]) -> None:
+    """Dropout probabilities in [0, 1), ratios and ranks finite and non-negative (kohya fails at the first step)."""
+    for key in ("rank_dropout", "module_dropout"):
+        v = _num(key, raw.get(key), float)
+        if v is not None and not 0 <= v < 1:
+            raise UserError(f"--network_args: {key}={v:g}: must be a probability in [0, 1)")
+    for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        v = _num(key, raw.get(key), float)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise UserError(f"--network_args: {key}={v:g}: must be a positive finite number")
+    for key, v in type_dims.items():
+        if v is not None and v < 0:
+            raise UserError(f"--network_args: {key}={v}: a rank must be >= 0 (0: not trained)")
+
+
 def parse_network_args(raw: dict[str, object], n_double: int = NUM_DOUBLE_FLUX1,
                        n_single: int = NUM_SINGLE_FLUX1) -> NetworkArgs:
     """Validate kohya `--network_args` (a key→value dict) into `NetworkArgs`."""
@@ -136,6 +152,7 @@ def parse_network_args(raw: dict[str, object], n_double: int = NUM_DOUBLE_FLUX1,
     if tb not in ("all", "single", "double"):
         raise UserError(f"--network_args: train_blocks={tb!r}: expected all, single or double")
     type_dims = {k: _num(k, raw[k], int) for k in TYPE_DIM_KEYS if raw.get(k) is not None}
+    _check_ranges(raw, type_dims)
     return NetworkArgs(
         train_blocks=tb,
         double_indices=(parse_indices("train_double_block_indices", raw["train_double_block_indices"], n_double)

@@ -29,6 +29,7 @@ import torch
 
 from library.errors import UserError
 from networks import lora_keys as K
+from networks.lora_checks import check_finite, lora_tensors
 
 
 @dataclass
@@ -74,6 +75,7 @@ def read_lora(path: str | Path) -> ParsedLoRA:
     parsed = parse_lora(sd, meta, source=str(path))
     if not parsed.weights:
         raise UserError(f"{path}: no LoRA modules found (first keys: {', '.join(sorted(sd)[:3])})")
+    check_finite(lora_tensors(parsed.weights), str(path))  # a NaN LoRA never reaches a merge or an image
     return parsed
 
 

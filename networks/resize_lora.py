@@ -17,6 +17,7 @@ if __package__ in (None, ""):
 
 from library.errors import UserError, run_main  # noqa: E402
 from library.flux.safetensors_io import check_output_path  # noqa: E402
+from networks.lora_checks import check_finite, lora_tensors  # noqa: E402
 from networks.lora_formats import LoRAWeight, ParsedLoRA, load_lora_file, parse_lora  # noqa: E402
 from networks.lora_svd import check_svd_args, low_rank, parse_dtype  # noqa: E402
 
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parsed = parse_lora(sd, meta, source=str(a.model))
     if parsed.unknown:
         raise UserError(f"{a.model}: {len(parsed.unknown)} keys not understood: {', '.join(parsed.unknown[:5])}")
+    if not parsed.weights:
+        raise UserError(f"{a.model}: no LoRA modules found: nothing to resize")
+    check_finite(lora_tensors(parsed.weights), str(a.model))  # SVD of NaN fails inside LAPACK otherwise
     dtype = parse_dtype(a.save_precision) or next(iter(parsed.weights.values())).up.dtype
     weights, retained = resize(parsed, a.new_rank, a.dynamic_method, a.dynamic_param, a.device)
     for name, r in retained.items():

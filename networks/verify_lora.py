@@ -231,6 +231,19 @@ def verify(path: Path, loaders: tuple[str, ...] = LOADERS) -> list[Report]:
     return out
 
 
+def value_problems(path: Path) -> list[str]:
+    """Non-finite tensors (any loader's output would be NaN: black images) and absurdly large ones."""
+    from networks.lora_checks import ABSURD, absurd_tensors, first_non_finite  # noqa: PLC0415
+
+    sd, _ = load_lora_file(path)
+    bad = first_non_finite(sd)
+    out = [f"tensor {bad[0]} holds {bad[1]} values: every loader produces NaN/black images"] if bad else []
+    big = absurd_tensors(sd)
+    if big:
+        out.append(f"{len(big)} tensor(s) hold values beyond ±{ABSURD:g} (first: {big[0]}): images will blow up")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", help="LoRA .safetensors files")
@@ -246,12 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     for f in a.files:
         reps = verify(Path(f), loaders)
         norms = module_norms(Path(f))
-        all_ok &= all(r.ok for r in reps) and not norms.non_finite
+        problems = value_problems(Path(f))
+        all_ok &= all(r.ok for r in reps) and not norms.non_finite and not problems
         dump[f] = {"loaders": [r.__dict__ | {"ok": r.ok} for r in reps],
                    "norms": {k: (v if math.isfinite(v) else None) for k, v in norms.norm.items()},
-                   "non_finite": norms.non_finite}
+                   "non_finite": norms.non_finite, "problems": problems}
         if not a.json:
             print(f"{f}:")
+            for prob in problems:
+                print(f"  values    PROBLEM: {prob}")
             print(f"  effective norm ‖scale·up@down‖_F: {norms.summary()}")
             if norms.non_finite:
                 print(f"  NON-FINITE values in {len(norms.non_finite)} module(s): {', '.join(norms.non_finite[:10])}")

@@ -159,7 +159,7 @@ def test_log_lines_and_warnings_print_above_the_progress_bar(monkeypatch, capsys
     root.setLevel(logging.INFO)
     seen: list[str] = []
 
-    def fake_train(cfg) -> None:  # what the loop does: a bar on stderr, then log lines and a warning
+    def fake_train(cfg, *_) -> None:  # what the loop does: a bar on stderr, then log lines and a warning
         bar = tqdm(total=3, desc="steps", file=sys.stderr)
         seen.extend(type(h).__name__ for h in root.handlers)
         logging.getLogger("library.train.trainer").info("start training")

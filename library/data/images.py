@@ -9,6 +9,7 @@ under --skip_bad_images.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from library.data.schema import IMAGE_EXTENSIONS
 from library.errors import UserError
+
+log = logging.getLogger(__name__)
 
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # these rotate by 90 degrees: width and height swap
@@ -56,9 +59,12 @@ def list_images(folder: Path) -> list[Path]:
         names = os.listdir(folder)
     except OSError:
         return []
-    return sorted(folder / n for n in names
-                  if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
-                  and (folder / n).is_file())
+    named = [folder / n for n in names if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+    found = sorted(p for p in named if p.is_file())
+    dangling = len(named) - len(found) - sum(1 for p in named if p.is_dir())
+    if dangling:  # broken symbolic links and link loops: said, not silently dropped
+        log.warning("%s: %d image name(s) are broken or looping symbolic links and are skipped", folder, dangling)
+    return found
 
 
 def _reason(e: BaseException) -> str:
@@ -66,17 +72,29 @@ def _reason(e: BaseException) -> str:
     return text.splitlines()[0][:160]
 
 
+MAX_SIDE = 32768  # pixels; beyond this (or beyond MAX_ASPECT) resizing to a bucket needs gigabytes
+MAX_ASPECT = 64
+
+
 def read_size(path: Path) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, from the header only (no pixel decoding)."""
+    """(width, height) after EXIF orientation, from the header only (no pixel decoding); absurd sizes are
+    refused here, before a 1.6 KB PNG of 1x400000 pixels is decoded and resized into gigabytes."""
     try:
         with Image.open(path) as img:
             w, h = img.size
+            _check_size(path, w, h)  # before getexif, which decodes a PNG whose EXIF follows the pixels
             orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImageError(path, _reason(e)) from None
+    return (h, w) if orientation in _TRANSPOSED_ORIENTATIONS else (w, h)
+
+
+def _check_size(path: Path, w: int, h: int) -> None:
     if w < 1 or h < 1:
         raise BadImageError(path, f"empty image {w}x{h}")
-    return (h, w) if orientation in _TRANSPOSED_ORIENTATIONS else (w, h)
+    if max(w, h) > MAX_SIDE or max(w, h) > MAX_ASPECT * min(w, h):
+        raise BadImageError(path, f"{w}x{h} pixels: sides above {MAX_SIDE} or an aspect ratio beyond 1:{MAX_ASPECT} "
+                                  "are not trainable")
 
 
 def load_image(path: Path) -> LoadedImage:

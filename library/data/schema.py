@@ -167,6 +167,9 @@ def parse_value(key: Key, raw: Any, from_cli: bool = False) -> tuple[Any, str | 
     raise AssertionError(kind)
 
 
+MAX_RESOLUTION = 16384
+
+
 def _parse_resolution(raw: Any) -> tuple[tuple[int, int] | None, str | None]:
     """kohya accepts N and [W, H] in TOML and "N" / "W,H" on the CLI; we also accept those strings in TOML."""
     bad = (None, f"expected N, [width, height] or \"width,height\", got {show(raw)}")
@@ -184,6 +187,8 @@ def _parse_resolution(raw: Any) -> tuple[tuple[int, int] | None, str | None]:
     w, h = raw
     if w < FLUX_MULTIPLE or h < FLUX_MULTIPLE:
         return None, f"expected sizes of at least {FLUX_MULTIPLE}, got {w}x{h}"
+    if w > MAX_RESOLUTION or h > MAX_RESOLUTION:  # 100000 would allocate tens of GB per image
+        return None, f"expected sizes of at most {MAX_RESOLUTION}, got {w}x{h}"
     return (w, h), None
 
 

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from library.atomic import atomic_target
+from library.atomic import write_bytes_atomic
 from library.errors import UserError
 
 _PICKLE_MAGICS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -61,12 +61,40 @@ def read_header(path: str | os.PathLike) -> dict[str, dict]:
             raise UserError(f"{path}: not a safetensors file (header is not valid JSON)") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: not a safetensors file (header is not a JSON object)")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise UserError(f"{path}: not a valid safetensors file (__metadata__ must map names to strings)")
     data_len = size - 8 - n
-    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    end = max((check_entry(path, name, info) for name, info in header.items()), default=0)
     if end > data_len:
         raise UserError(f"{path}: truncated: tensors need {end} bytes of data but the file holds {data_len}")
     return header
+
+
+_ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+              "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def check_entry(path: Path, name: str, info: object) -> int:
+    """One header entry is {dtype, shape, data_offsets} with a known dtype and consistent sizes; returns its end."""
+    where = f"{path}: not a valid safetensors file: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise UserError(f"{where}: expected {{dtype, shape, data_offsets}}, got {type(info).__name__}")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _ITEM_SIZE:
+        raise UserError(f"{where}: unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise UserError(f"{where}: 'shape' must be a list of sizes, got {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
+                                                                    for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise UserError(f"{where}: 'data_offsets' must be [begin, end], got {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * _ITEM_SIZE[dtype]:
+        raise UserError(f"{where}: shape {shape} of {dtype} needs {numel * _ITEM_SIZE[dtype]} bytes, data_offsets "
+                        f"give {offsets[1] - offsets[0]}")
+    return offsets[1]
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -151,19 +179,6 @@ def open_checkpoint(files: Path | list[Path]) -> Iterator[Checkpoint]:
         ckpt.close()
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (os.umask would race other threads)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def check_output_path(path: str | os.PathLike, flag: str, inputs: dict[str, str | os.PathLike | None]) -> Path:
     """Refuse an output path that is a folder or one of the inputs (a user's model or LoRA is never replaced)."""
     path = Path(path)
@@ -177,16 +192,48 @@ def check_output_path(path: str | os.PathLike, flag: str, inputs: dict[str, str 
     return path
 
 
-def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file to a temporary name beside `path`, then rename it into place."""
-    from safetensors.torch import save_file
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+_DTYPE_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
+                "I64", "U64")  # safetensors' Dtype enum order
 
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+              ) -> tuple[int, Iterator[bytes | memoryview]]:
+    """(file size, chunks) of a safetensors file, produced one tensor at a time (nothing is held twice, no
+    temporary file of safetensors' own): 8-byte header length, the JSON header padded to 8 bytes, the data."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    for name, t in tensors.items():
+        if t.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
+    # safetensors' own order (widest dtype first, then by name), so the bytes equal safetensors.torch.save's
+    tensors = dict(sorted(tensors.items(), key=lambda kv: (-_DTYPE_ORDER.index(_DTYPE_NAMES[kv[1].dtype]), kv[0])))
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+
+    def chunks() -> Iterator[bytes | memoryview]:
+        yield struct.pack("<Q", len(raw)) + raw
+        for t in tensors.values():
+            if t.numel():
+                yield memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    return 8 + len(raw) + offset, chunks()
+
+
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None, fsync: bool = False) -> int:
+    """Write a safetensors file to a temporary name beside `path`, then rename it into place; returns its size.
+    A full disk is a one-line `UserError` naming `path` and the space needed (checked before writing)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a directory, expected a .safetensors file name to write")
+    size, chunks = serialize(tensors, metadata)
     # mkdir's OSError names the folder; callers / run_main report it
-    with atomic_target(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        # safetensors creates files 0600; give the output the permissions any other file would get (umask)
-        os.chmod(tmp, 0o666 & ~_umask())
+    write_bytes_atomic(path, chunks, needed=size, fsync=fsync)
+    return size

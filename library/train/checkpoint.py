@@ -8,24 +8,37 @@ float32 (`network.safetensors`), `optimizer.pt`, `scheduler.pt`, every rank's RN
 `train_state.json` (global step, epoch, data position, loss history). Together with the data order and
 the noise, which are pure functions of (seed, epoch, step), that makes a resumed run continue exactly
 like the uninterrupted one. A state is written to a temporary directory and renamed into place.
+
+A save replaces a LoRA and its state together or not at all (`save_checkpoint`): both are written whole
+under temporary names, then renamed; train_state.json records the LoRA's name and sha256. A kill between
+the renames leaves complete copies under `.<name>.tmp<pid>` / `.<name>.old<pid>`, which `--resume` and the
+next start (library/train/leftovers.py) find and put back.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import logging
 import os
 import random
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from library.atomic import (check_free_space, disk_full_error, fsync_dir, is_disk_full, parse_temporary,
+                            remove_path, temp_name, write_chunks)
 from library.errors import UserError
+from library.flux.safetensors_io import read_header, serialize
+
+log = logging.getLogger(__name__)
 
 STATE_FILES = ("network.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "train_state.json")
 
@@ -65,25 +78,121 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def state_payload(network_sd: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
+                  rng_states: list[dict[str, Any]], train_state: dict[str, Any]) -> dict[str, tuple[int, Any]]:
+    """{file name: (size, chunks)} of a state directory, serialized in memory (a LoRA's state is small), so
+    the space a save needs is known before anything is written. train_state.json comes last: a directory
+    holding it (and the others) is complete."""
+    net = {k: v.detach().float().contiguous().cpu() for k, v in network_sd.items()}
+    out: dict[str, tuple[int, Any]] = {"network.safetensors": serialize(net)}
+    for name, obj in (("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict()),
+                      ("rng.pt", rng_states)):
+        data = _torch_bytes(obj)
+        out[name] = (len(data), [data])
+    data = json.dumps(train_state, indent=1).encode("utf-8")
+    out["train_state.json"] = (len(data), [data])
+    return out
+
+
+def write_state_dir(stage: Path, payload: dict[str, tuple[int, Any]], target: Path) -> None:
+    """Write a complete state directory under `stage` (flushed to the disk; not yet visible as `target`)."""
+    remove_path(stage)
+    stage.mkdir(parents=True)
+    for name, (size, chunks) in payload.items():
+        try:
+            write_chunks(stage / name, chunks, fsync=True)
+        except OSError as err:
+            if is_disk_full(err):
+                raise disk_full_error(target, sum(s for s, _ in payload.values())) from None
+            raise
+    fsync_dir(stage)
+
+
+def _rename(src: Path, dst: Path) -> None:
+    """Every rename of a save goes through here (the fault-injection tests stop the process at each one)."""
+    os.replace(src, dst)
+
+
+def _swap_dir(stage: Path, path: Path) -> None:
+    """Put the complete folder `stage` in place of `path`. Between the two renames only `.<name>.old<pid>`
+    and `.<name>.tmp<pid>` exist, both complete: `find_complete_state` and the start-up clean-up use them."""
+    if path.exists():
+        old = temp_name(path, "old")
+        remove_path(old)
+        _rename(path, old)
+        _rename(stage, path)
+        fsync_dir(path.parent)
+        remove_path(old)
+    else:
+        _rename(stage, path)
+        fsync_dir(path.parent)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class StateParts:
+    network_sd: dict[str, torch.Tensor]
+    optimizer: Any
+    scheduler: Any
+    rng_states: list[dict[str, Any]]
+    train_state: dict[str, Any]
+
+
+def save_checkpoint(lora_path: Path, write_lora: Callable[[Path], None], state: StateParts | None) -> None:
+    """Write a LoRA (and its state directory) so that both are replaced together or not at all: both are
+    written completely under temporary names first (a full disk stops here, with nothing replaced and no
+    temporary left), then the state is swapped in, then the LoRA. The state's train_state.json names the
+    LoRA and its sha256 (the manifest that says which LoRA belongs to it)."""
+    lora_stage = temp_name(lora_path, keep_suffix=True)  # the writer picks the format by the extension
+    state_path = Names.state_of(lora_path)
+    state_stage = temp_name(state_path)
+    try:
+        write_lora(lora_stage)
+        fsync_file(lora_stage)  # on the disk before any rename (power loss)
+        if state is not None:
+            manifest = {"lora": {"file": lora_path.name, "sha256": file_sha256(lora_stage)}}
+            payload = state_payload(state.network_sd, state.optimizer, state.scheduler, state.rng_states,
+                                    {**state.train_state, **manifest})
+            needed = sum(size for size, _ in payload.values())
+            check_free_space(state_path, needed)
+            write_state_dir(state_stage, payload, state_path)
+            _swap_dir(state_stage, state_path)
+        _rename(lora_stage, lora_path)
+        fsync_dir(lora_path.parent)
+    finally:
+        remove_path(lora_stage)
+        remove_path(state_stage)
+
+
 def save_state(path: Path, network_sd: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
                rng_states: list[dict[str, Any]], train_state: dict[str, Any]) -> Path:
-    """Write a state directory atomically (tmp dir + rename; an older one of the same name is replaced)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in network_sd.items()},
-              str(tmp / "network.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_states, tmp / "rng.pt")
-    (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1), encoding="utf-8")
-    if path.exists():
-        old = path.with_name(f".{path.name}.old{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+    """Write a state directory on its own (complete under a temporary name, then swapped into place)."""
+    payload = state_payload(network_sd, optimizer, scheduler, rng_states, train_state)
+    check_free_space(path, sum(size for size, _ in payload.values()))
+    stage = temp_name(path)
+    try:
+        write_state_dir(stage, payload, path)
+        _swap_dir(stage, path)
+    finally:
+        remove_path(stage)
     return path
 
 
@@ -96,20 +205,91 @@ class LoadedState:
     train_state: dict[str, Any]
 
 
-def load_state(path: str | Path) -> LoadedState:
+def read_train_state(path: Path) -> dict[str, Any]:
+    """train_state.json of a state directory, checked for the keys a resume needs."""
+    file = path / "train_state.json"
+    try:
+        ts = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{file}: --resume: damaged or truncated ({type(err).__name__}); resume from an earlier "
+                        "state, or start again without --resume") from None
+    problems = [] if isinstance(ts, dict) else ["not a JSON object"]
+    if not problems:
+        if not isinstance(ts.get("global_step"), int) or ts["global_step"] < 0:
+            problems.append("'global_step' (a step count) is missing")
+        loader = ts.get("loader")
+        if not (isinstance(loader, dict) and isinstance(loader.get("epoch"), int)
+                and isinstance(loader.get("index"), int)):
+            problems.append("'loader' (epoch, index) is missing")
+        if not isinstance(ts.get("record"), dict):
+            problems.append("'record' (the loss history) is missing")
+    if problems:
+        raise UserError(f"{file}: --resume: not a train state written by this trainer: {'; '.join(problems)}")
+    return ts
+
+
+def is_complete_state(path: Path) -> bool:
+    if not path.is_dir() or any(not (path / f).is_file() for f in STATE_FILES):
+        return False
+    try:
+        read_train_state(path)
+    except UserError:
+        return False
+    return True
+
+
+def interrupted_copies(path: Path) -> list[Path]:
+    """Complete state folders a save interrupted between its renames left beside `path`, newest step first."""
+    if not path.parent.is_dir():
+        return []
+    found = []
+    for p in path.parent.iterdir():
+        parsed = parse_temporary(p.name)
+        if parsed and parsed[0] == path.name and is_complete_state(p):
+            found.append((read_train_state(p)["global_step"], p.stat().st_mtime, p))
+    return [p for _, _, p in sorted(found, reverse=True)]
+
+
+def resolve_state_dir(path: str | Path) -> Path:
+    """The state folder --resume reads: `path`, or the newest complete copy an interrupted save left."""
     path = Path(path)
+    if not path.exists():
+        copies = interrupted_copies(path)
+        if copies:
+            log.warning("%s: --resume: not found; a save was interrupted between two renames: resuming from "
+                        "the complete copy %s", path, copies[0])
+            return copies[0]
     if not path.is_dir():
         raise UserError(f"{path}: --resume: not a state directory (expected a '...-state' folder)")
     missing = [f for f in STATE_FILES if not (path / f).is_file()]
     if missing:
         raise UserError(f"{path}: --resume: missing {', '.join(missing)}; is this a state written by this trainer?")
-    return LoadedState(
-        network=load_file(str(path / "network.safetensors")),
-        optimizer=torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False),
-        scheduler=torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False),
-        rng=torch.load(path / "rng.pt", map_location="cpu", weights_only=False),
-        train_state=json.loads((path / "train_state.json").read_text(encoding="utf-8")),
-    )
+    return path
+
+
+def _load_pt(file: Path) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated zip, a cut pickle, garbage: torch raises many types
+        raise UserError(f"{file}: --resume: damaged or truncated ({type(err).__name__}); resume from an earlier "
+                        "state, or start again without --resume") from None
+
+
+def load_state(path: str | Path) -> LoadedState:
+    path = resolve_state_dir(path)
+    train_state = read_train_state(path)
+    net_file = path / "network.safetensors"
+    try:
+        read_header(net_file)  # one line for a truncated or foreign file
+    except UserError as err:
+        raise UserError(f"{err}; --resume: resume from an earlier state") from None
+    try:
+        network = load_file(str(net_file))
+    except Exception as err:  # SafetensorError for a damaged body
+        raise UserError(f"{net_file}: --resume: damaged ({err}); resume from an earlier state") from None
+    return LoadedState(network=network, optimizer=_load_pt(path / "optimizer.pt"),
+                       scheduler=_load_pt(path / "scheduler.pt"), rng=_load_pt(path / "rng.pt"),
+                       train_state=train_state)
 
 
 def _remove(path: Path) -> None:

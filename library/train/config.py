@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from library.errors import UserError
 from library.train.cli import ParsedArgs, non_default_values
 from library.train.flags import DATASET_FLAGS, FLAG_BY_NAME_DEFAULTS, INEFFECTIVE
+from library.train.ranges import check_ranges
 
 
 DEFAULT_SEED = 42  # --seed unset: a fixed seed, so every run is reproducible (kohya draws a random one)
@@ -257,6 +258,7 @@ def _resolve(v: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_config(parsed: ParsedArgs) -> TrainConfig:
+    check_ranges(parsed.values)
     v = _resolve(parsed.values)
     given = parsed.given
     cfg = TrainConfig(
@@ -353,6 +355,11 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("sample_every_n_steps", "sample_every_n_epochs"):
         value = getattr(cfg.sample, name)
         _require(value is None or value >= 1, f"--{name} must be at least 1")
+    name = cfg.save.output_name
+    _require(name is None or (name not in ("", ".", "..") and "/" not in name and "\\" not in name
+                              and not name.startswith(".")),
+             f"--output_name {name!r}: must be a plain file name (no folders, not hidden): every output goes into "
+             "--output_dir; put the folder there instead")
 
 
 def config_as_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -6,6 +6,7 @@ plot ourselves. Nothing here runs at import time; the entry point calls `setup_c
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from library.atomic import atomic_target, write_text_atomic
+from library.atomic import write_bytes_atomic, write_text_atomic
 from library.train.config import LogConfig
 
 log = logging.getLogger("flux_train")
@@ -151,8 +152,9 @@ def draw_loss_plot(record: LossRecord, path: Path, title: str = "training loss",
         for _, mean, epoch_end_step in record.epoch_means:
             cx, cy = px(epoch_end_step, min(max(mean, y0), y1))
             draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=(200, 60, 20))
-    with atomic_target(path) as tmp:
-        img.save(tmp, format="PNG")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue())  # through the one write seam (disk full: one line)
     return path
 
 

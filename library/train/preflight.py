@@ -5,6 +5,7 @@ header only), the LoRA files to start from or merge, --network_args and --optimi
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -63,11 +64,62 @@ def check_lora_files(cfg: TrainConfig) -> None:
             read_lora(path)
 
 
+def data_folders(cfg: TrainConfig) -> list[tuple[str, Path]]:
+    """(where, folder) of every image/conditioning folder the run reads (an unreadable config: none; the data
+    stage reports it)."""
+    from library.dataset_config import load_dataset_config  # noqa: PLC0415
+
+    cli = dict(cfg.data.cli_values)
+    out = [(f"--{k}", Path(cli[k])) for k in ("train_data_dir", "reg_data_dir") if cli.get(k)]
+    if cfg.data.dataset_config:
+        for k in ("train_data_dir", "reg_data_dir", "in_json"):
+            cli.pop(k, None)
+        quiet = logging.getLogger(load_dataset_config.__module__)  # its warnings print once, at the data stage
+        quiet.disabled, was = True, quiet.disabled
+        try:
+            resolved = load_dataset_config(cfg.data.dataset_config, cli, check_paths=False)
+        except UserError:
+            return out
+        finally:
+            quiet.disabled = was
+        for i, d in enumerate(resolved.datasets):
+            for j, sub in enumerate(d.subsets):
+                for key in ("image_dir", "conditioning_data_dir"):
+                    if getattr(sub, key) is not None:
+                        out.append((f"{cfg.data.dataset_config}: datasets[{i}].subsets[{j}].{key}",
+                                    Path(getattr(sub, key))))
+    return out
+
+
+def check_output_outside_data(cfg: TrainConfig) -> None:
+    """The outputs (loss plot, samples) must not land where images are read: a later run would train on them."""
+    out = Path(cfg.save.output_dir).absolute().resolve()
+    for where, folder in data_folders(cfg):
+        f = folder.absolute().resolve()
+        if out == f or f in out.parents:
+            raise UserError(f"command line: --output_dir {cfg.save.output_dir} is inside the image folder {folder} "
+                            f"({where}); the trainer's plots and samples would become training images: choose an "
+                            "output folder outside the dataset")
+
+
+def check_resume(cfg: TrainConfig) -> None:
+    """--resume: every file of the state folder reads (a LoRA's state is small) and it was trained with this
+    optimizer, before any model is loaded."""
+    from library.train import checkpoint as C  # noqa: PLC0415
+    from library.train.resume_settings import check_optimizer_matches  # noqa: PLC0415
+
+    if cfg.save.resume:
+        saved = C.load_state(cfg.save.resume).train_state.get("settings")
+        check_optimizer_matches(saved, cfg.optimizer.optimizer_type, cfg.save.resume)
+
+
 def preflight(cfg: TrainConfig, dtypes: Dtypes) -> None:
     from library.train.optim import check_optimizer  # noqa: PLC0415
 
     check_output_folder(cfg.save.output_dir, "output_dir")
     check_output_folder(cfg.log.logging_dir, "logging_dir")
+    check_output_outside_data(cfg)
     check_optimizer(cfg.optimizer)  # cheapest first: no file is opened
+    check_resume(cfg)
     check_lora_files(cfg)
     check_network_args(cfg, check_model_files(cfg, dtypes))

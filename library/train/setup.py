@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -176,9 +176,12 @@ def _train_clip(cfg: TrainConfig) -> bool:
     return True
 
 
-def setup(cfg: TrainConfig) -> Run:
+def setup(cfg: TrainConfig, after_preflight: Callable[[], None] | None = None) -> Run:
+    """`after_preflight` runs once the checks passed, before anything is written (the output-folder lock)."""
     dtypes = resolve_dtypes(cfg.precision)
     preflight(cfg, dtypes)  # flags, folders and model-file headers: fail in a second, not after loading
+    if after_preflight is not None:
+        after_preflight()
     acc = make_accelerator(cfg)
     if acc.device.type == "cpu" and cfg.precision.mixed_precision == "fp16":
         raise UserError("command line: --mixed_precision fp16 needs a GPU (CPU autocast has no fp16); "

@@ -13,7 +13,9 @@ import math
 import signal
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +23,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from library.errors import UserError
 from library.train import checkpoint as C
+from library.train import resume_settings as RS
 from library.train.config import TrainConfig
+from library.train.leftovers import clean_output_folder
+from library.train.lock import output_lock
 from library.train.logging import LossRecord, draw_loss_plot, write_loss_csv
 from library.train.optim import group_lrs
 from library.train.samples import write_samples
@@ -41,15 +46,21 @@ class State:
     stop_signal: int = 0  # the signal number that asked us to stop (SIGINT/SIGTERM)
     last_time: float = field(default_factory=time.perf_counter)  # when the previous optimizer step ended
     scorer: Any = None  # library.eval.sample_scores.SampleScorer with --eval_clip_model
+    saved: list[str] = field(default_factory=list)  # the LoRA files this run wrote (named when it stops)
 
 
 def train(cfg: TrainConfig) -> None:
     # Log lines print above the progress bars (image scan, caching, steps) instead of into them.
-    with logging_redirect_tqdm():
-        _train(cfg)
+    # One run per output folder (a second one is refused); leftovers of killed runs are cleaned first.
+    with logging_redirect_tqdm(), ExitStack() as stack:
+        def claim_output_folder() -> None:  # after the preflight checks, before anything is written
+            if stack.enter_context(output_lock(cfg.save.output_dir)):
+                clean_output_folder(cfg.save.output_dir)
+
+        _train(cfg, claim_output_folder)
 
 
-def _train(cfg: TrainConfig) -> None:
+def _train(cfg: TrainConfig, claim_output_folder: Any = None) -> None:
     if (cfg.sample.eval_clip_model or cfg.sample.eval_reference_dir) and not cfg.sample.sample_prompts:
         raise UserError("--eval_clip_model / --eval_reference_dir score the --sample_prompts images; give "
                         "--sample_prompts (and --sample_every_n_epochs or --sample_every_n_steps)")
@@ -57,7 +68,7 @@ def _train(cfg: TrainConfig) -> None:
         from library.eval.models import model_type  # noqa: PLC0415 - optional
 
         model_type(cfg.sample.eval_clip_model, "--eval_clip_model", ("clip",))
-    run = setup(cfg)
+    run = setup(cfg, claim_output_folder)
     state = State(scorer=_sample_scorer(run))
     if cfg.save.resume:
         resume(run, state, cfg.save.resume)
@@ -134,7 +145,7 @@ def forward_backward(run: Run, batch: Any, state: State) -> float:
     # One host sync per micro-step, taken before backward is queued so the host does not wait for it.
     value = float(loss.item())
     if _agree(run, int(not math.isfinite(value))):
-        stop_non_finite(run, state, value)
+        stop_non_finite(run, state, value, state.global_step + 1)
     run.accelerator.backward(loss / cfg.loop.gradient_accumulation_steps)
     return value
 
@@ -267,41 +278,72 @@ def _sample_scorer(run: Run) -> Any:
 
 
 def save(run: Run, state: State, lora_path: Any, with_state: bool) -> None:
-    """Write the LoRA (and the state beside it); rank 0 writes, the other ranks only contribute RNG states."""
+    """Write the LoRA (and the state beside it) together; rank 0 writes, the other ranks only contribute RNG
+    states. Non-finite weights are never written: training stops with the files of this run kept."""
     from accelerate.utils import gather_object  # noqa: PLC0415
 
     acc = run.accelerator
+    if _agree(run, int(not _weights_finite(run))):
+        stop_non_finite(run, state, None, state.global_step)
     rng = gather_object([C.rng_state()]) if with_state and acc.num_processes > 1 else [C.rng_state()]
     if acc.is_main_process:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         md = {**run.metadata, "ss_steps": str(state.global_step), "ss_epoch": str(run.loader.epoch)}
-        run.network.save_weights(lora_path, run.dtypes.save, md)
-        log.info("saved %s", lora_path)
+        parts = None
         if with_state:
             train_state = {"global_step": state.global_step, "loader": run.loader.state_dict(),
-                           "record": state.record.state_dict(), "total_steps": run.total_steps}
-            C.save_state(C.Names.state_of(lora_path), run.network.state_dict(), run.optimizer, run.scheduler,
-                         rng, train_state)
+                           "record": state.record.state_dict(), "total_steps": run.total_steps,
+                           "settings": resume_settings(run)}
+            parts = C.StateParts(run.network.state_dict(), run.optimizer, run.scheduler, rng, train_state)
+        C.save_checkpoint(Path(lora_path), lambda tmp: run.network.save_weights(tmp, run.dtypes.save, md), parts)
+        state.saved.append(Path(lora_path).name)
+        log.info("saved %s%s", lora_path, f" and {C.Names.state_of(Path(lora_path))}" if with_state else "")
     acc.wait_for_everyone()
 
 
+def _weights_finite(run: Run) -> bool:
+    params = [p.detach() for p in run.network.parameters() if p.requires_grad]
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+
+
+def resume_settings(run: Run) -> dict[str, Any]:
+    return RS.settings_of(run.cfg, sum(len(its) for its in run.dataset.items))
+
+
 def resume(run: Run, state: State, path: str) -> None:
+    """Continue from a state: what is kept from it and what the command line sets is in resume_settings.py;
+    each difference is a warning naming both values (another optimizer is refused)."""
     loaded = C.load_state(path)
+    saved = loaded.train_state.get("settings")
+    RS.check_optimizer_matches(saved, run.cfg.optimizer.optimizer_type, path)
+    if not saved:  # an older state without recorded settings: the optimizer's hyper-parameter names tell
+        RS.check_param_groups(loaded.optimizer.get("param_groups", []), run.optimizer.state_dict()["param_groups"],
+                              path)
     try:
         run.network.load_state_dict(loaded.network, strict=True)
     except RuntimeError as err:
         raise UserError(f"{path}: --resume: the saved LoRA does not match this network ({str(err)[:200]}); "
                         "use the same --network_dim/--network_args as the interrupted run") from None
-    run.optimizer.load_state_dict(loaded.optimizer)
-    run.scheduler.load_state_dict(loaded.scheduler)
+    try:
+        run.optimizer.load_state_dict(loaded.optimizer)
+        run.scheduler.load_state_dict(loaded.scheduler)
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise UserError(f"{path}: --resume: the optimizer/scheduler state does not fit this run ({str(err)[:160]}); "
+                        "resume with the settings of the interrupted run") from None
+    now = resume_settings(run)
+    if run.accelerator.is_main_process:
+        for line in RS.compare(saved, now, path):
+            log.warning(line)
+    run.metadata.update(RS.metadata_overrides(saved, now))
     rank = run.accelerator.process_index
     C.set_rng_state(loaded.rng[rank] if rank < len(loaded.rng) else loaded.rng[0])
     ts = loaded.train_state
     state.global_step = int(ts["global_step"])
     state.record.load_state_dict(ts["record"])
     run.loader.load_state_dict(ts["loader"])
-    log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.global_step, run.loader.epoch,
-             run.loader.index)
+    log.info("resumed from %s at step %d (epoch %d, batch %d); kept from the state: LoRA weights, optimizer and "
+             "LR schedule (learning rates included), RNG, data position, loss history; from the command line: "
+             "everything else", path, state.global_step, run.loader.epoch, run.loader.index)
 
 
 def start_at_initial_step(run: Run, state: State) -> None:
@@ -317,12 +359,14 @@ def start_at_initial_step(run: Run, state: State) -> None:
     log.info("starting at step %d (epoch %d, batch %d)", step, epoch + 1, index)
 
 
-def stop_non_finite(run: Run, state: State, loss: float) -> None:
-    written = sorted(p.name for p in run.out_dir.glob(f"*{run.names.ext}")) if run.out_dir.is_dir() else []
+def stop_non_finite(run: Run, state: State, loss: float | None, step: int) -> None:
+    """Stop at a non-finite loss (before backward) or non-finite LoRA weights (before a save); nothing of
+    this step is written. The message names only files this run saved (not older runs' files)."""
     _plot(run, state)
+    what = f"the loss is {loss}" if loss is not None else "the LoRA weights became non-finite (nan/inf)"
     raise UserError(
-        f"training stopped: the loss is {loss} at step {state.global_step + 1}; nothing was saved after the last "
-        f"good step (kept: {', '.join(written) or 'no LoRA yet'}). Try a lower --learning_rate, "
+        f"training stopped: {what} at step {step}; nothing was saved after the last good "
+        f"step (kept from this run: {', '.join(state.saved) or 'no LoRA yet'}). Try a lower --learning_rate, "
         "--mixed_precision bf16 instead of fp16, or --max_grad_norm 1.0")
 
 

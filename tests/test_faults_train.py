@@ -1,0 +1,230 @@
+"""Fault injection through whole (tiny) training runs: a full disk at a save, non-finite weights, flags out
+of range, an output folder inside the dataset, a resume with changed settings."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from library import atomic
+from library.errors import UserError
+from library.train import checkpoint as C
+from library.train import trainer
+from library.train.cli import parse_args
+from library.train.config import build_config
+from train_helpers import REPO, base_args, data, train_in_process  # noqa: F401 (data: a fixture)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _temporaries(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob("*") if atomic.parse_temporary(p.name) or p.name.startswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_ckpts, data: Path, tmp_path_factory) -> Path:
+    """One 2-step run with a state at every step, shared by the cases below (read-only for them)."""
+    out = tmp_path_factory.mktemp("trained") / "out"
+    train_in_process(base_args(tiny_ckpts, data, out, "--max_train_steps", "2", "--save_every_n_steps", "1",
+                               "--save_state"))
+    return out
+
+
+def test_a_save_records_the_manifest_and_settings(trained: Path) -> None:
+    ts = C.read_train_state(trained / "lora-state")
+    assert ts["lora"] == {"file": "lora.safetensors", "sha256": C.file_sha256(trained / "lora.safetensors")}
+    assert ts["settings"]["learning_rate"] == 2e-3 and ts["settings"]["optimizer_type"] == "AdamW"
+    assert not (trained / ".lock").exists() and _temporaries(trained) == []  # released, nothing left
+
+
+def test_disk_full_at_the_final_save_keeps_the_last_pair(tiny_ckpts, data: Path, trained: Path, tmp_path: Path,
+                                                         monkeypatch) -> None:
+    out = tmp_path / "out"
+    real = atomic._write
+
+    def write(f, chunk):  # the disk fills up while the final LoRA / state is written
+        if "lora-state" in f.name or ".lora.safetensors" in f.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, chunk)
+
+    train_in_process(base_args(tiny_ckpts, data, out, "--max_train_steps", "1", "--save_state"))
+    before = _snapshot(out)
+    (out / f".lora-step00000007.safetensors.tmp{_dead_pid()}").write_bytes(b"a killed run's leftover")
+    monkeypatch.setattr(atomic, "_write", write)
+    with pytest.raises(UserError) as err:
+        train_in_process(base_args(tiny_ckpts, data, out, "--max_train_steps", "2", "--learning_rate", "5e-3",
+                                   "--save_state"))
+    monkeypatch.undo()
+    msg = str(err.value)
+    assert "disk full" in msg and "lora" in msg and "needs" in msg and "\n" not in msg, msg
+    after = _snapshot(out)
+    for name in ("lora.safetensors", "lora-state/network.safetensors", "lora-state/optimizer.pt",
+                 "lora-state/train_state.json"):
+        assert after[name] == before[name], name  # the first run's pair, untouched
+    assert _temporaries(out) == [] and not (out / ".lock").exists()
+    assert C.load_state(out / "lora-state").train_state["global_step"] == 1  # still resumable
+
+
+def test_non_finite_weights_are_never_written(tiny_ckpts, data: Path, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "older-run.safetensors").write_bytes(b"not this run's")
+    real = trainer.optimizer_step
+
+    def poisoned(run) -> None:  # what --learning_rate 1e30 or a nan gradient norm does to the weights
+        real(run)
+        next(p for p in run.network.parameters() if p.requires_grad).data.fill_(float("nan"))
+
+    monkeypatch.setattr(trainer, "optimizer_step", poisoned)
+    with pytest.raises(UserError) as err:
+        train_in_process(base_args(tiny_ckpts, data, out, "--max_train_steps", "3", "--save_every_n_steps", "1",
+                                   "--save_state"))
+    msg = str(err.value)
+    assert "non-finite" in msg and "at step 1" in msg and "kept from this run: no LoRA yet" in msg, msg
+    assert "older-run" not in msg
+    assert not list(out.glob("lora*.safetensors")) and not list(out.glob("*-state")) and _temporaries(out) == []
+
+
+def test_the_kept_list_names_this_runs_saves(tiny_ckpts, data: Path, tmp_path: Path, monkeypatch) -> None:
+    out, real, steps = tmp_path / "out", trainer.optimizer_step, []
+
+    def poisoned_at_2(run) -> None:
+        real(run)
+        steps.append(1)
+        if len(steps) == 2:
+            next(p for p in run.network.parameters() if p.requires_grad).data.fill_(float("inf"))
+
+    monkeypatch.setattr(trainer, "optimizer_step", poisoned_at_2)
+    with pytest.raises(UserError, match=r"at step 2; .*kept from this run: lora-step00000001\.safetensors\)"):
+        train_in_process(base_args(tiny_ckpts, data, out, "--max_train_steps", "3", "--save_every_n_steps", "1"))
+    lora = load_file(str(out / "lora-step00000001.safetensors"))
+    assert all(torch.isfinite(t).all() for t in lora.values())
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--max_train_epochs", "-1"], "--max_train_epochs must be at least 1 (got -1)"),
+    (["--learning_rate", "inf"], "--learning_rate must be a finite number (got inf)"),
+    (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number (got nan)"),
+    (["--network_dropout", "1.5"], "--network_dropout must be in [0, 1) (got 1.5)"),
+    (["--discrete_flow_shift", "0"], "--discrete_flow_shift must be greater than 0 (got 0.0)"),
+    (["--discrete_flow_shift", "-2"], "--discrete_flow_shift must be greater than 0 (got -2.0)"),
+    (["--network_dim", "0"], "--network_dim must be in [1, 65536] (got 0)"),
+    (["--t5xxl_max_token_length", "100000"], "--t5xxl_max_token_length must be in [1, 512] (got 100000)"),
+    (["--max_data_loader_n_workers", "-3"], "--max_data_loader_n_workers must be in [0, 1024] (got -3)"),
+    (["--text_encoder_lr", "1e-4", "nan"], "--text_encoder_lr must be a finite number (got nan)"),
+])
+def test_flags_out_of_range_fail_at_parse_time(flags: list[str], needle: str) -> None:
+    with pytest.raises(UserError) as err:
+        build_config(parse_args(["--dataset_config", "d.toml", *flags]))
+    assert str(err.value) == f"command line: {needle}"
+
+
+def test_flags_in_range_pass() -> None:  # the control: the edges themselves are accepted
+    build_config(parse_args(["--dataset_config", "d.toml", "--max_train_epochs", "1", "--network_dropout", "0",
+                             "--discrete_flow_shift", "0.1", "--network_dim", "1", "--t5xxl_max_token_length", "512"]))
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_output_dir_in_an_image_folder_is_refused(tiny_ckpts, data: Path, where: str, tmp_path: Path) -> None:
+    import flux_train_network
+
+    images = data / "dog"
+    out = images if where == "same" else images / "runs" / "a"
+    before = _snapshot(images)
+    with pytest.raises(UserError, match=r"--output_dir .* is inside the image folder .*datasets\[0\]\.subsets\[0\]"
+                                        r"\.image_dir"):
+        flux_train_network.main(base_args(tiny_ckpts, data, out))
+    assert _snapshot(images) == before and not (images / "runs").exists()
+
+
+def test_resume_with_a_new_learning_rate_warns_and_records_the_rate_used(tiny_ckpts, data: Path, trained: Path,
+                                                                         tmp_path: Path, capfd) -> None:
+    out = tmp_path / "out"
+    train_in_process(base_args(tiny_ckpts, data, out, "--max_train_steps", "2", "--learning_rate", "1e-5",
+                               "--network_alpha", "2", "--resume", str(trained / "lora-step00000001-state")))
+    text = " ".join(capfd.readouterr().err.split())
+    assert "--learning_rate is 1e-05 now, 0.002 in the state; the state's value is used" in text
+    assert "--network_alpha is 2.0 now, 4.0 in the state; the new value is used" in text
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        md = f.metadata()
+    assert md["ss_learning_rate"] == "0.002" and md["ss_network_alpha"] == "2.0"
+    ts = json.loads((out / "lora_config.json").read_text())
+    assert ts["optimizer"]["learning_rate"] == 1e-5  # the config as given is still saved as given
+
+
+def test_resume_with_another_optimizer_is_one_line_before_models(tiny_ckpts, data: Path, trained: Path,
+                                                                 tmp_path: Path, monkeypatch) -> None:
+    import flux_train_network
+    from library.train import models
+
+    monkeypatch.setattr(models, "load_models", lambda *a, **k: pytest.fail("models loaded before the check"))
+    with pytest.raises(UserError, match="trained with --optimizer_type AdamW, this run asks for SGDNesterov"):
+        flux_train_network.main(base_args(tiny_ckpts, data, tmp_path / "out", "--optimizer_type", "SGDNesterov",
+                                          "--resume", str(trained / "lora-step00000001-state")))
+
+
+def test_truncated_state_file_on_the_command_line_is_one_line_exit_2(tiny_ckpts, data: Path, trained: Path,
+                                                                     tmp_path: Path) -> None:
+    import shutil
+
+    state = tmp_path / "copy-state"
+    shutil.copytree(trained / "lora-step00000001-state", state)
+    opt = state / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:100])
+    before = _snapshot(state)
+    proc = subprocess.run([sys.executable, str(REPO / "flux_train_network.py"),
+                           *base_args(tiny_ckpts, data, tmp_path / "out", "--resume", str(state))],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {opt}: --resume: damaged or truncated (RuntimeError); resume from an earlier state, "
+                      "or start again without --resume"], proc.stderr
+    assert _snapshot(state) == before and not (tmp_path / "out").exists()  # checked before anything is written
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_launch_saves_and_exits_without_a_traceback(tiny_ckpts, data: Path,
+                                                                              tmp_path: Path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    args = base_args(tiny_ckpts, data, out, "--max_train_steps", "100000")
+    args[args.index("--dataset_config") + 1] = str(data / "dog.toml")
+    proc = subprocess.Popen([sys.executable, "-m", "library.train.launch", "--multi_gpu", "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "--main_process_port", "29531", str(REPO / "flux_train_network.py"), *args],
+                            cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    seen, deadline = [], time.time() + 240
+    for line in proc.stderr:
+        seen.append(line)
+        if "start training" in line or time.time() > deadline:
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    rest = "".join(seen) + proc.stderr.read()
+    assert proc.wait(timeout=240) == 128 + signal.SIGTERM, rest[-3000:]
+    assert "Traceback" not in rest and "SignalException" not in rest, rest[-3000:]
+    assert "SIGTERM: the training processes were stopped after saving a state" in rest
+    states = [p for p in out.iterdir() if p.name.endswith("-state")]
+    assert len(states) == 1 and C.load_state(states[0]).train_state["global_step"] >= 1
+    assert not (out / ".lock").exists() and _temporaries(out) == []
