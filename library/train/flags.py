@@ -300,6 +300,12 @@ FLAGS: list[Flag] = [
         _f("validate_config", "flag", False, "print the resolved dataset config and exit"),
         _f("dry_run", "flag", False, "print the training plan (datasets, buckets, steps) and exit"),
         _f("skip_bad_images", "flag", False, "skip unreadable images with a warning instead of stopping"),
+        _f("gradient_checkpointing_blocks", "int", None,
+           "selective checkpointing: recompute only the first N transformer blocks (FLUX has 57; fewer is faster "
+           "and needs more memory); implies --gradient_checkpointing"),
+        _f("max_vram_gib", "float", None,
+           "fit the step into N GiB of GPU memory: picks checkpointing, --fp8_base and --blocks_to_swap at the "
+           "best predicted speed (flags given explicitly are kept); --dry_run shows the choice"),
     ),
 ]
 

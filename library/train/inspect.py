@@ -28,4 +28,8 @@ def inspect_data(cfg: TrainConfig) -> int:
                                 max_train_epochs=loop.max_train_epochs,
                                 gradient_accumulation_steps=loop.gradient_accumulation_steps,
                                 skip_bad_images=bool(cfg.data.cli_values.get("skip_bad_images")))))
+    if cfg.model.pretrained_model_name_or_path:  # predicted GPU memory and step time (header only)
+        from library.train.memory_setup import format_report  # noqa: PLC0415
+
+        print(format_report(cfg, resolved.datasets))
     return 0

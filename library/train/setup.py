@@ -24,6 +24,7 @@ from library.train import models as M
 from library.train.checkpoint import Names
 from library.train.config import DEFAULT_SEED, TrainConfig, config_as_dict, config_summary
 from library.train.logging import warn
+from library.train.memory_setup import apply_max_vram
 from library.train.optim import build_optimizer, build_scheduler, is_relative_step_adafactor
 from library.train.precision import Dtypes, resolve_dtypes
 from library.train.preflight import preflight
@@ -186,6 +187,8 @@ def setup(cfg: TrainConfig) -> Run:
     if acc.is_main_process:
         _write_config(cfg, out_dir)
     dataset, loader, val_loader = _data(cfg, acc, seed)
+    # --max_vram_gib: checkpointing / fp8 / block swap chosen from the memory model before the model loads.
+    cfg, dtypes = apply_max_vram(cfg, dtypes, dataset.cfg.datasets)
     total, epochs, per_epoch = _schedule(cfg, len(loader))
     dataset.max_train_steps = total
     train_clip = _train_clip(cfg)
