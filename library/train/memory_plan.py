@@ -140,11 +140,14 @@ def predict(w: Workload, c: Choice, cal: Calibration = Calibration()) -> Predict
 
 def candidates(w: Workload, fp8: bool | None = None, swap: int | None = None,
                checkpointed: int | None = None) -> list[Choice]:
-    """Every setup, or only those agreeing with what the user fixed (None: free)."""
+    """Every setup, or only those agreeing with what the user fixed (None: free). Block swap is offered
+    with full checkpointing only (unless the user fixed both): the swapped blocks are the last ones and
+    selective checkpointing keeps the last blocks' activations, a combination not measured on the device."""
     ks = [checkpointed] if checkpointed is not None else list(range(w.n_blocks + 1))
     fps = [fp8] if fp8 is not None else [False, True]
     swaps = [swap] if swap is not None else list(range(0, max_swap(w) + 1))
-    return [Choice(k, f, s) for f in fps for s in swaps for k in ks]
+    return [Choice(k, f, s) for f in fps for s in swaps for k in ks
+            if s == 0 or k == w.n_blocks or checkpointed is not None]
 
 
 def usable_gib(card_gib: float) -> float:
