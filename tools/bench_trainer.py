@@ -66,6 +66,7 @@ class RunResult:
     first_step_s: float = math.nan
     first_step_after_launch_s: float = math.nan
     choice: str = ""
+    compile_cache: str = ""
     wall_s: float = math.nan
     error: str = ""
     argv: list[str] = field(default_factory=list)
@@ -141,6 +142,7 @@ def parse_spec(spec: str) -> tuple[str, int, int, float | None, list[str]]:
 
 
 _FIRST = re.compile(r"first step: ([\d.]+) s \(([\d.]+) s after launch\)")
+_CACHE = re.compile(r"compile cache: (.*)$", re.M)
 _PEAK = re.compile(r"peak GPU memory ([\d.]+) GiB")
 _CHOICE = re.compile(r"--max_vram_gib [\d.]+: (.*)$", re.M)
 
@@ -177,6 +179,8 @@ def run_trainer(spec: str, ck: dict[str, Path], work: Path, warmup: int, timeout
         r.first_step_s, r.first_step_after_launch_s = float(m.group(1)), float(m.group(2))
     if (m := _PEAK.search(text)):
         r.peak_gib = float(m.group(1))
+    if (m := _CACHE.search(text)):
+        r.compile_cache = m.group(1).strip()
     if (m := _CHOICE.search(text)):
         r.choice = m.group(1).strip()
     csv_path = out / "lora_loss.csv"

@@ -23,6 +23,22 @@ def since_launch() -> str:
         return "time since launch unknown"
 
 
+def compile_cache_counts() -> str:
+    """'compile cache: A/B AOT-autograd and C/D inductor graphs from the cache' (hits / lookups), or '' when
+    nothing was compiled: a second run of the same configuration should find every graph there."""
+    try:
+        from torch._dynamo.utils import counters  # noqa: PLC0415
+    except ImportError:
+        return ""
+    aot, ind = counters.get("aot_autograd", {}), counters.get("inductor", {})
+    a_hit, a_miss = aot.get("autograd_cache_hit", 0), aot.get("autograd_cache_miss", 0)
+    i_hit, i_miss = ind.get("fxgraph_cache_hit", 0), ind.get("fxgraph_cache_miss", 0)
+    if not (a_hit + a_miss + i_hit + i_miss):
+        return ""
+    return (f"compile cache: {a_hit}/{a_hit + a_miss} AOT-autograd and {i_hit}/{i_hit + i_miss} inductor graphs "
+            "from the cache")
+
+
 def median_step_s(times: list[float], skip: int = 0) -> float:
     """Median of the timed steps after the first `skip` (warm-up, compilation); nan when none is left."""
     timed = [t for t in times[skip:] if math.isfinite(t)]

@@ -203,7 +203,8 @@ def log_step(run: Run, state: State, loss: float, step_time: float, bar: Any) ->
     if not state.first_step_logged:
         state.first_step_logged = True
         if run.accelerator.is_main_process:
-            log.info("first step: %.1f s (%s)", step_time, timing.since_launch())
+            cache = timing.compile_cache_counts() if run.cfg.speed.torch_compile else ""
+            log.info("first step: %.1f s (%s)%s", step_time, timing.since_launch(), f"; {cache}" if cache else "")
     lrs = group_lrs(run.optimizer)
     avg = state.record.moving_average()
     bar.update(1)
