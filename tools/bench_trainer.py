@@ -67,6 +67,7 @@ class RunResult:
     first_step_after_launch_s: float = math.nan
     choice: str = ""
     compile_cache: str = ""
+    setup_s: dict[str, float] = field(default_factory=dict)  # load / caches / to_device
     wall_s: float = math.nan
     error: str = ""
     argv: list[str] = field(default_factory=list)
@@ -143,6 +144,7 @@ def parse_spec(spec: str) -> tuple[str, int, int, float | None, list[str]]:
 
 _FIRST = re.compile(r"first step: ([\d.]+) s \(([\d.]+) s after launch\)")
 _CACHE = re.compile(r"compile cache: (.*)$", re.M)
+_SETUP = re.compile(r"setup: models loaded in ([\d.]+) s, caches ([\d.]+) s, transformer to \w+ in ([\d.]+) s")
 _PEAK = re.compile(r"peak GPU memory ([\d.]+) GiB")
 _CHOICE = re.compile(r"--max_vram_gib [\d.]+: (.*)$", re.M)
 
@@ -179,6 +181,8 @@ def run_trainer(spec: str, ck: dict[str, Path], work: Path, warmup: int, timeout
         r.first_step_s, r.first_step_after_launch_s = float(m.group(1)), float(m.group(2))
     if (m := _PEAK.search(text)):
         r.peak_gib = float(m.group(1))
+    if (m := _SETUP.search(text)):
+        r.setup_s = dict(zip(("load", "caches", "to_device"), map(float, m.groups())))
     if (m := _CACHE.search(text)):
         r.compile_cache = m.group(1).strip()
     if (m := _CHOICE.search(text)):
