@@ -42,6 +42,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from library.flux.compile import apply_compile, remove_compile  # noqa: E402
+from library.flux.math import make_img_ids, make_txt_ids  # noqa: E402
 from library.flux.model import Flux, FluxParams  # noqa: E402
 
 DEV_PARAMS = FluxParams(in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
@@ -250,7 +251,10 @@ def make_batch(res: int, txt_len: int, p: FluxParams, device: torch.device, dtyp
                    t5_attn_mask=torch.ones(batch, txt_len, dtype=torch.long, device=device),
                    sample_weights=torch.ones(batch, device=device), loss_mask=None,
                    keys=tuple(f"bench/{i}.png#0" for i in range(batch)))
-    return {"inputs": x, "latents": x.latents, "t5": x.t5_out, "clip": x.clip_pooled}
+    # The raw tensors too (importers such as tools/bench_kontext_step.py build their own model inputs).
+    return {"inputs": x, "latents": x.latents, "t5": x.t5_out, "clip": x.clip_pooled,
+            "img_ids": make_img_ids(batch, h // 2, w // 2).to(device),
+            "txt_ids": make_txt_ids(batch, txt_len).to(device)}
 
 
 def train_step(model: Flux, opt: torch.optim.Optimizer, params: list[nn.Parameter], b: dict,

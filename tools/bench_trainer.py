@@ -93,8 +93,8 @@ def write_checkpoints(work: Path, tiny: bool) -> dict[str, Path]:
     out = {"transformer": work / "flux1-dev-random.safetensors", "ae": work / "ae.safetensors",
            "clip_l": work / "clip_l.safetensors", "t5xxl": work / "t5xxl_fp16.safetensors"}
     if not out["transformer"].exists():
-        print(f"writing the transformer: {write_random_checkpoint(out['transformer'], FLUX_DEV, torch.device('cuda')):.1f} s",
-              flush=True)
+        seconds = write_random_checkpoint(out["transformer"], FLUX_DEV, torch.device("cuda"))
+        print(f"writing the transformer: {seconds:.1f} s", flush=True)
     if not out["ae"].exists():
         with torch.device("meta"):
             ae = AutoEncoder(AutoEncoderParams(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16))
@@ -164,14 +164,16 @@ def run_trainer(spec: str, ck: dict[str, Path], work: Path, warmup: int, timeout
     if gib:  # emulate a card of `gib` GiB on a bigger one
         prelude += (f"torch.cuda.set_per_process_memory_fraction(min(1.0, {gib} * 2**30 / "
                     "torch.cuda.get_device_properties(0).total_memory))\n")
-    prelude += "sys.argv = ['flux_train_network.py'] + sys.argv[1:]\nrunpy.run_path('flux_train_network.py', run_name='__main__')\n"
+    prelude += ("sys.argv = ['flux_train_network.py'] + sys.argv[1:]\n"
+                "runpy.run_path('flux_train_network.py', run_name='__main__')\n")
     log_path = work / "runs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
         with open(log_path, "w") as logf:
-            proc = subprocess.run([sys.executable, "-c", prelude, *argv], cwd=REPO, stdout=logf, stderr=subprocess.STDOUT,
-                                  timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = subprocess.run([sys.executable, "-c", prelude, *argv], cwd=REPO, stdout=logf,
+                                  stderr=subprocess.STDOUT, timeout=timeout,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
         rc = proc.returncode
     except subprocess.TimeoutExpired:
         rc = -9

@@ -207,5 +207,6 @@ def workload_for(params: FluxParams, img_tokens: int, txt_tokens: int, batch: in
         network.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
         lora = sum(p.numel() for p in network.parameters())
     return Workload(params.depth, params.depth_single_blocks, params.hidden_size,
-                    int(params.hidden_size * params.mlp_ratio), (ld, ls), (od, os_), token_params, other, img_tokens, txt_tokens,
+                    int(params.hidden_size * params.mlp_ratio), (ld, ls), (od, os_), token_params, other,
+                    img_tokens, txt_tokens,
                     batch, lora, lora_state_bytes_per_param, compiled)
