@@ -44,3 +44,20 @@ def test_tiny_step_runs_and_trains(bench):
 def test_bad_config_is_rejected(bench):
     with pytest.raises(SystemExit, match="bad config"):
         bench.Config.parse("eager:maybe:512:default")
+    with pytest.raises(SystemExit, match="unknown option"):
+        bench.Config.parse("eager:ckpt:512:default:x3")
+    c = bench.Config.parse("compile:ck20:768:flash:r64:b2:prof")
+    assert (c.mode, c.ckpt, c.blocks, c.res, c.sdpa, c.rank, c.batch, c.profile) == \
+        ("compile", True, 20, 768, "flash", 64, 2, True)
+
+
+def test_bench_step_is_the_trainers_step(bench, monkeypatch):
+    """The bench keeps no copy of the step: it calls library.train.step.forward_backward / apply_update."""
+    from library.train import step as shared
+
+    calls = []
+    real_fb, real_up = shared.forward_backward, shared.apply_update
+    monkeypatch.setattr(shared, "forward_backward", lambda *a, **k: calls.append("fb") or real_fb(*a, **k))
+    monkeypatch.setattr(shared, "apply_update", lambda *a, **k: calls.append("up") or real_up(*a, **k))
+    results = bench.main(["--tiny", "--steps", "1", "--warmup", "1", "--configs", "eager:ck1:32:default:r8:b2"])
+    assert results[0].ok and calls == ["fb", "up", "fb", "up"]

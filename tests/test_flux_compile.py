@@ -103,6 +103,28 @@ def test_lora_attribute_change_recompiles_not_stale():
     assert not torch.allclose(base, with_lora, atol=1e-4)
 
 
+def test_failing_compiler_falls_back_to_eager_with_one_warning(caplog):
+    """A backend that cannot compile (a missing C compiler, say) costs one warning line, not the run."""
+    torch._dynamo.reset()
+    model, params = _model_with_lora()
+    model.enable_gradient_checkpointing()
+    inp = _inputs(model.params)
+    eager = _step(model, params, inp)
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    apply_compile(model, backend=broken_backend)
+    with caplog.at_level("WARNING", logger="library.flux.compile"):
+        fallback = _step(model, params, inp)
+        again = _step(model, params, inp)
+    warnings = [r for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(warnings) == 1 and "no compiler here" in warnings[0].getMessage()
+    _assert_same(eager, fallback, 1e-6)
+    _assert_same(eager, again, 1e-6)
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not os.environ.get("FLUX_TEST_INDUCTOR"), reason="~90 s of C++ compilation on a CPU box; "
                     "set FLUX_TEST_INDUCTOR=1 to run it")
 def test_inductor_matches_eager():

@@ -86,8 +86,10 @@ def test_loss_plot_and_csv(tmp_path: Path) -> None:
     assert {(20, 60, 160), (200, 60, 20), (20, 140, 60)} <= colours  # average line, epoch dots, validation
     assert [m for _, m, _ in rec.epoch_means][0] == pytest.approx(sum(rec.losses[:10]) / 10)
     csv = write_loss_csv(rec, tmp_path / "loss.csv").read_text().splitlines()
-    assert csv[20] == "20,0.2,0.5"
-    assert csv[0] == "step,loss,validation_loss" and csv[1].startswith("1,") and len(csv) == 42
+    assert csv[20] == "20,0.2,0.5,"  # untimed steps leave the time empty
+    assert csv[0] == "step,loss,validation_loss,step_time_s" and csv[1].startswith("1,") and len(csv) == 42
+    rec.add(41, 0.3, 0.25)
+    assert write_loss_csv(rec, tmp_path / "loss.csv").read_text().splitlines()[-1] == "41,0.3,,0.250000"
 
 
 def test_precision_dtypes() -> None:

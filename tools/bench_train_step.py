@@ -1,19 +1,25 @@
 """Time one FLUX.1-dev LoRA training step, as the peer anchors do (../shared/reference/perf-anchors.md).
 
+The step is the trainer's own: `library.train.step.forward_backward` (noise and σ drawn per sample as in a
+run, noisy input, forward under accelerate's bf16 autocast, the trainer's loss, `accelerator.backward`) and
+`library.train.step.apply_update` (`accelerator.clip_grad_norm_(1.0)`, the optimizer the trainer builds for
+AdamW, zero_grad). The objective is the trainer's config for `--timestep_sampling flux_shift
+--model_prediction_type raw` (MSE against n - x0, as the anchors). This file keeps no copy of the step.
+
 Full-size FLUX.1-dev transformer with random weights, built directly on the GPU in bf16 (no checkpoint is
-read); rank-16 LoRA (alpha 16, float32 weights, kohya's 304 block Linears) from `networks.lora_flux`
+read); rank-16 LoRA (alpha = rank, float32 weights, kohya's 304 block Linears) from `networks.lora_flux`
 (or, with `--lora minimal` or when that module cannot be used, a bench-only wrapper defined below);
-batch 1, 512 T5 tokens, cached latents / text-encoder outputs (random tensors). One step = flow-matching
-noisy input (flux_shift σ), forward under bf16 autocast, float32 MSE against n − x0, backward,
-clip_grad_norm_(1.0) over the LoRA parameters, torch AdamW step, zero_grad(set_to_none), loss.item().
+batch 1, 512 T5 tokens, cached latents / text-encoder outputs (random tensors).
 Time = median of `--steps` steps after `--warmup` (CUDA synchronize around each step, host perf_counter),
 memory = torch.cuda.max_memory_allocated over warm-up + timed steps, MFU = step FLOPs (anchors' model:
-3F with checkpointing, 2F without) / (median × matmul ceiling).
+3F with checkpointing, 2F without; (2 + k/57)F with k of 57 blocks checkpointed) / (median x ceiling).
 
-A config is `mode:ckpt:res:sdpa[:prof]`: mode eager|compile (library.flux.compile.apply_compile, per
-block), ckpt ckpt|nockpt, res in pixels (square), sdpa default|flash|cudnn|efficient|math.
+A config is `mode:ckpt:res:sdpa[:opt...]`: mode eager|compile (library.flux.compile.apply_compile, per
+block), ckpt ckpt|nockpt|ckN (selective: the first N blocks), res in pixels (square), sdpa
+default|flash|cudnn|efficient|math; options: prof (profile one step), rN (LoRA rank), bN (batch).
 
     python3 tools/bench_train_step.py --configs eager:ckpt:1024:default compile:ckpt:1024:default
+    python3 tools/bench_train_step.py --configs eager:ckpt:1024:default:r64 eager:ckpt:1024:default:b4
     python tools/bench_train_step.py --tiny            # CPU dry run of the same code path
 """
 
@@ -31,13 +37,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from library.flux.compile import apply_compile, remove_compile  # noqa: E402
-from library.flux.math import make_img_ids, make_txt_ids, pack_latents, unpack_latents  # noqa: E402
+from library.flux.math import make_img_ids, make_txt_ids  # noqa: E402
 from library.flux.model import Flux, FluxParams  # noqa: E402
 
 DEV_PARAMS = FluxParams(in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
@@ -55,17 +60,33 @@ class Config:
     res: int
     sdpa: str
     profile: bool = False
+    blocks: int | None = None  # selective checkpointing: the first N blocks (None: all, when ckpt)
+    rank: int | None = None  # None: --rank
+    batch: int = 1
 
     @staticmethod
     def parse(spec: str) -> "Config":
         parts = spec.split(":")
-        if len(parts) not in (4, 5) or parts[0] not in ("eager", "compile") or parts[1] not in ("ckpt", "nockpt"):
-            raise SystemExit(f"bad config {spec!r}: expected mode:ckpt|nockpt:res:sdpa[:prof]")
-        return Config(parts[0], parts[1] == "ckpt", int(parts[2]), parts[3], len(parts) == 5 and parts[4] == "prof")
+        ck = parts[1] if len(parts) > 1 else ""
+        if len(parts) < 4 or parts[0] not in ("eager", "compile") or not (
+                ck in ("ckpt", "nockpt") or (ck.startswith("ck") and ck[2:].isdigit())):
+            raise SystemExit(f"bad config {spec!r}: expected mode:ckpt|nockpt|ckN:res:sdpa[:prof][:rN][:bN]")
+        cfg = Config(parts[0], ck != "nockpt", int(parts[2]), parts[3],
+                     blocks=int(ck[2:]) if ck not in ("ckpt", "nockpt") else None)
+        for opt in parts[4:]:
+            if opt == "prof":
+                cfg.profile = True
+            elif opt[:1] in ("r", "b") and opt[1:].isdigit():
+                setattr(cfg, "rank" if opt[0] == "r" else "batch", int(opt[1:]))
+            else:
+                raise SystemExit(f"bad config {spec!r}: unknown option {opt!r} (prof, rN, bN)")
+        return cfg
 
     @property
     def name(self) -> str:
-        return f"{self.mode} {'ckpt' if self.ckpt else 'no-ckpt'} {self.res} sdpa={self.sdpa}"
+        ck = "no-ckpt" if not self.ckpt else ("ckpt" if self.blocks is None else f"ckpt{self.blocks}")
+        extra = (f" r{self.rank}" if self.rank else "") + (f" b{self.batch}" if self.batch != 1 else "")
+        return f"{self.mode} {ck} {self.res} sdpa={self.sdpa}{extra}"
 
 
 @dataclass
@@ -128,21 +149,29 @@ def _minimal_lora(model: Flux, rank: int, alpha: float) -> list[nn.Parameter]:
     return params
 
 
-def inject_lora(model: Flux, rank: int, alpha: float, impl: str) -> tuple[list[nn.Parameter], int, str]:
-    """(trainable params, modules wrapped, implementation used)."""
+def inject_lora_network(model: Flux, rank: int, alpha: float, impl: str
+                        ) -> tuple[list[nn.Parameter], int, str, object | None]:
+    """(trainable params, modules wrapped, implementation used, the LoRA network or None)."""
     if impl == "ours":
         try:
             from networks import lora_flux  # noqa: PLC0415
 
             network = lora_flux.create_network(1.0, rank, alpha, model, None, None)
             names = network.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
+            network.to(dtype=torch.float32)  # as the trainer (library/train/models.inject_lora)
             network.train()
-            return [p for p in network.parameters() if p.requires_grad], len(names), "networks.lora_flux"
+            params = [p for p in network.parameters() if p.requires_grad]
+            return params, len(names), "networks.lora_flux", network
         except Exception as e:  # noqa: BLE001 - the bench must still run; say so loudly
             print(f"WARNING: networks.lora_flux unusable ({type(e).__name__}: {e}); using the bench-only LoRA",
                   flush=True)
     params = _minimal_lora(model, rank, alpha)
-    return params, len(params) // 2, "bench-only minimal LoRA"
+    return params, len(params) // 2, "bench-only minimal LoRA", None
+
+
+def inject_lora(model: Flux, rank: int, alpha: float, impl: str) -> tuple[list[nn.Parameter], int, str]:
+    """(trainable params, modules wrapped, implementation used)."""
+    return inject_lora_network(model, rank, alpha, impl)[:3]
 
 
 # -- FLOP model (perf-anchors.md §5) --------------------------------------------------------------------------
@@ -174,35 +203,75 @@ def forward_flops(model: Flux, n_img: int, n_txt: int, rank: int) -> float:
     return total
 
 
-# -- the step -----------------------------------------------------------------------------------------------
-def make_batch(res: int, txt_len: int, p: FluxParams, device: torch.device, dtype: torch.dtype) -> dict:
+# -- the step: the trainer's (library/train/step.py) ----------------------------------------------------------
+ANCHOR_FLAGS = ["--timestep_sampling", "flux_shift", "--model_prediction_type", "raw", "--guidance_scale", "1.0",
+                "--mixed_precision", "bf16", "--optimizer_type", "AdamW", "--learning_rate", "1e-4",
+                "--max_grad_norm", "1.0"]
+
+
+@dataclass
+class StepSetup:
+    """What a trainer run would hold for the step: its parsed config, accelerator and optimizer."""
+    cfg: object  # library.train.config.TrainConfig
+    accelerator: object
+    optimizer: torch.optim.Optimizer
+    params: list
+    seed: int = 42
+    step: int = 0
+
+
+def make_setup(params: list[nn.Parameter], device: torch.device, flags: list[str] | None = None) -> StepSetup:
+    """The trainer's config (from its own flag parser), accelerator and optimizer for `params`."""
+    from accelerate import Accelerator  # noqa: PLC0415
+
+    from library.train.cli import parse_args  # noqa: PLC0415
+    from library.train.config import build_config  # noqa: PLC0415
+    from library.train.optim import build_optimizer  # noqa: PLC0415
+
+    from accelerate.state import AcceleratorState, PartialState  # noqa: PLC0415
+
+    cfg = build_config(parse_args(ANCHOR_FLAGS + list(flags or [])))
+    AcceleratorState._reset_state(True)  # a process may have made an accelerator of other settings before
+    PartialState._reset_state()
+    acc = Accelerator(mixed_precision=cfg.precision.mixed_precision, cpu=device.type == "cpu")
+    opt = build_optimizer([{"params": params, "lr": cfg.optimizer.learning_rate}], cfg.optimizer)
+    return StepSetup(cfg, acc, acc.prepare(opt), params)
+
+
+def make_batch(res: int, txt_len: int, p: FluxParams, device: torch.device, dtype: torch.dtype,
+               batch: int = 1) -> dict:
+    """Cached latents / text outputs (random) as the trainer's StepInputs (key "inputs")."""
+    from library.train.step import StepInputs  # noqa: PLC0415
+
     g = torch.Generator(device="cpu").manual_seed(0)
     h = w = res // 8
-    return dict(latents=torch.randn(1, 16, h, w, generator=g).to(device),
-                t5=torch.randn(1, txt_len, p.context_in_dim, generator=g).to(device, dtype),
-                clip=torch.randn(1, p.vec_in_dim, generator=g).to(device, dtype),
-                img_ids=make_img_ids(1, h // 2, w // 2).to(device), txt_ids=make_txt_ids(1, txt_len).to(device))
+    x = StepInputs(latents=torch.randn(batch, 16, h, w, generator=g).to(device),
+                   t5_out=torch.randn(batch, txt_len, p.context_in_dim, generator=g).to(device, dtype),
+                   clip_pooled=torch.randn(batch, p.vec_in_dim, generator=g).to(device, dtype),
+                   t5_attn_mask=torch.ones(batch, txt_len, dtype=torch.long, device=device),
+                   sample_weights=torch.ones(batch, device=device), loss_mask=None,
+                   keys=tuple(f"bench/{i}.png#0" for i in range(batch)))
+    # The raw tensors too (importers such as tools/bench_kontext_step.py build their own model inputs).
+    return {"inputs": x, "latents": x.latents, "t5": x.t5_out, "clip": x.clip_pooled,
+            "img_ids": make_img_ids(batch, h // 2, w // 2).to(device),
+            "txt_ids": make_txt_ids(batch, txt_len).to(device)}
 
 
 def train_step(model: Flux, opt: torch.optim.Optimizer, params: list[nn.Parameter], b: dict,
-               dtype: torch.dtype) -> float:
-    latents = b["latents"]
-    _, _, h, w = latents.shape
-    noise = torch.randn_like(latents)
-    u = torch.sigmoid(torch.randn(1, device=latents.device))
-    mu = 0.5 + (1.15 - 0.5) * ((h // 2) * (w // 2) - 256) / (4096 - 256)  # flux_shift, as library.flow
-    sigmas = math.exp(mu) / (math.exp(mu) + (1 / u - 1))
-    s = sigmas.view(-1, 1, 1, 1)
-    noisy = (1 - s) * latents + s * noise
-    with torch.autocast(latents.device.type, dtype=dtype):
-        pred = model(img=pack_latents(noisy), img_ids=b["img_ids"], txt=b["t5"], txt_ids=b["txt_ids"],
-                     timesteps=sigmas, y=b["clip"], guidance=torch.full((1,), 1.0, device=latents.device))
-    loss = F.mse_loss(unpack_latents(pred.float(), h, w), noise - latents)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.item()
+               dtype: torch.dtype, setup: StepSetup | None = None) -> float:
+    """One trainer step: `library.train.step.forward_backward` then `apply_update` (fresh noise per call)."""
+    from library.train import step as shared  # noqa: PLC0415
+
+    if setup is None:  # a caller with its own optimizer (kept for importers): the trainer's config around it
+        setup = b.setdefault("_setup", make_setup(params, b["latents"].device))
+        setup.optimizer = opt
+    cfg, acc = setup.cfg, setup.accelerator
+    setup.step += 1
+    loss = shared.forward_backward(model, b["inputs"], cfg.objective, setup.seed, setup.step,
+                                   model.params.guidance_embed, cfg.model.apply_t5_attn_mask, acc.autocast,
+                                   acc.backward)
+    shared.apply_update(params, setup.optimizer, cfg.optimizer.max_grad_norm, acc.clip_grad_norm_)
+    return loss
 
 
 def sdpa_context(name: str):
@@ -236,11 +305,29 @@ def profile_step(step, device: torch.device, top: int) -> tuple[float, int]:
     return sum(e.device_time for e in kernels) / 1e3, len(kernels)
 
 
+def _set_rank(ctx: dict, rank: int, args: argparse.Namespace) -> None:
+    """Re-inject the LoRA at `rank` (eager only: compiled graphs would retrace anyway)."""
+    if ctx["rank"] == rank:
+        return
+    if ctx.get("network") is None:
+        raise RuntimeError("changing the rank needs networks.lora_flux (not --lora minimal)")
+    if ctx["compiled"]:
+        remove_compile(ctx["model"])
+        ctx["compiled"] = False
+    ctx["network"].restore()
+    ctx["setup"] = ctx["lora"] = ctx["opt"] = None
+    gc.collect()
+    lora, _, _, network = inject_lora_network(ctx["model"], rank, float(rank), "ours")
+    ctx.update(lora=lora, network=network, rank=rank, setup=make_setup(lora, ctx["device"]))
+    ctx["opt"] = ctx["setup"].optimizer
+
+
 def prepare(cfg: Config, ctx: dict, args: argparse.Namespace):
     """Put the model in the config's state; returns (the step function, step FLOPs)."""
     model, device, dtype = ctx["model"], ctx["device"], ctx["dtype"]
+    _set_rank(ctx, cfg.rank or args.rank, args)
     if cfg.ckpt:
-        model.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing(blocks=cfg.blocks)
     else:
         model.disable_gradient_checkpointing()
     if cfg.mode == "compile" and not ctx["compiled"]:
@@ -249,8 +336,8 @@ def prepare(cfg: Config, ctx: dict, args: argparse.Namespace):
     elif cfg.mode == "eager" and ctx["compiled"]:
         remove_compile(model)
         ctx["compiled"] = False
-    batch = make_batch(cfg.res, args.txt_len, ctx["params"], device, dtype)
-    f = forward_flops(model, (cfg.res // 16) ** 2, args.txt_len, args.rank)
+    batch = make_batch(cfg.res, args.txt_len, ctx["params"], device, dtype, cfg.batch)
+    f = cfg.batch * forward_flops(model, (cfg.res // 16) ** 2, args.txt_len, ctx["rank"])
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -258,9 +345,11 @@ def prepare(cfg: Config, ctx: dict, args: argparse.Namespace):
 
     def step() -> float:
         with sdpa_context(cfg.sdpa):
-            return train_step(model, ctx["opt"], ctx["lora"], batch, dtype)
+            return train_step(model, ctx["opt"], ctx["lora"], batch, dtype, ctx["setup"])
 
-    return step, (3 if cfg.ckpt else 2) * f
+    n = len(model.double_blocks) + len(model.single_blocks)
+    k = 0 if not cfg.ckpt else (n if cfg.blocks is None else cfg.blocks)
+    return step, (2 + k / n) * f
 
 
 def profile_config(cfg: Config, ctx: dict, args: argparse.Namespace, res: Result) -> None:
@@ -395,16 +484,16 @@ def main(argv: list[str] | None = None) -> list[Result]:
     model = build_model(params, device, dtype)
     _sync(device)
     info["build_s"] = time.perf_counter() - t0
-    lora, n_modules, impl = inject_lora(model, args.rank, float(args.rank), args.lora)
+    lora, n_modules, impl, network = inject_lora_network(model, args.rank, float(args.rank), args.lora)
     info.update(lora_impl=impl, lora_modules=n_modules, lora_params=sum(p.numel() for p in lora),
                 lora_dtype=str(lora[0].dtype), base_params=sum(p.numel() for p in model.parameters()) - sum(
                     p.numel() for p in lora))
     info["sdpa_default_1024"] = sdpa_choice(device, dtype, (1024 // 16) ** 2 + args.txt_len, params.num_heads)
     print(json.dumps(info), flush=True)
     model.train()
-    opt = torch.optim.AdamW(lora, lr=1e-4, weight_decay=1e-2)
-    ctx = dict(model=model, device=device, dtype=dtype, params=params, lora=lora, opt=opt, compiled=False,
-               ceiling=ceiling)
+    setup = make_setup(lora, device)
+    ctx = dict(model=model, device=device, dtype=dtype, params=params, lora=lora, opt=setup.optimizer,
+               setup=setup, network=network, rank=args.rank, compiled=False, ceiling=ceiling)
     results = []
     for cfg in configs:
         if time.perf_counter() - t_start > args.budget_s:

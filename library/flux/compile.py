@@ -27,10 +27,17 @@ automatic mode (static first, symbolic once a second shape shows up).
 
 from __future__ import annotations
 
+import logging
+from typing import Any, Callable
+
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
 _ORIGINAL = "_flux_uncompiled_forward"  # attribute keeping a compiled block's own forward
+# A compiler that cannot run here (no C compiler / Triton, an inductor bug): the blocks fall back to eager.
+# Errors of the computation itself (out of memory, shape errors in eager code) are not caught.
+_FALLBACK_ERRORS = (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.InternalTorchDynamoError)
 
 
 def compiled_blocks(model: nn.Module) -> list[nn.Module]:
@@ -63,11 +70,29 @@ def apply_compile(model: nn.Module, backend: str = "inductor", dynamic: bool | N
     if mode is not None:
         options["mode"] = mode
     blocks = _blocks(model)
+    state = {"failed": False}  # shared by every block: after one failure all of them run eager
     for block in blocks:
         original = getattr(block, _ORIGINAL, None) or block.forward
         setattr(block, _ORIGINAL, original)
-        block.forward = torch.compile(original, **options)
+        block.forward = _with_fallback(torch.compile(original, **options), original, state)
     return len(blocks)
+
+
+def _with_fallback(compiled: Callable[..., Any], original: Callable[..., Any], state: dict) -> Callable[..., Any]:
+    """The compiled forward; if compiling fails, one warning line and the eager forward from then on."""
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if not state["failed"]:
+            try:
+                return compiled(*args, **kwargs)
+            except _FALLBACK_ERRORS as err:
+                state["failed"] = True
+                cause = getattr(err, "inner_exception", None) or err  # the backend's own error
+                first = (str(cause).strip().splitlines() or [""])[0][:200]
+                log.warning("torch.compile failed (%s: %s); the transformer blocks run eager instead",
+                            type(cause).__name__, first)
+        return original(*args, **kwargs)
+
+    return forward
 
 
 def remove_compile(model: nn.Module) -> None:

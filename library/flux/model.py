@@ -4,8 +4,8 @@ Sizes live in `FluxParams`, read from a checkpoint's tensor shapes (`FluxParams.
 12B model and the tiny test checkpoints go through the same code. What FLUX fixes (head dim, RoPE axes)
 are the named constants of `library.flux.math`.
 
-Memory options, applied after loading: `enable_gradient_checkpointing` (per block, optionally keeping the
-activations between blocks in host memory), `apply_fp8_storage` (Linear weights of the blocks stored as
+Memory options, applied after loading: `enable_gradient_checkpointing` (per block, optionally only the
+first N blocks, or keeping the activations between blocks in host memory), `apply_fp8_storage` (Linear weights of the blocks stored as
 float8 e4m3 and upcast per forward) and `enable_block_swap` (blocks' weights kept in host memory).
 """
 
@@ -100,6 +100,7 @@ class Flux(nn.Module):
         self.final_layer = LastLayer(h, params.out_channels)
         self.gradient_checkpointing = False
         self.cpu_offload_checkpointing = False
+        self.checkpointed_blocks = 0  # how many blocks (in forward order) are recomputed in backward
         self.block_swap = None  # a BlockSwap when enable_block_swap was called
 
     # -- options -------------------------------------------------------------------------------------------
@@ -112,16 +113,32 @@ class Flux(nn.Module):
         for block in [*self.double_blocks, *self.single_blocks]:
             block.attn_backend = backend
 
-    def enable_gradient_checkpointing(self, cpu_offload: bool = False) -> None:
-        """Recompute each block in backward; with `cpu_offload`, block inputs are kept in host memory."""
+    @property
+    def n_blocks(self) -> int:
+        return len(self.double_blocks) + len(self.single_blocks)
+
+    def enable_gradient_checkpointing(self, cpu_offload: bool = False, blocks: int | None = None) -> None:
+        """Recompute blocks in backward; with `cpu_offload`, block inputs are kept in host memory.
+
+        `blocks` (selective checkpointing): recompute only the first `blocks` blocks in forward order (double
+        blocks first, then single blocks) and keep the activations of the others: each block not recomputed
+        saves one block forward per step and costs its activations (library/train/memory_plan.py)."""
         if cpu_offload and self.block_swap is not None:
             raise UserError("--cpu_offload_checkpointing cannot be combined with --blocks_to_swap (as in kohya)")
+        n = self.n_blocks
+        if blocks is not None and not 0 <= blocks <= n:
+            raise UserError(f"gradient_checkpointing_blocks {blocks}: this model has {n} blocks; use 0..{n}")
+        if cpu_offload and blocks is not None and blocks != n:
+            raise UserError("--cpu_offload_checkpointing needs every block checkpointed; "
+                            "drop --gradient_checkpointing_blocks")
         self.gradient_checkpointing = True
         self.cpu_offload_checkpointing = cpu_offload
+        self.checkpointed_blocks = n if blocks is None else blocks
 
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
         self.cpu_offload_checkpointing = False
+        self.checkpointed_blocks = 0
 
     def enable_block_swap(self, n: int, device: torch.device | str) -> None:
         """Keep `n` blocks' weights in host memory and bring each to `device` just for its use (kohya
@@ -137,8 +154,8 @@ class Flux(nn.Module):
         self.block_swap = BlockSwap(self, n, torch.device(device))
 
     # -- forward -------------------------------------------------------------------------------------------
-    def _run(self, block: nn.Module, *args):
-        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+    def _run(self, index: int, block: nn.Module, *args):
+        if not (self.gradient_checkpointing and index < self.checkpointed_blocks and torch.is_grad_enabled()):
             return block(*args)
         if not self.cpu_offload_checkpointing:
             return checkpoint(block, *args, use_reentrant=False)
@@ -181,11 +198,11 @@ class Flux(nn.Module):
 
         if self.block_swap is not None:
             self.block_swap.evict_all()  # blocks a forward without backward left on the device
-        for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, vec, pe, mask)
+        for i, block in enumerate(self.double_blocks):
+            img, txt = self._run(i, block, img, txt, vec, pe, mask)
         x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            x = self._run(block, x, vec, pe, mask)
+        for i, block in enumerate(self.single_blocks, start=len(self.double_blocks)):
+            x = self._run(i, block, x, vec, pe, mask)
         x = x.to(vec.device)[:, txt.shape[1]: txt.shape[1] + n_img]
         return self.final_layer(x, vec)
 

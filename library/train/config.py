@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -78,6 +79,8 @@ class MemoryConfig:
     vae_batch_size: int
     text_encoder_batch_size: int | None
     skip_cache_check: bool
+    gradient_checkpointing_blocks: int | None = None  # selective: only the first N blocks are recomputed
+    max_vram_gib: float | None = None  # library/train/memory_plan.py picks checkpointing / fp8 / swap to fit
 
 
 @dataclass(frozen=True)
@@ -331,6 +334,14 @@ def validate(cfg: TrainConfig) -> None:
     _require(not (m.blocks_to_swap and m.cpu_offload_checkpointing),
              "--blocks_to_swap and --cpu_offload_checkpointing cannot be combined; pick one")
     _require(m.blocks_to_swap is None or 0 <= m.blocks_to_swap <= 35, "--blocks_to_swap must be in 0..35")
+    _require(m.gradient_checkpointing_blocks is None or m.gradient_checkpointing_blocks >= 0,
+             "--gradient_checkpointing_blocks must be 0 or more (FLUX has 57 blocks)")
+    _require(not (m.gradient_checkpointing_blocks is not None and m.cpu_offload_checkpointing),
+             "--gradient_checkpointing_blocks cannot be combined with --cpu_offload_checkpointing")
+    _require(m.max_vram_gib is None or (math.isfinite(m.max_vram_gib) and 1 <= m.max_vram_gib <= 4096),
+             "--max_vram_gib must be a number of GiB between 1 and 4096")
+    _require(not (m.max_vram_gib is not None and m.cpu_offload_checkpointing),
+             "--max_vram_gib cannot be combined with --cpu_offload_checkpointing")
     _require(not (p.full_bf16 and p.mixed_precision != "bf16"), "--full_bf16 needs --mixed_precision bf16")
     _require(not (p.full_fp16 and p.mixed_precision != "fp16"), "--full_fp16 needs --mixed_precision fp16")
     _require(not (p.fp8_base and p.mixed_precision == "no"),
@@ -405,7 +416,9 @@ def config_summary(cfg: TrainConfig) -> str:
                          save_precision=cfg.precision.save_precision),
         "memory/speed": _on(gradient_checkpointing=mem.gradient_checkpointing,
                             cpu_offload_checkpointing=mem.cpu_offload_checkpointing,
-                            blocks_to_swap=mem.blocks_to_swap, cache_latents=mem.cache_latents,
+                            blocks_to_swap=mem.blocks_to_swap,
+                            gradient_checkpointing_blocks=mem.gradient_checkpointing_blocks,
+                            max_vram_gib=mem.max_vram_gib, cache_latents=mem.cache_latents,
                             cache_latents_to_disk=mem.cache_latents_to_disk,
                             cache_text_encoder_outputs=mem.cache_text_encoder_outputs,
                             cache_text_encoder_outputs_to_disk=mem.cache_text_encoder_outputs_to_disk,

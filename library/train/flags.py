@@ -323,6 +323,12 @@ FLAGS: list[Flag] = [
         _f("eval_reference_dir", "str", None, "reference images: also the samples' mean CLIP-I (with eval_clip_model)"),
         _f("eval_class_token_map", "str", None, "'TOKEN=TEXT' replacements for CLIP scoring, e.g. 'sks dog=a dog'",
            nargs="*"),
+        _f("gradient_checkpointing_blocks", "int", None,
+           "selective checkpointing: recompute only the first N transformer blocks (FLUX has 57; fewer is faster "
+           "and needs more memory); implies --gradient_checkpointing"),
+        _f("max_vram_gib", "float", None,
+           "fit the step into N GiB of GPU memory: picks checkpointing, --fp8_base and --blocks_to_swap at the "
+           "best predicted speed (flags given explicitly are kept); --dry_run shows the choice"),
     ),
 ]
 

@@ -34,4 +34,8 @@ def inspect_data(cfg: TrainConfig) -> int:
     sheet = write_degradation_preview(train, Path(cfg.save.output_dir))  # None without degraded subsets
     if sheet is not None:
         print(f"contact sheet of (target, control) pairs: {sheet}")
+    if cfg.model.pretrained_model_name_or_path:  # predicted GPU memory and step time (header only)
+        from library.train.memory_setup import format_report  # noqa: PLC0415
+
+        print(format_report(cfg, resolved.datasets))
     return 0

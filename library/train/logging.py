@@ -52,12 +52,14 @@ class LossRecord:
     epoch_means: list[tuple[int, float, int]] = field(default_factory=list)  # (epoch, mean, its last step)
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (step, sample-image scores)
+    times: list[float] = field(default_factory=list)  # seconds each optimizer step took (nan: not timed)
     _epoch_sum: float = 0.0
     _epoch_n: int = 0
 
-    def add(self, step: int, loss: float) -> None:
+    def add(self, step: int, loss: float, seconds: float = math.nan) -> None:
         self.steps.append(step)
         self.losses.append(loss)
+        self.times.append(seconds)
         self._epoch_sum += loss
         self._epoch_n += 1
 
@@ -85,13 +87,14 @@ class LossRecord:
     def state_dict(self) -> dict:
         return {"steps": self.steps, "losses": self.losses, "epoch_means": self.epoch_means,
                 "validation": self.validation, "epoch_sum": self._epoch_sum, "epoch_n": self._epoch_n,
-                "evals": self.evals}
+                "evals": self.evals, "times": self.times}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.losses = list(state["steps"]), list(state["losses"])
         self.epoch_means = [tuple(x) for x in state["epoch_means"]]  # type: ignore[misc]
         self.validation = [tuple(x) for x in state.get("validation", [])]  # type: ignore[misc]
         self.evals = [(int(s), dict(d)) for s, d in state.get("evals", [])]
+        self.times = list(state.get("times", [math.nan] * len(self.steps)))
         self._epoch_sum, self._epoch_n = state["epoch_sum"], state["epoch_n"]
 
 
@@ -160,9 +163,13 @@ def draw_loss_plot(record: LossRecord, path: Path, title: str = "training loss",
 
 
 def write_loss_csv(record: LossRecord, path: Path) -> Path:
+    """step, loss, validation loss (empty when none), the step's wall time in seconds (empty when untimed)."""
     validation = dict(record.validation)  # step -> the last validation loss measured at that step
-    rows = ["step,loss,validation_loss"] + [f"{s},{v!r},{validation[s]!r}" if s in validation else f"{s},{v!r},"
-                                            for s, v in zip(record.steps, record.losses)]
+    times = record.times if len(record.times) == len(record.steps) else [math.nan] * len(record.steps)
+    rows = ["step,loss,validation_loss,step_time_s"]
+    for s, v, t in zip(record.steps, record.losses, times):
+        val = repr(validation[s]) if s in validation else ""
+        rows.append(f"{s},{v!r},{val},{'' if math.isnan(t) else f'{t:.6f}'}")
     if record.evals:  # sample-image scores (--eval_clip_model): one more column each, filled at sampled steps
         evals = dict(record.evals)
         names = sorted({k for _, d in record.evals for k in d})

@@ -131,8 +131,9 @@ def apply_memory_and_speed(cfg: TrainConfig, transformer: torch.nn.Module, devic
         transformer.set_attn_backend("xformers")  # UserError when xformers is not installed
     if m.blocks_to_swap and device.type == "cpu":
         log.warning("--blocks_to_swap %d: training on the CPU, nothing to swap; ignored", m.blocks_to_swap)
-    if m.gradient_checkpointing or m.cpu_offload_checkpointing:
-        transformer.enable_gradient_checkpointing(cpu_offload=m.cpu_offload_checkpointing)
+    if m.gradient_checkpointing or m.cpu_offload_checkpointing or m.gradient_checkpointing_blocks is not None:
+        transformer.enable_gradient_checkpointing(cpu_offload=m.cpu_offload_checkpointing,
+                                                  blocks=m.gradient_checkpointing_blocks)
     if cfg.speed.torch_compile:
         # Regional compilation (library/flux/compile.py): one graph per block type, reused by every block;
         # checkpointing and block swap keep running between blocks. Last, after the LoRA is injected.

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +26,7 @@ from library.train import models as M
 from library.train.checkpoint import Names
 from library.train.config import DEFAULT_SEED, TrainConfig, config_as_dict, config_summary
 from library.train.logging import warn
+from library.train.memory_setup import apply_max_vram
 from library.train.optim import build_optimizer, build_scheduler, is_relative_step_adafactor
 from library.train.precision import Dtypes, resolve_dtypes
 from library.train.preflight import preflight
@@ -192,12 +194,17 @@ def setup(cfg: TrainConfig, after_preflight: Callable[[], None] | None = None) -
     if acc.is_main_process:
         _write_config(cfg, out_dir)
     dataset, loader, val_loader = _data(cfg, acc, seed)
+    # --max_vram_gib: checkpointing / fp8 / block swap chosen from the memory model before the model loads.
+    cfg, dtypes = apply_max_vram(cfg, dtypes, dataset.cfg.datasets)
     total, epochs, per_epoch = _schedule(cfg, len(loader))
     dataset.max_train_steps = total
     train_clip = _train_clip(cfg)
     prompts_spec = _load_prompts(cfg)
+    t_load = time.perf_counter()
     models = M.load_models(cfg, dtypes, acc.device, need_text=True, need_ae=True)
+    t_cache = time.perf_counter()
     _cache(cfg, acc, models, dataset, epochs, dtypes)
+    t_cached = time.perf_counter()
     if val_loader is not None:
         _cache(cfg, acc, models, val_loader.dataset, 1, dtypes)
     prompts = encode_prompts(prompts_spec, models.text, models.t5_max_length, cfg.model.apply_t5_attn_mask)
@@ -214,8 +221,14 @@ def setup(cfg: TrainConfig, after_preflight: Callable[[], None] | None = None) -
     network, names_replaced = M.inject_lora(cfg, models, train_clip, dtypes)
     log.info("LoRA: %d modules wrapped, %d trainable parameters", len(names_replaced),
              sum(p.numel() for p in network.parameters() if p.requires_grad))
+    t_move = time.perf_counter()
     M.transformer_to_device(cfg, models.transformer, acc.device)
+    _sync(acc.device)
+    t_moved = time.perf_counter()
     M.apply_memory_and_speed(cfg, models.transformer, acc.device)
+    # Start-up parts (the first step's own time, compilation included, is logged by the trainer).
+    log.info("setup: models loaded in %.1f s, caches %.1f s, transformer to %s in %.1f s",
+             t_cache - t_load, t_cached - t_cache, acc.device.type, t_moved - t_move)
     optimizer = build_optimizer(M.optimizer_groups(cfg, network), cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, total, cfg.optimizer.learning_rate,
                                 is_relative_step_adafactor(cfg.optimizer))
@@ -224,6 +237,11 @@ def setup(cfg: TrainConfig, after_preflight: Callable[[], None] | None = None) -
     return Run(cfg, acc, dtypes, seed, dataset, loader, models, network, train_clip, optimizer, scheduler,
                Names(out_dir, cfg.save.output_name, ext), out_dir, total, epochs, per_epoch, prompts,
                _metadata(cfg, models, network, dataset, total, epochs, seed), val_loader)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _load_prompts(cfg: TrainConfig) -> list:

@@ -1,4 +1,7 @@
-"""One training step's forward: batch -> (noise, σ) -> noisy latents -> FLUX -> loss (kohya §5).
+"""One training step: batch -> (noise, σ) -> noisy latents -> FLUX -> loss -> backward -> clip -> update.
+
+The trainer (library/train/trainer.py) and the step benchmark (tools/bench_train_step.py) both run
+`forward_backward` and `apply_update`, so a benchmark figure is the trainer's own step, not a copy of it.
 
 Noise and σ are drawn per sample from a generator seeded by (seed, step, image, occurrence), so they do
 not depend on how samples are split into batches or across processes: a resumed run draws the same noise
@@ -9,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -93,3 +96,29 @@ def flow_matching_loss(transformer: torch.nn.Module, x: StepInputs, obj: Objecti
     weighting = flow.loss_weighting(obj.weighting_scheme, sigmas) if obj.model_prediction_type == "sigma_scaled" \
         else None
     return flow.reduce_loss(loss, weighting, x.loss_mask, x.sample_weights)
+
+
+def forward_backward(transformer: torch.nn.Module, x: StepInputs, obj: ObjectiveConfig, seed: int, step: int,
+                     guidance_embed: bool, apply_t5_attn_mask: bool, autocast: Any,
+                     backward: Callable[[torch.Tensor], None], accumulation: int = 1,
+                     check: Callable[[float], None] | None = None) -> float:
+    """The loss of one micro-batch, then its backward (scaled by 1/accumulation); returns the loss value.
+
+    The value is read once, before backward is queued, so the host does not wait for the backward pass;
+    `check(value)` runs before backward (the trainer stops there on a non-finite loss)."""
+    loss = flow_matching_loss(transformer, x, obj, seed, step, guidance_embed, apply_t5_attn_mask, autocast)
+    value = float(loss.item())
+    if check is not None:
+        check(value)
+    backward(loss / accumulation)
+    return value
+
+
+def apply_update(params: Iterable[torch.nn.Parameter], optimizer: torch.optim.Optimizer, max_grad_norm: float,
+                 clip_grad_norm: Callable[..., Any] = torch.nn.utils.clip_grad_norm_) -> None:
+    """Clip the gradients of `params` to `max_grad_norm` (0: no clipping), step, and drop the gradients."""
+    params = list(params)
+    if max_grad_norm and params:
+        clip_grad_norm(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

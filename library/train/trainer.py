@@ -24,6 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from library.errors import UserError
 from library.train import checkpoint as C
 from library.train import resume_settings as RS
+from library.train import timing
 from library.train.config import TrainConfig
 from library.train.leftovers import clean_output_folder
 from library.train.lock import output_lock
@@ -31,7 +32,8 @@ from library.train.logging import LossRecord, draw_loss_plot, write_loss_csv
 from library.train.optim import group_lrs
 from library.train.samples import write_samples
 from library.train.setup import Run, setup
-from library.train.step import StepInputs, flow_matching_loss, sample_keys
+from library.train import step as shared_step
+from library.train.step import StepInputs, sample_keys
 from library.train.validation import validation_loss, wants_validation
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class State:
     last_time: float = field(default_factory=time.perf_counter)  # when the previous optimizer step ended
     scorer: Any = None  # library.eval.sample_scores.SampleScorer with --eval_clip_model
     saved: list[str] = field(default_factory=list)  # the LoRA files this run wrote (named when it stops)
+    first_step_logged: bool = False
 
 
 def train(cfg: TrainConfig) -> None:
@@ -118,8 +121,12 @@ def after_optimizer_step(run: Run, state: State, bar: Any) -> bool:
     state.micro, state.micro_loss = 0, 0.0
     state.global_step += 1
     step, cfg = state.global_step, run.cfg
-    state.record.add(step, loss)
-    log_step(run, state, loss, bar)
+    # Step time: between consecutive optimizer steps (each micro-step waits for its loss, so in steady state
+    # this is the device's step time); sampling, validation and saving below are not counted.
+    now = time.perf_counter()
+    step_time = now - state.last_time
+    state.record.add(step, loss, step_time)
+    log_step(run, state, loss, step_time, bar)
     if cfg.sample.sample_every_n_steps and not cfg.sample.sample_every_n_epochs \
             and step % cfg.sample.sample_every_n_steps == 0:
         sample(run, step, None, state)
@@ -130,6 +137,7 @@ def after_optimizer_step(run: Run, state: State, bar: Any) -> bool:
         if run.accelerator.is_main_process:
             C.prune_steps(run.names, step, cfg.save.save_last_n_steps, cfg.save.save_last_n_steps_state)
     state.stop_signal = _agree(run, state.stop_signal)
+    state.last_time = time.perf_counter()
     return bool(state.stop_signal) or step >= run.total_steps
 
 
@@ -140,14 +148,16 @@ def forward_backward(run: Run, batch: Any, state: State) -> float:
     if multiplier != run.network.multiplier:
         run.network.set_multiplier(multiplier)
     obj, cfg = run.cfg.objective, run.cfg
-    loss = flow_matching_loss(run.models.transformer, inputs, obj, run.seed, state.global_step,
-                              run.models.guidance_embed, cfg.model.apply_t5_attn_mask, run.accelerator.autocast)
-    # One host sync per micro-step, taken before backward is queued so the host does not wait for it.
-    value = float(loss.item())
-    if _agree(run, int(not math.isfinite(value))):
-        stop_non_finite(run, state, value, state.global_step + 1)
-    run.accelerator.backward(loss / cfg.loop.gradient_accumulation_steps)
-    return value
+
+    def check(value: float) -> None:  # every rank stops at the same step
+        if _agree(run, int(not math.isfinite(value))):
+            stop_non_finite(run, state, value, state.global_step + 1)
+
+    # The shared step (library/train/step.py): tools/bench_train_step.py times exactly this call.
+    return shared_step.forward_backward(run.models.transformer, inputs, obj, run.seed, state.global_step,
+                                        run.models.guidance_embed, cfg.model.apply_t5_attn_mask,
+                                        run.accelerator.autocast, run.accelerator.backward,
+                                        cfg.loop.gradient_accumulation_steps, check)
 
 
 def optimizer_step(run: Run) -> None:
@@ -162,12 +172,9 @@ def optimizer_step(run: Run) -> None:
             n = p.grad.numel()
             p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
             offset += n
-    if run.cfg.optimizer.max_grad_norm and params:
-        acc.clip_grad_norm_(params, run.cfg.optimizer.max_grad_norm)
-    run.optimizer.step()
+    shared_step.apply_update(params, run.optimizer, run.cfg.optimizer.max_grad_norm, acc.clip_grad_norm_)
     if not acc.optimizer_step_was_skipped:
         run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
     if run.cfg.network.scale_weight_norms:  # max-norm regularization of each LoRA pair
         run.network.apply_max_norm_regularization(run.cfg.network.scale_weight_norms)
 
@@ -211,9 +218,12 @@ def encode_live(run: Run, captions: list[str]) -> tuple[torch.Tensor, torch.Tens
     return t5, pooled, t5_mask
 
 
-def log_step(run: Run, state: State, loss: float, bar: Any) -> None:
-    now = time.perf_counter()
-    step_time, state.last_time = now - state.last_time, now
+def log_step(run: Run, state: State, loss: float, step_time: float, bar: Any) -> None:
+    if not state.first_step_logged:
+        state.first_step_logged = True
+        if run.accelerator.is_main_process:
+            cache = timing.compile_cache_counts() if run.cfg.speed.torch_compile else ""
+            log.info("first step: %.1f s (%s)%s", step_time, timing.since_launch(), f"; {cache}" if cache else "")
     lrs = group_lrs(run.optimizer)
     avg = state.record.moving_average()
     bar.update(1)
@@ -384,6 +394,8 @@ def finish(run: Run, state: State) -> None:
     else:
         save(run, state, run.names.final(), cfg.save.save_state or cfg.save.save_state_on_train_end)
     _plot(run, state)
+    if run.accelerator.is_main_process:
+        log.info("%s", timing.summary(state.record.times, run.accelerator.device))
 
 
 def _plot(run: Run, state: State) -> None:

@@ -1,0 +1,212 @@
+"""Memory as a knob: predict a LoRA step's peak GPU memory and time, and pick the fastest setup that fits.
+
+Design note. The peak of a step (torch.cuda.max_memory_allocated) is a sum of parts that each follow from
+the model's shapes and the batch:
+
+    resident base weights (bf16, or e4m3 for the block Linears with fp8; minus the swapped blocks'
+    frozen weights, plus two swapped blocks in flight)
+  + LoRA state: weights, gradients and the optimizer's moments (bytes per trainable parameter)
+  + activations: tokens x [k x saved_per_block + (N - k) x full_per_block + working set]
+
+where k of the N blocks are checkpointed (recomputed in backward: only their inputs are kept) and the
+others keep every activation. Activations are linear in the tokens (image + text, times the batch): the
+measured peaks at 512² and 1024² confirm it to 1-2% (BENCHMARKS.md, "memory model"). The step time is
+FLOPs over an effective rate plus a fixed per-step cost; recomputing k blocks adds k/N of a forward, fp8
+storage multiplies by its upcast cost, and swapping costs the host-to-device copy time that the compute
+does not hide. The constants (`Calibration`) were fitted to device measurements; `predict` is pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from library.flux.model import FluxParams
+
+GiB = 2 ** 30
+CARD_SIZES_GIB = (80, 48, 24, 16, 12)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Device-measured constants (H100/H200, torch 2.11, bf16 autocast, SDPA); see BENCHMARKS.md."""
+
+    saved_per_block_token: float = 6.2e3  # bytes kept per token for a checkpointed block (its inputs)
+    full_per_block_token: float = 116e3  # bytes kept per token by a block that is not recomputed (compiled)
+    full_per_block_token_eager: float = 140e3  # the same without torch.compile (unfused elementwise)
+    work_per_token: float = 185e3  # bytes per token of one block's recompute + backward working set
+    fixed_bytes: float = 0.15 * GiB  # embedders' activations, RoPE table, cuBLAS/cuDNN workspaces
+    rate_flops: float = 507e12  # effective FLOP/s of the step's matmul work (compiled)
+    rate_flops_eager: float = 411e12
+    fixed_step_s: float = 0.071  # per-step cost independent of size (launches, optimizer, host) compiled
+    fixed_step_s_eager: float = 0.164
+    fp8_factor: float = 1.10  # step time with e4m3 storage (upcast per matmul) / bf16
+    h2d_bytes_per_s: float = 40e9  # pinned host->device copy rate seen by block swap
+    swap_overlap: float = 0.8  # share of the compute time the swap copies can hide behind
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the step has to hold: sizes read from the checkpoint, the largest bucket, the LoRA."""
+
+    n_double: int
+    n_single: int
+    hidden: int
+    mlp_hidden: int
+    block_linear_params: tuple[int, int]  # (double block, single block) Linear weights: fp8-able, swappable
+    block_other_params: tuple[int, int]  # (double, single) biases and norm scales
+    token_params: int  # Linear weights one token meets in one block (a double block's stream, a single block)
+    other_params: int  # embedders, final layer (always resident, never fp8)
+    img_tokens: int  # of the largest bucket, per sample
+    txt_tokens: int
+    batch: int
+    lora_params: int
+    lora_state_bytes_per_param: float = 16.0  # fp32 weight + fp32 grad + AdamW's two fp32 moments
+    compiled: bool = True
+
+    @property
+    def n_blocks(self) -> int:
+        return self.n_double + self.n_single
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * (self.img_tokens + self.txt_tokens)
+
+
+@dataclass(frozen=True)
+class Choice:
+    checkpointed_blocks: int  # recomputed blocks, in forward order; 0 = no checkpointing
+    fp8: bool
+    blocks_to_swap: int
+
+    def describe(self, n_blocks: int) -> str:
+        ck = "no checkpointing" if not self.checkpointed_blocks else "checkpointing" \
+            if self.checkpointed_blocks == n_blocks else f"checkpointing {self.checkpointed_blocks}/{n_blocks} blocks"
+        return ", ".join([ck] + (["fp8 base"] if self.fp8 else []) +
+                         ([f"{self.blocks_to_swap} blocks swapped"] if self.blocks_to_swap else []))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    choice: Choice
+    peak_gib: float
+    step_s: float
+
+
+def swapped_counts(n: int, w: Workload) -> tuple[int, int]:
+    """kohya's --blocks_to_swap n: n//2 double and 2(n - n//2) single blocks (Flux.enable_block_swap)."""
+    return min(n // 2, w.n_double), min(2 * (n - n // 2), w.n_single)
+
+
+def max_swap(w: Workload, limit: int = 35) -> int:
+    return max(n for n in range(limit + 1) if n // 2 <= w.n_double and 2 * (n - n // 2) <= w.n_single)
+
+
+def forward_flops(w: Workload) -> float:
+    """2 x params x tokens for the block Linears, 4 S² hidden per block for attention (perf-anchors §5),
+    plus the LoRA's matmuls (2 x its params x tokens, an upper bound: every target sees every token)."""
+    s = w.img_tokens + w.txt_tokens
+    dense = 2.0 * w.token_params * w.n_blocks * s  # modulation Linears act on one vector: left out
+    attention = 4.0 * s * s * w.hidden * w.n_blocks
+    return w.batch * (dense + attention + 2.0 * w.lora_params * s)
+
+
+def predict(w: Workload, c: Choice, cal: Calibration = Calibration()) -> Prediction:
+    lin_d, lin_s = w.block_linear_params
+    oth_d, oth_s = w.block_other_params
+    wbytes = 1 if c.fp8 else 2
+    block_bytes = (lin_d * wbytes + oth_d * 2, lin_s * wbytes + oth_s * 2)
+    sd, ss = swapped_counts(c.blocks_to_swap, w)
+    resident = (w.n_double - sd) * block_bytes[0] + (w.n_single - ss) * block_bytes[1] + w.other_params * 2
+    if sd or ss:  # the block computing and the one being prefetched
+        resident += 2 * (block_bytes[0] if sd else block_bytes[1])
+    full = cal.full_per_block_token if w.compiled else cal.full_per_block_token_eager
+    k = c.checkpointed_blocks
+    act = w.tokens * (k * cal.saved_per_block_token + (w.n_blocks - k) * full + cal.work_per_token)
+    peak = resident + w.lora_params * w.lora_state_bytes_per_param + act + cal.fixed_bytes
+
+    rate, fixed = (cal.rate_flops, cal.fixed_step_s) if w.compiled else (cal.rate_flops_eager, cal.fixed_step_s_eager)
+    f = forward_flops(w)
+    compute = f * (2.0 + k / w.n_blocks) / rate
+    if c.fp8:
+        compute *= cal.fp8_factor
+    copy = 0.0
+    if sd or ss:  # each swapped block comes in for the forward and again for the backward
+        copy = 2.0 * (sd * block_bytes[0] + ss * block_bytes[1]) / cal.h2d_bytes_per_s
+    step = max(compute, compute * (1 - cal.swap_overlap) + copy) + fixed
+    return Prediction(c, peak / GiB, step)
+
+
+def candidates(w: Workload, fp8: bool | None = None, swap: int | None = None,
+               checkpointed: int | None = None) -> list[Choice]:
+    """Every setup, or only those agreeing with what the user fixed (None: free). Block swap is offered
+    with full checkpointing only (unless the user fixed both): the swapped blocks are the last ones and
+    selective checkpointing keeps the last blocks' activations, a combination not measured on the device."""
+    ks = [checkpointed] if checkpointed is not None else list(range(w.n_blocks + 1))
+    fps = [fp8] if fp8 is not None else [False, True]
+    swaps = [swap] if swap is not None else list(range(0, max_swap(w) + 1))
+    return [Choice(k, f, s) for f in fps for s in swaps for k in ks
+            if s == 0 or k == w.n_blocks or checkpointed is not None]
+
+
+def usable_gib(card_gib: float) -> float:
+    """What the allocator may hand out on a card of that size: the CUDA context and allocator slack
+    (fragmentation between the peak's tensors) take about 6% plus half a GiB."""
+    return 0.94 * card_gib - 0.5
+
+
+def choose(w: Workload, budget_gib: float, cal: Calibration = Calibration(), **fixed: int | bool | None
+           ) -> Prediction | None:
+    """The fastest predicted setup whose peak fits `budget_gib` (a card size); None if none fits.
+    Ties go to the plainer setup (bf16 before fp8, fewer swapped blocks)."""
+    limit = usable_gib(budget_gib)
+    best = None
+    for c in candidates(w, **fixed):
+        p = predict(w, c, cal)
+        if p.peak_gib <= limit and (best is None or p.step_s < best.step_s - 1e-9):
+            best = p
+    return best
+
+
+def fits_table(w: Workload, cal: Calibration = Calibration(), sizes: tuple[float, ...] = CARD_SIZES_GIB,
+               **fixed: int | bool | None) -> list[tuple[float, Prediction | None]]:
+    return [(size, choose(w, size, cal, **fixed)) for size in sizes]
+
+
+def format_prediction(p: Prediction | None, n_blocks: int) -> str:
+    if p is None:
+        return "does not fit"
+    return f"{p.choice.describe(n_blocks)}: peak {p.peak_gib:.1f} GiB, step {1e3 * p.step_s:.0f} ms"
+
+
+def workload_for(params: FluxParams, img_tokens: int, txt_tokens: int, batch: int, rank: int,
+                 compiled: bool, lora_state_bytes_per_param: float = 16.0) -> Workload:
+    """Count the parameters of `params`' model and of a rank-`rank` LoRA on it (meta device: no memory)."""
+    import torch  # noqa: PLC0415
+
+    from library.flux.model import Flux  # noqa: PLC0415
+    from networks import lora_flux  # noqa: PLC0415
+
+    with torch.device("meta"):
+        model = Flux(params)
+    model.requires_grad_(False)
+
+    def split(block: torch.nn.Module) -> tuple[int, int]:
+        lin = sum(m.weight.numel() for m in block.modules() if type(m) is torch.nn.Linear)
+        return lin, sum(p.numel() for p in block.parameters()) - lin
+
+    (ld, od), (ls, os_) = split(model.double_blocks[0]), split(model.single_blocks[0])
+    single = model.single_blocks[0]
+    token_params = single.linear1.weight.numel() + single.linear2.weight.numel()
+    other = sum(p.numel() for p in model.parameters()) - params.depth * (ld + od) - params.depth_single_blocks * (
+        ls + os_)
+    lora = 0
+    if rank:
+        network = lora_flux.create_network(1.0, rank, float(rank), model, None, None)
+        network.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
+        lora = sum(p.numel() for p in network.parameters())
+    return Workload(params.depth, params.depth_single_blocks, params.hidden_size,
+                    int(params.hidden_size * params.mlp_ratio), (ld, ls), (od, os_), token_params, other,
+                    img_tokens, txt_tokens,
+                    batch, lora, lora_state_bytes_per_param, compiled)
