@@ -23,9 +23,9 @@ def test_sample_images_are_scored_while_training(tiny_ckpts, data: Path, tiny_cl
                                "--eval_reference_dir", str(data / "dog"), "--eval_class_token_map", "sks dog=a dog",
                                "--logging_dir", str(tmp_path / "logs"), "--log_with", "tensorboard"))
     lines = (out / "lora_loss.csv").read_text().splitlines()
-    assert lines[0] == "step,loss,validation_loss,eval_clip_i,eval_clip_score"
+    assert lines[0] == "step,loss,validation_loss,step_time_s,eval_clip_i,eval_clip_score"
     rows = {int(r.split(",")[0]): r.split(",") for r in lines[1:]}
-    assert [s for s, r in rows.items() if r[3]] == [2, 4] and not rows[1][4]
+    assert [s for s, r in rows.items() if r[4]] == [2, 4] and not rows[1][5]
     # the same numbers from the sample files, scored afterwards
     scorer = ClipScorer(tiny_clip, torch.device("cpu"))
     prompts = ["a photo of a dog", "a cat"]  # prompts.txt with the class token replaced
@@ -33,8 +33,8 @@ def test_sample_images_are_scored_while_training(tiny_ckpts, data: Path, tiny_cl
     for step in (2, 4):
         files = sorted((out / "sample").glob(f"lora_{step:06d}_*.png"))
         emb = scorer.image_embeds([Image.open(f).convert("RGB") for f in files])
-        assert float(rows[step][4]) == pytest.approx(float(clip_scores(emb, scorer.text_embeds(prompts)).mean()), abs=1e-4)
-        assert float(rows[step][3]) == pytest.approx(float(mean_reference_similarity(emb, refs).mean()), abs=1e-5)
+        assert float(rows[step][5]) == pytest.approx(float(clip_scores(emb, scorer.text_embeds(prompts)).mean()), abs=1e-4)
+        assert float(rows[step][4]) == pytest.approx(float(mean_reference_similarity(emb, refs).mean()), abs=1e-5)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*")).parent))
