@@ -20,6 +20,7 @@ import torch
 
 from library.atomic import write_text_atomic
 from library.errors import UserError
+from library.objective import objective_of_training
 from library.train import models as M
 from library.train.checkpoint import Names
 from library.train.config import DEFAULT_SEED, TrainConfig, config_as_dict, config_summary
@@ -258,9 +259,12 @@ def _metadata(cfg: TrainConfig, models: M.Models, network: Any, dataset: Any, to
     first = network.adapters()[0]  # the file's rank/alpha with --dim_from_weights, else the flags'
     dim, alpha = (first.rank, float(first.alpha)) if cfg.network.dim_from_weights else \
         (cfg.network.network_dim or 4, cfg.network.network_alpha)
-    return build_kohya_metadata(dim, alpha,
+    md = build_kohya_metadata(dim, alpha,
                                 dict(M.network_kwargs(cfg)) or None, title=cfg.save.metadata.get("title") or
                                 cfg.save.output_name or "LoRA", schnell=not models.guidance_embed,
                                 resolution=ds.resolution, training={k: v for k, v in training.items() if v is not None},
                                 no_metadata=cfg.save.no_metadata,
                                 modelspec_extra={k: v for k, v in cfg.save.metadata.items() if k != "title"})
+    o = cfg.objective  # written even with --no_metadata: inference and flux_restore.py honour it
+    return {**md, **objective_of_training(o.flow_from_control, o.control_noise_std,
+                                          o.flow_reference_tokens).to_metadata()}
