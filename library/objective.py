@@ -95,3 +95,20 @@ def objective_of_loras(paths: list[Path]) -> Objective | None:
         raise UserError(f"{a[1]} and {b[1]} were trained with different objectives ({a[0].kind}, "
                         f"{b[0].kind}); pass --objective to choose one")
     return next(iter(found), None)
+
+
+def resolve_objective(requested: str, loras: list[Path], control_noise_std: float | None = None,
+                      reference_tokens: bool = False) -> Objective:
+    """The objective inference uses: `auto` = what the LoRAs record (the noise objective when none does);
+    `noise` / `flow_from_control` force one. `control_noise_std` (if not None) replaces the recorded std;
+    `reference_tokens` adds reference tokens to a forced flow_from_control."""
+    recorded = objective_of_loras(loras)
+    if requested == "noise":
+        return Objective()
+    if requested == "auto" and (recorded is None or not recorded.from_control):
+        return recorded or Objective()
+    if requested not in ("auto", "flow_from_control"):
+        raise UserError(f"--objective {requested!r}: use auto, noise or flow_from_control")
+    base = recorded if recorded is not None and recorded.from_control else Objective("flow_from_control", 0.0, False)
+    std = base.control_noise_std if control_noise_std is None else float(control_noise_std)
+    return Objective("flow_from_control", std, base.reference_tokens or reference_tokens)
