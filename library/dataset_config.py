@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from library.data import schema as S
+from library.data.degrade import DegradationConfig, parse_cli_degradation, parse_degradation
 from library.data.schema import (CONTROL, DATASET, DREAMBOOTH, FINETUNE, FLUX_MULTIPLE, GENERAL, SUBSET, Key,
                                  parse_value, show, unknown_key_error)
 from library.errors import UserError
@@ -58,6 +59,7 @@ class SubsetConfig:
     resize_interpolation: str | None
     cache_info: bool
     custom_attributes: dict[str, Any] | None = field(default=None, hash=False)
+    degradation: DegradationConfig | None = None  # ours: the control image is made from the image
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,12 @@ def _parse_table(table: Any, level: str, where: str, errors: list[str]) -> dict[
         key = S.KEY_BY_NAME.get(name)
         if key is None or level not in key.levels:
             errors.append(unknown_key_error(where, name, level))
+            continue
+        if key.kind == "degradation":  # a table of its own, with its own key paths in the messages
+            value, errs = parse_degradation(raw, f"{where}.{name}")
+            errors.extend(errs)
+            if value is not None:
+                out[name] = value
             continue
         value, err = parse_value(key, raw)
         if err:
@@ -283,6 +291,11 @@ def _resolve_dataset(i: int, raw: Any, general: dict[str, Any], cli: dict[str, A
         ctx.errors.append(f"{where}.subsets: expected [[datasets.subsets]] tables, got {show(raw_subsets)}")
         raw_subsets = []
     subs = [_parse_table(s, SUBSET, f"{where}.subsets[{j}]", ctx.errors) for j, s in enumerate(raw_subsets)]
+    for j, sv in enumerate(subs):
+        if "degradation" in sv and "conditioning_data_dir" in sv:
+            ctx.errors.append(f"{where}.subsets[{j}].degradation: cannot be combined with conditioning_data_dir "
+                              "(the control image is made from the image); remove one of them")
+            del sv["degradation"]
     if not subs:
         ctx.errors.append(f"{where}: has no [[datasets.subsets]]; add one with image_dir = \"...\"")
         return None
@@ -303,6 +316,9 @@ def _resolve_dataset(i: int, raw: Any, general: dict[str, Any], cli: dict[str, A
         _check_style(sv, style, swhere, ctx.errors, subset=True)
         ssrc: dict[str, str] = {}
         sub = _resolve_subset(sv, chain, style, swhere, ctx.config_dir, ssrc)
+        if sub.degradation is None and ctx.cli_degradation is not None and style != CONTROL:
+            sub = replace(sub, degradation=ctx.cli_degradation)  # --degradation_types: every clean subset
+            ssrc[f"{swhere}.degradation"] = "cli"
         if ctx.check_paths:
             _check_subset_paths(sub, style, swhere, ctx.errors)
         _check_cache_conflicts(sub, swhere, ctx)
@@ -316,6 +332,9 @@ def _resolve_dataset(i: int, raw: Any, general: dict[str, Any], cli: dict[str, A
             kept = f"{where}.subsets[{len(subsets)}]"
             ctx.sources.update({kept + k[len(swhere):]: v for k, v in ssrc.items()})
             subsets.append(sub)
+    if len({s.degradation is None for s in subsets}) > 1:
+        ctx.errors.append(f"{where}: subsets with a degradation table and subsets without cannot be mixed in one "
+                          "dataset (a batch has control images for all or none); put them in separate [[datasets]]")
     return DatasetConfig(style=style, subsets=tuple(subsets), **resolved)
 
 
@@ -336,6 +355,7 @@ class _Ctx:
     config_dir: Path
     check_paths: bool
     cache_latents: bool
+    cli_degradation: DegradationConfig | None = None
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)
@@ -359,6 +379,8 @@ def load_dataset_config(path: str | Path, cli_values: Mapping[str, Any] | None =
             ctx.errors.append(unknown_key_error("", name, "top"))
     general = _parse_table(doc.get("general", {}), GENERAL, "general", ctx.errors)
     cli = _cli_level(cli_values, ctx.errors)
+    ctx.cli_degradation, errs = parse_cli_degradation(dict(cli_values))
+    ctx.errors.extend(errs)
     raw_datasets = doc.get("datasets", [])
     if not isinstance(raw_datasets, list):
         ctx.errors.append(f"datasets: expected [[datasets]] tables, got {show(raw_datasets)}")
@@ -371,6 +393,10 @@ def load_dataset_config(path: str | Path, cli_values: Mapping[str, Any] | None =
         # kohya skips num_repeats = 0 subsets; with none left, training would have nothing to step on
         ctx.errors.append("datasets: no subset is left to train (every subset has num_repeats = 0 or repeats "
                           "an earlier source); set num_repeats >= 1")
+    if ctx.cli_degradation is not None and not any(ctx.sources.get(k) == "cli" for k in ctx.sources
+                                                   if k.endswith(".degradation")):
+        ctx.warnings.append("--degradation_types: no subset takes it (each has conditioning_data_dir or a "
+                            "degradation table of its own)")
     if ctx.errors:
         raise UserError("\n".join(e if e.startswith(("--", str(path))) else f"{path}: {e}" for e in ctx.errors))
     for w in ctx.warnings:
@@ -391,6 +417,9 @@ def _toml_value(v: Any) -> str:
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
         return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, DegradationConfig):
+        return _toml_value({"ops": v.ops, "variants": v.variants, **({"seed": v.seed} if v.seed is not None else {}),
+                            **v.ranges()})
     return json.dumps(v)
 
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from library.data import schema as S
+from library.data.degrade import DegradationConfig
 from library.dataset_config import DatasetConfig, SubsetConfig, format_resolved, load_dataset_config
 from library.errors import UserError, run_main
 
@@ -26,6 +27,7 @@ SAMPLE = {
     "caption_dropout_every_n_epochs": (3, 3), "caption_tag_dropout_rate": (0.2, 0.2),
     "token_warmup_min": (2, 2), "token_warmup_step": (5, 5.0), "custom_attributes": ({"a": 1}, {"a": 1}),
     "caption_extension": ("txt", ".txt"), "class_tokens": ("sks dog", "sks dog"),
+    "degradation": ({"ops": ["blur"], "blur_sigma": [1.0, 2.0]}, DegradationConfig(("blur",), blur_sigma=(1.0, 2.0))),
 }
 
 

@@ -10,6 +10,7 @@ gets epoch + 1, as kohya counts for caption_dropout_every_n_epochs.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -25,6 +26,7 @@ from library.cache import (DigestIndex, LatentJob, Prepared, TensorCache, cache_
                            latent_key, latent_required, text_key, TextEncodeFn)
 from library.data.buckets import crop_ltrb, make_batches
 from library.data.captions import CaptionSpec, process_caption
+from library.data.degrade import DegradationParams, apply_params, sample_params
 from library.data.images import BadImageError, load_image, resize_crop
 from library.data.scan import Item, balance_reg, scan, split_validation
 from library.dataset_config import ResolvedDatasetConfig
@@ -158,6 +160,8 @@ class FluxDataset:
         if sub.color_aug and rng is not None:
             rgb = _color_aug(rgb, rng)
         mask = cond = None
+        if it.variant is not None:  # restoration pair: the control image is the degraded (cropped) target
+            cond = apply_params(rgb, self.degradation_params(it))
         if sub.alpha_mask:
             alpha = img.alpha if img.alpha is not None else np.full(img.rgb.shape[:2], 255, np.uint8)
             mask = resize_crop(alpha, a.resized, box, interp)
@@ -177,6 +181,17 @@ class FluxDataset:
         scale = max(bucket[0] / w, bucket[1] / h)
         resized = (max(bucket[0], int(w * scale + 0.5)), max(bucket[1], int(h * scale + 0.5)))
         return resize_crop(rgb, resized, crop_ltrb(resized, bucket, False), interp)
+
+    def degradation_params(self, it: Item) -> DegradationParams:
+        """The drawn degradation of (image, variant): a function of the seed, the image key and the variant."""
+        sub = self.cfg.datasets[it.dataset].subsets[it.subset]
+        assert sub.degradation is not None and it.variant is not None
+        return sample_params(sub.degradation, self.seed, it.image_key, it.variant)
+
+    def pair(self, it: Item) -> tuple[np.ndarray, np.ndarray | None]:
+        """(target, control) uint8 RGB at the item's bucket, centre crop, no flip: what a preview shows."""
+        rgb, _, cond = self._pixels(it, None)
+        return rgb, cond
 
     # ------------------------------------------------------------------------------------------ caching
     def _cache_root(self, it: Item, cache_dir: Path | None) -> Path:
@@ -220,16 +235,20 @@ class FluxDataset:
         ds, sub = self.cfg.datasets[it.dataset], self.cfg.datasets[it.dataset].subsets[it.subset]
         a = it.assignment
         cond_role = None if it.cond_path is None else ("mask" if self.cfg.masked_loss else "reference")
+        cond_digest = digests.digest(it.cond_path) if it.cond_path else None
+        if it.variant is not None:  # the control image is a function of the image and these parameters
+            cond_role, cond_digest = "degraded", json.dumps(self.degradation_params(it).describe(), sort_keys=True)
         key = latent_key(digests.digest(it.path), a.bucket, a.resized, crop_ltrb(a.resized, a.bucket, False),
                          sub.flip_aug, sub.alpha_mask, sub.resize_interpolation or ds.resize_interpolation, ae_id,
-                         digests.digest(it.cond_path) if it.cond_path else None, cond_role)
+                         cond_digest, cond_role)
         return LatentJob(key, it.path, (a.bucket, sub.flip_aug, cond_role), sub.flip_aug)
 
     def _required(self, job: LatentJob) -> tuple[str, ...]:
         it = self._job_items[job.key]
         has_mask = self.cfg.datasets[it.dataset].subsets[it.subset].alpha_mask or \
             (it.cond_path is not None and self.cfg.masked_loss)
-        return latent_required(job, has_mask, it.cond_path is not None and not self.cfg.masked_loss)
+        has_cond = (it.cond_path is not None and not self.cfg.masked_loss) or it.variant is not None
+        return latent_required(job, has_mask, has_cond)
 
     def _prepare(self, job: LatentJob) -> Prepared:
         rgb, mask, cond = self._pixels(self._job_items[job.key], None)

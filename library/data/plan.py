@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from library.data.dataset import FluxDataset
+from library.data.degrade import DegradationConfig
 from library.dataset_config import ResolvedDatasetConfig
 
 
@@ -24,6 +25,8 @@ class SubsetPlan:
     is_reg: bool
     samples: int  # images x repeats per epoch
     buckets: tuple[tuple[tuple[int, int], int], ...] = ()  # ((W, H), samples per epoch) of this subset
+    variants: int = 1  # degraded versions per image (restoration pairs), else 1
+    degradation: str = ""  # the degradation ops and ranges, as printed
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,11 @@ def build_plan(dataset: FluxDataset, max_train_steps: int | None = None, max_tra
             sub_buckets = Counter()
             for it in mine:
                 sub_buckets[it.assignment.bucket] += it.repeats
-            subs.append(SubsetPlan(str(sub.image_dir or sub.metadata_file), ds.style, len(mine),
+            deg = sub.degradation
+            subs.append(SubsetPlan(str(sub.image_dir or sub.metadata_file), ds.style, len({it.path for it in mine}),
                                    str(reps[0]) if len(reps) == 1 else f"{reps[0]}..{reps[-1]}", sub.is_reg,
-                                   sum(it.repeats for it in mine), tuple(sorted(sub_buckets.items()))))
+                                   sum(it.repeats for it in mine), tuple(sorted(sub_buckets.items())),
+                                   deg.variants if deg else 1, describe_degradation(deg) if deg else ""))
         counts = Counter()
         for it in items:
             counts[it.assignment.bucket] += it.repeats
@@ -78,6 +83,16 @@ def build_plan(dataset: FluxDataset, max_train_steps: int | None = None, max_tra
     return Plan(tuple(plans), len(refs), steps, epochs, total, n_val)
 
 
+def describe_degradation(cfg: DegradationConfig) -> str:
+    """"downsample -> noise; downsample [2, 8] (bicubic), noise_sigma [0, 0.06]": the ops and their ranges."""
+    def show(v: object) -> str:
+        return f"[{v[0]:g}, {v[1]:g}]" if isinstance(v, tuple) else str(v)
+
+    ranges = ", ".join(f"{k} {show(v)}" for k, v in cfg.ranges().items())
+    seed = f"; seed {cfg.seed}" if cfg.seed is not None else ""
+    return f"{' -> '.join(cfg.ops)}; {ranges}{seed}"
+
+
 def format_plan(plan: Plan) -> str:
     lines = ["training plan"]
     for d in plan.datasets:
@@ -85,7 +100,10 @@ def format_plan(plan: Plan) -> str:
                      f"batch_size {d.batch_size}, {d.batches} batches per epoch")
         for s in d.subsets:
             reg = " (reg)" if s.is_reg else ""
-            lines.append(f"    subset {s.source}{reg}: {s.images} images x {s.repeats} repeats = {s.samples} samples")
+            var = f" x {s.variants} variants" if s.degradation else ""
+            lines.append(f"    subset {s.source}{reg}: {s.images} images{var} x {s.repeats} repeats = {s.samples} samples")
+            if s.degradation:
+                lines.append(f"      degradation (control image made from the image): {s.degradation}")
             lines.append("      buckets " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in s.buckets))
         for (w, h), n in d.buckets:
             lines.append(f"    bucket {w}x{h}: {n} samples ({-(-n // d.batch_size)} batches)")

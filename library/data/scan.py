@@ -41,6 +41,8 @@ class Item:
     repeats: int
     assignment: Assignment
     cond_path: Path | None = None
+    variant: int | None = None  # degraded subsets: which degraded version of the image (its control image)
+    image_key: str = ""  # what seeds the degradation parameters: the path relative to image_dir
 
 
 def bucket_spec(ds: DatasetConfig) -> BucketSpec:
@@ -161,14 +163,24 @@ def scan(cfg: ResolvedDatasetConfig, skip_bad_images: bool = False, progress: bo
             if a.bucket[0] < 16 or a.bucket[1] < 16:
                 raise UserError(f"{path}: image {size[0]}x{size[1]} is smaller than bucket_reso_steps "
                                 f"{ds.bucket_reso_steps} with bucket_no_upscale; remove it or lower the step")
-            items[i].append(Item(uid, path, size, i, j, tuple(lines), source, sub.is_reg, sub.num_repeats, a, cond))
-            uid += 1
+            variants = [None] if sub.degradation is None else range(sub.degradation.variants)
+            for v in variants:  # a degraded subset has images x variants items
+                items[i].append(Item(uid, path, size, i, j, tuple(lines), source, sub.is_reg, sub.num_repeats, a,
+                                     cond, v, image_key(path, sub)))
+                uid += 1
     _warn_captionless(items)
     return items
 
 
+def image_key(path: Path, sub: SubsetConfig) -> str:
+    """A name of the image that survives moving the dataset folder (it seeds the degradation parameters)."""
+    if sub.image_dir is not None and path.is_relative_to(sub.image_dir):
+        return path.relative_to(sub.image_dir).as_posix()
+    return path.name
+
+
 def _warn_captionless(items: list[list[Item]]) -> None:
-    paths = sorted(str(it.path) for its in items for it in its if it.caption_source == "none" and not it.is_reg)
+    paths = sorted({str(it.path) for its in items for it in its if it.caption_source == "none" and not it.is_reg})
     if paths:  # name them: a missing caption file is usually a typo in the file name or caption_extension
         more = f", ... ({len(paths) - 3} more)" if len(paths) > 3 else ""
         log.warning("%d image(s) have no caption file and no class_tokens: they train with an empty caption (%s%s)",
@@ -212,9 +224,11 @@ def split_validation(items: list[Item], split: float, seed: int) -> tuple[list[I
     if split <= 0:
         return items, []
     train = [it for it in items if not it.is_reg]
-    order = list(range(len(train)))
+    paths = list(dict.fromkeys(it.path for it in train))  # the variants of an image stay on one side
+    order = list(range(len(paths)))
     random.Random(seed).shuffle(order)
-    n_val = int(math.floor(len(train) * split))
-    val_ids = {train[k].uid for k in order[:n_val]}
+    n_val = int(math.floor(len(paths) * split))
+    val_paths = {paths[k] for k in order[:n_val]}
+    val_ids = {it.uid for it in train if it.path in val_paths}
     return ([it for it in items if it.uid not in val_ids],
             [Item(**{**it.__dict__, "repeats": 1}) for it in train if it.uid in val_ids])

@@ -32,7 +32,7 @@ INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic"
 @dataclass(frozen=True)
 class Key:
     name: str
-    kind: str  # bool | int | float | str | resolution | float_pair | dict | path
+    kind: str  # bool | int | float | str | resolution | float_pair | dict | path | degradation
     levels: frozenset[str]
     default: Any = None
     styles: frozenset[str] = ALL_STYLES
@@ -99,6 +99,9 @@ KEYS: tuple[Key, ...] = (
        required=frozenset({CONTROL})),
     _k("is_reg", "bool", _S, False, cli=None, styles=frozenset({DREAMBOOTH})),
     _k("alpha_mask", "bool", _S, False, styles=frozenset({DREAMBOOTH, FINETUNE})),
+    # ours: a [datasets.subsets.degradation] table makes each image's control image (library/data/degrade.py)
+    _k("degradation", "degradation", _S, None, cli=None, styles=frozenset({DREAMBOOTH, FINETUNE}),
+       doc="restoration pairs: ops and ranges that degrade the image into its control image"),
 )
 
 KEY_BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}

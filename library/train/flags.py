@@ -300,6 +300,25 @@ FLAGS: list[Flag] = [
         _f("validate_config", "flag", False, "print the resolved dataset config and exit"),
         _f("dry_run", "flag", False, "print the training plan (datasets, buckets, steps) and exit"),
         _f("skip_bad_images", "flag", False, "skip unreadable images with a warning instead of stopping"),
+        # Restoration pairs: a control image made from every clean subset's images (docs/data.md, "Degradations").
+        _f("degradation_types", "str", None, "degrade clean subsets into control images: ops in order, e.g. "
+           "downsample,blur,noise,jpeg,color_fade,scratches,grayscale"),
+        _f("degradation_variants", "int", None, "degraded versions per image (default 1)"),
+        _f("degradation_seed", "int", None, "seed of the degradation parameters (default: --seed)"),
+        _f("degradation_downsample", "str", None, "downsample factor range LOW,HIGH (default 2,4)"),
+        _f("degradation_interpolation", "str", None, "downsample filter (default bicubic)",
+           ["nearest", "bilinear", "linear", "bicubic", "cubic", "lanczos", "box", "area"]),
+        _f("degradation_blur_sigma", "str", None, "Gaussian blur sigma range in pixels (default 0.5,2)"),
+        _f("degradation_noise_type", "str", None, "noise kind (default gaussian)", ["gaussian", "poisson"]),
+        _f("degradation_noise_sigma", "str", None, "Gaussian noise sigma range in [0,1] units (default 0.01,0.05)"),
+        _f("degradation_noise_peak", "str", None, "Poisson counts at white, range (default 50,500)"),
+        _f("degradation_jpeg_quality", "str", None, "JPEG quality range (default 30,90)"),
+        _f("degradation_fade_saturation", "str", None, "color_fade saturation loss range in [0,1] (default 0,0.5)"),
+        _f("degradation_fade_contrast", "str", None, "color_fade contrast loss range in [0,1] (default 0,0.4)"),
+        _f("degradation_fade_yellowing", "str", None, "color_fade yellowing range in [0,1] (default 0,0.5)"),
+        _f("degradation_scratches", "str", None, "scratch strokes per image, range (default 1,6)"),
+        _f("degradation_scratch_width", "str", None, "scratch width range in pixels (default 1,2)"),
+        _f("degradation_grayscale_prob", "float", None, "probability of the grayscale op (default 1)"),
     ),
     # Ours: restoration / edit-pair objectives (docs/training.md, "Restoration LoRAs").
     *_group(
@@ -325,6 +344,7 @@ DATASET_FLAGS: frozenset[str] = frozenset(
     [f.name for f in FLAGS if f.group == "dataset"]
     + ["train_batch_size", "validation_seed", "validation_split", "conditioning_data_dir", "masked_loss",
        "prior_loss_weight", "skip_bad_images"]
+    + [f.name for f in FLAGS if f.name.startswith("degradation_")]
 )
 
 # flag -> why it changes nothing for FLUX here. Printed once as a warning when the user sets the flag.

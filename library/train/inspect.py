@@ -6,6 +6,8 @@ module only routes the flags there with the CLI values the user gave.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from library.errors import UserError
 from library.train.config import DEFAULT_SEED, TrainConfig
 
@@ -20,12 +22,16 @@ def inspect_data(cfg: TrainConfig) -> int:
     if cfg.data.validate_config:
         print(format_resolved(resolved))
         return 0
-    from library.data.plan import format_plan, make_plan  # noqa: PLC0415 (owned by the data part)
+    from library.data.dataset import build_datasets  # noqa: PLC0415
+    from library.data.plan import build_plan, format_plan  # noqa: PLC0415 (owned by the data part)
+    from library.data.preview import write_degradation_preview  # noqa: PLC0415
 
     loop = cfg.loop
     seed = loop.seed if loop.seed is not None else DEFAULT_SEED
-    print(format_plan(make_plan(resolved, seed=seed, max_train_steps=loop.max_train_steps,
-                                max_train_epochs=loop.max_train_epochs,
-                                gradient_accumulation_steps=loop.gradient_accumulation_steps,
-                                skip_bad_images=bool(cfg.data.cli_values.get("skip_bad_images")))))
+    train, val = build_datasets(resolved, seed, bool(cfg.data.cli_values.get("skip_bad_images")))
+    print(format_plan(build_plan(train, loop.max_train_steps, loop.max_train_epochs,
+                                 loop.gradient_accumulation_steps, 1, val)))
+    sheet = write_degradation_preview(train, Path(cfg.save.output_dir))  # None without degraded subsets
+    if sheet is not None:
+        print(f"contact sheet of (target, control) pairs: {sheet}")
     return 0
