@@ -54,6 +54,7 @@ class Run:
     prompts: list[EncodedPrompt]
     metadata: dict[str, str]
     val_loader: Any = None  # BatchLoader over the validation_split images, or None
+    perceptual: Any = None  # library.train.perceptual.PerceptualLoss with --perceptual_loss_weight > 0
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
@@ -199,7 +200,12 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.memory.cache_text_encoder_outputs and not train_clip:
         M.free(models.text.clip, models.text.t5)
         models.text = None
-    if cfg.memory.cache_latents and not prompts:
+    perceptual = None
+    if cfg.objective.perceptual_loss_weight > 0:  # the AE stays: x̂0 and the target are decoded at the step
+        from library.train.perceptual import build_perceptual  # noqa: PLC0415
+
+        perceptual = build_perceptual(cfg.objective.perceptual_model, models.ae)
+    if cfg.memory.cache_latents and not prompts and perceptual is None:
         M.free(models.ae)
         models.ae = None
     M.merge_base_weights(cfg, models)
@@ -218,7 +224,7 @@ def setup(cfg: TrainConfig) -> Run:
     ext = "." + cfg.save.save_model_as
     return Run(cfg, acc, dtypes, seed, dataset, loader, models, network, train_clip, optimizer, scheduler,
                Names(out_dir, cfg.save.output_name, ext), out_dir, total, epochs, per_epoch, prompts,
-               _metadata(cfg, models, network, dataset, total, epochs, seed), val_loader)
+               _metadata(cfg, models, network, dataset, total, epochs, seed), val_loader, perceptual)
 
 
 def _load_prompts(cfg: TrainConfig) -> list:

@@ -122,7 +122,8 @@ def forward_backward(run: Run, batch: Any, state: State) -> float:
         run.network.set_multiplier(multiplier)
     obj, cfg = run.cfg.objective, run.cfg
     loss = flow_matching_loss(run.models.transformer, inputs, obj, run.seed, state.global_step,
-                              run.models.guidance_embed, cfg.model.apply_t5_attn_mask, run.accelerator.autocast)
+                              run.models.guidance_embed, cfg.model.apply_t5_attn_mask, run.accelerator.autocast,
+                              perceptual=run.perceptual)
     # One host sync per micro-step, taken before backward is queued so the host does not wait for it.
     value = float(loss.item())
     if _agree(run, int(not math.isfinite(value))):
