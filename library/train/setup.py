@@ -196,7 +196,12 @@ def setup(cfg: TrainConfig) -> Run:
     _cache(cfg, acc, models, dataset, epochs, dtypes)
     if val_loader is not None:
         _cache(cfg, acc, models, val_loader.dataset, 1, dtypes)
-    prompts = encode_prompts(prompts_spec, models.text, models.t5_max_length, cfg.model.apply_t5_attn_mask)
+    pairs = None
+    if not prompts_spec and _wants_samples(cfg):  # a control/degradation dataset: sample its first pairs
+        from library.train.samples import pair_prompts  # noqa: PLC0415
+
+        prompts_spec, pairs = pair_prompts(dataset)
+    prompts = encode_prompts(prompts_spec, models.text, models.t5_max_length, cfg.model.apply_t5_attn_mask, pairs)
     if cfg.memory.cache_text_encoder_outputs and not train_clip:
         M.free(models.text.clip, models.text.t5)
         models.text = None
@@ -225,6 +230,11 @@ def setup(cfg: TrainConfig) -> Run:
     return Run(cfg, acc, dtypes, seed, dataset, loader, models, network, train_clip, optimizer, scheduler,
                Names(out_dir, cfg.save.output_name, ext), out_dir, total, epochs, per_epoch, prompts,
                _metadata(cfg, models, network, dataset, total, epochs, seed), val_loader, perceptual)
+
+
+def _wants_samples(cfg: TrainConfig) -> bool:
+    s = cfg.sample
+    return bool(s.sample_every_n_steps or s.sample_every_n_epochs or s.sample_at_first)
 
 
 def _load_prompts(cfg: TrainConfig) -> list:

@@ -20,6 +20,7 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from library.errors import UserError
+from library.objective import objective_of_training
 from library.train import checkpoint as C
 from library.train.config import TrainConfig
 from library.train.logging import LossRecord, draw_loss_plot, write_loss_csv
@@ -236,9 +237,11 @@ def sample(run: Run, step: int, epoch: int | None) -> None:
     acc = run.accelerator
     if run.prompts and acc.is_main_process:
         run.network.set_multiplier(1.0)  # samples show the LoRA at full strength, whatever the last dataset's
+        o = run.cfg.objective
         paths = write_samples(run.prompts, run.models.transformer, run.models.ae, run.out_dir,
                               run.cfg.save.output_name or "sample", step, epoch, run.seed, run.models.guidance_embed,
-                              run.models.t5_max_length, run.cfg.model.apply_t5_attn_mask, acc.autocast)
+                              run.models.t5_max_length, run.cfg.model.apply_t5_attn_mask, acc.autocast,
+                              objective_of_training(o.flow_from_control, o.control_noise_std, o.flow_reference_tokens))
         log.info("wrote %d sample image(s) under %s", len(paths), run.out_dir / "sample")
     acc.wait_for_everyone()
 
