@@ -72,6 +72,12 @@ def parse_args(argv: list[str] | None):
         value = getattr(a, flag)
         if value is not None and not Path(value).is_dir():
             raise UserError(f"{value}: no such folder (given as --{flag})")
+    out = Path(a.output_dir).resolve()
+    for flag in ("input_dir", "reference_dir"):  # outputs are <stem>.png: they could replace the user's images
+        value = getattr(a, flag)
+        if value is not None and Path(value).resolve() == out:
+            raise UserError(f"{a.output_dir}: --output_dir is the --{flag}; restored PNGs would replace your "
+                            "images there: use another folder")
     if a.degrade is not None and not Path(a.degrade).is_file():
         raise UserError(f"{a.degrade}: no such file (given as --degrade)")
     for flag in ("batch_size", "steps", "gallery_rows"):

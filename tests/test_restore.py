@@ -148,10 +148,13 @@ def test_degrade_first_then_measure_against_the_clean_inputs(tiny_ckpts, folders
     (("--batch_size", "0"), "--batch_size 0: must be at least 1"),
     (("--degrade", "missing.toml"), "missing.toml: no such file (given as --degrade)"),
     (("--reference_dir", "EMPTY"), "no reference image named a.*"),
+    (("--output_dir", "INPUT"), "--output_dir is the --input_dir"),
 ])
 def test_bad_arguments_are_one_line_errors(tiny_ckpts, folders, tmp_path, change, expect) -> None:
     argv = base(tiny_ckpts, folders, tmp_path / "o")
     flag, value = change
+    if value == "INPUT":
+        value = str(folders / "degraded")
     if value == "EMPTY":
         (tmp_path / "empty").mkdir()
         value = str(tmp_path / "empty")

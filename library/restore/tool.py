@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +62,10 @@ def degrade_inputs(clean: list[Path], config: Path, seed: int, out_dir: Path) ->
     out = []
     for p in clean:
         target = out_dir / "degraded" / f"{p.stem}.png"
-        if not target.exists():  # deterministic per (seed, name): a resumed run finds the same image
+        image = degrade(load_image(p).rgb, cfg, seed, p.name, 0)  # deterministic per (config, seed, name)
+        if not target.exists() or not np.array_equal(load_image(target).rgb, image):
             with atomic_target(target) as tmp:
-                Image.fromarray(degrade(load_image(p).rgb, cfg, seed, p.name, 0)).save(tmp, format="PNG")
+                Image.fromarray(image).save(tmp, format="PNG")
         out.append(target)
     return out
 
@@ -74,7 +76,12 @@ def _record(a: RestoreArgs, objective: Objective, job: Job) -> dict:
             "steps": a.steps, "guidance": a.guidance, "seed": a.seed, "shift": not a.no_shift,
             "model": a.ckpt_path.name, "lora_weights": [[p.name, m] for p, m in a.lora_weights],
             "objective": [objective.kind, objective.control_noise_std, objective.reference_tokens],
-            "degrade": a.degrade.name if a.degrade else None}
+            "degrade": _digest(a.degrade) if a.degrade else None}
+
+
+def _digest(path: Path) -> str:
+    """The degradation config's content (a changed range must not resume into the old outputs)."""
+    return hashlib.blake2b(path.read_bytes(), digest_size=8).hexdigest()
 
 
 def _models(a: RestoreArgs, objective: Objective) -> Restorer:
