@@ -5,7 +5,7 @@ names a text-encoder file after the image without recording the caption, the tok
 edit a caption or swap a model and stale outputs are used silently. Here every entry's name *is* a hash of
 its inputs:
   latents: image bytes, bucket size, resize size, crop box, flip_aug, alpha-mask setting, interpolation,
-           conditioning image bytes (Kontext / mask), AE identity;
+           conditioning image bytes (Kontext / mask) or a degraded control image's drawn parameters, AE identity;
   text:    the exact caption string, encoder identity, T5 max length, T5 attention-mask setting.
 So a changed input simply misses and is re-encoded, an unchanged one hits, and entries are shared by any
 subsets, datasets or runs that produce the same thing. Because text entries are keyed by the caption

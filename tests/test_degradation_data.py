@@ -106,21 +106,22 @@ def cache_once(cfg_path: Path, cache_dir: Path) -> tuple[int, dict[tuple[str, in
     ds, _ = build_datasets(load_dataset_config(cfg_path), seed=1, progress=False)
     counter = Counting()
     ds.cache_latents(counter, "ae", to_disk=True, cache_dir=cache_dir, progress=False)
-    keys = {(ds.by_uid[u].image_key, ds.by_uid[u].variant): k for u, k in ds.latent_keys.items()}
+    keys = {(ds.by_uid[u].image_key, ds.by_uid[u].variant): k for u, k in ds.control_keys.items()}
+    assert len(set(ds.latent_keys.values())) == 4  # one target entry per image, shared by its variants
     return counter.images, keys
 
 
 def test_control_latents_cached_and_exactly_the_affected_entries_reencode(tmp_path):
     cache = tmp_path / "cache"
     n, keys = cache_once(two_subsets(tmp_path, variants=2), cache)
-    # 8 entries: subset a (flip_aug) encodes latents, flipped, control, control flipped; subset b two each
-    assert n == 4 * 4 + 4 * 2 and len(set(keys.values())) == 8
+    # targets once per image (subset a with flip_aug: 2 encodes), controls once per (image, variant)
+    assert n == (2 * 2 + 4 * 2) + (2 * 1 + 4 * 1) and len(set(keys.values())) == 8
     assert cache_once(two_subsets(tmp_path, variants=2), cache)[0] == 0  # unchanged: every entry hits
     n3, keys3 = cache_once(two_subsets(tmp_path, variants=3), cache)  # one more variant: only the new ones
-    assert n3 == 2 * 4 + 2 * 2 and all(keys3[k] == v for k, v in keys.items())
+    assert n3 == 2 * 2 + 2 * 1 and all(keys3[k] == v for k, v in keys.items())
     n_b, keys_b = cache_once(two_subsets(tmp_path, variants=3, blur_b="[2.0, 3.0]"), cache)  # subset b's blur
     changed = {k for k in keys3 if keys3[k] != keys_b[k]}
-    assert changed == {k for k in keys3 if k[0].startswith("pic")} and n_b == 6 * 2
+    assert changed == {k for k in keys3 if k[0].startswith("pic")} and n_b == 6 * 1
     # the cached control latents are the encoded degraded images
     ds, _ = build_datasets(load_dataset_config(two_subsets(tmp_path, variants=3, blur_b="[2.0, 3.0]")), seed=1,
                            progress=False)
@@ -130,6 +131,7 @@ def test_control_latents_cached_and_exactly_the_affected_entries_reencode(tmp_pa
     for i in range(len(ds.batches(0))):
         c, a = ds.load_batch(0, i), live.load_batch(0, i)
         assert torch.allclose(c.cond_latents, enc(a.cond_images), atol=1e-6)
+        assert torch.allclose(c.latents, enc(a.images), atol=1e-6)  # flipped samples read the flipped entries
 
 
 def _digest(ds, epoch: int) -> str:
@@ -291,3 +293,22 @@ def test_validation_split_keeps_the_variants_of_an_image_together(tmp_path):
     tp, vp = [it.path for it in train.items[0]], [it.path for it in val.items[0]]
     assert len(set(tp)) == 3 and len(set(vp)) == 3 and not set(tp) & set(vp)
     assert len(tp) == len(vp) == 9  # every variant of an image on its side
+
+
+def test_a_degraded_and_a_plain_dataset_cache_together(tmp_path):
+    a, b = images(tmp_path / "a", 2), images(tmp_path / "b", 2, prefix="p")
+    cfg = load_dataset_config(write(tmp_path, f"""
+        [general]
+        resolution = 32
+        [[datasets]]
+          [[datasets.subsets]]
+          image_dir = "{a}"
+          degradation = {{ ops = ["blur"], variants = 2 }}
+        [[datasets]]
+          [[datasets.subsets]]
+          image_dir = "{b}"
+        """))
+    ds, _ = build_datasets(cfg, seed=0, progress=False)
+    ds.cache_latents(enc, "ae", to_disk=False, progress=False)  # one in-memory cache for both datasets
+    batches = [ds.load_batch(0, i) for i in range(len(ds.batches(0)))]
+    assert sorted(b.cond_latents is not None for b in batches) == [False, False, True, True, True, True]

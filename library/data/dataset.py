@@ -97,6 +97,7 @@ class FluxDataset:
         self.latent_cache: TensorCache | None = None
         self.text_cache: TensorCache | None = None
         self.latent_keys: dict[int, str] = {}
+        self.control_keys: dict[int, str] = {}  # degraded items: the entry of the control image's latents
         self.text_keys: dict[str, str] = {}
         self.bad: set[int] = set()  # uids found unreadable under --skip_bad_images
         self.skip_bad_images = False
@@ -220,6 +221,11 @@ class FluxDataset:
             jobs_by_root[root].append(job)
             self._job_items[job.key] = it
             self.latent_keys[it.uid] = job.key
+            if it.variant is not None:  # the variants share the target's entry; each control has its own
+                control = self._latent_job(it, digests[root], ae_id, control=True)
+                jobs_by_root[root].append(control)
+                self._job_items[control.key] = it
+                self.control_keys[it.uid] = control.key
         for root, jobs in jobs_by_root.items():
             bad = cache_latents(jobs, self._prepare, encode, caches[root], ae_id, self._required, batch_size,
                                 self.skip_bad_images, progress, num_threads or min(8, os.cpu_count() or 1))
@@ -231,27 +237,32 @@ class FluxDataset:
         self.latent_cache = next(iter(caches.values()))
         self._order_cache = None
 
-    def _latent_job(self, it: Item, digests: DigestIndex, ae_id: str) -> LatentJob:
+    def _latent_job(self, it: Item, digests: DigestIndex, ae_id: str, control: bool = False) -> LatentJob:
         ds, sub = self.cfg.datasets[it.dataset], self.cfg.datasets[it.dataset].subsets[it.subset]
         a = it.assignment
         cond_role = None if it.cond_path is None else ("mask" if self.cfg.masked_loss else "reference")
         cond_digest = digests.digest(it.cond_path) if it.cond_path else None
-        if it.variant is not None:  # the control image is a function of the image and these parameters
+        if control:  # a degraded control image: a function of the image and its drawn parameters
             cond_role, cond_digest = "degraded", json.dumps(self.degradation_params(it).describe(), sort_keys=True)
         key = latent_key(digests.digest(it.path), a.bucket, a.resized, crop_ltrb(a.resized, a.bucket, False),
                          sub.flip_aug, sub.alpha_mask, sub.resize_interpolation or ds.resize_interpolation, ae_id,
                          cond_digest, cond_role)
-        return LatentJob(key, it.path, (a.bucket, sub.flip_aug, cond_role), sub.flip_aug)
+        return LatentJob(key, it.path, (a.bucket, sub.flip_aug, cond_role or ""), sub.flip_aug)  # "": sortable
 
     def _required(self, job: LatentJob) -> tuple[str, ...]:
         it = self._job_items[job.key]
+        if self.control_keys.get(it.uid) == job.key:
+            return latent_required(job, False, False)
         has_mask = self.cfg.datasets[it.dataset].subsets[it.subset].alpha_mask or \
             (it.cond_path is not None and self.cfg.masked_loss)
-        has_cond = (it.cond_path is not None and not self.cfg.masked_loss) or it.variant is not None
-        return latent_required(job, has_mask, has_cond)
+        return latent_required(job, has_mask, it.cond_path is not None and not self.cfg.masked_loss)
 
     def _prepare(self, job: LatentJob) -> Prepared:
-        rgb, mask, cond = self._pixels(self._job_items[job.key], None)
+        it = self._job_items[job.key]
+        rgb, mask, cond = self._pixels(it, None)
+        if it.variant is not None:  # a degraded item has two entries: the control image's, the target's
+            return Prepared(_to_tensor(cond)) if self.control_keys[it.uid] == job.key else \
+                Prepared(_to_tensor(rgb), None if mask is None else _mask_tensor(mask))
         return Prepared(_to_tensor(rgb), None if mask is None else _mask_tensor(mask),
                         None if cond is None else _to_tensor(cond))
 
@@ -316,6 +327,8 @@ class FluxDataset:
             sfx = "_flipped" if flip else ""
             row["latents"] = entry["latents" + sfx]
             row["cond_latents"] = entry.get("cond_latents" + sfx)
+            if uid in self.control_keys:  # a degraded control image: its own entry
+                row["cond_latents"] = self._latent_caches[uid].get(self.control_keys[uid])["latents" + sfx]
             mask = entry.get("loss_mask")
             row["loss_mask"] = None if mask is None else (mask.flip(-1) if flip else mask)
             return row
