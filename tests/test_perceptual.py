@@ -123,3 +123,17 @@ def test_gradient_reaches_only_the_lora(tiny_ckpts, vgg_file) -> None:
         assert all(q.grad is None for n, q in module.named_parameters() if "lora_" not in n)
     # zero for identical images: x̂0 = target
     assert float(perceptual(lat, lat)) == 0.0
+
+
+def test_training_with_a_file_that_is_not_vgg16_stops_before_loading(tiny_ckpts, tmp_path) -> None:
+    """flux_train_network.py: the preflight names the file (exit 2 through run_main), before any image scan."""
+    import flux_train_network
+
+    bad = tmp_path / "resnet.safetensors"
+    save_file({"conv1.weight": torch.zeros(4, 3, 7, 7)}, str(bad))
+    argv = ["--pretrained_model_name_or_path", str(tiny_ckpts.transformer), "--clip_l", str(tiny_ckpts.clip_l),
+            "--t5xxl", str(tiny_ckpts.t5xxl), "--ae", str(tiny_ckpts.ae), "--train_data_dir", str(tmp_path / "none"),
+            "--output_dir", str(tmp_path / "out"), "--perceptual_loss_weight", "0.1", "--perceptual_model", str(bad)]
+    with pytest.raises(UserError, match=re.escape(f"{bad}: --perceptual_model is not VGG16")):
+        flux_train_network.main(argv)
+    assert not (tmp_path / "out").exists()
