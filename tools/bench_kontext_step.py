@@ -34,6 +34,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+try:  # library.train's flag parser reads --config_file TOMLs with `toml`; the bench never does, so a bare
+    import toml  # noqa: F401  device image without it still runs the trainer's step
+except ImportError:
+    import types
+
+    sys.modules["toml"] = types.ModuleType("toml")
+
 from bench_train_step import DEV_PARAMS, build_model, inject_lora  # noqa: E402
 from library.flux.compile import apply_compile, remove_compile  # noqa: E402
 from library.train.cli import parse_args as parse_train_args  # noqa: E402
