@@ -7,6 +7,9 @@
 --ckpt_path may also be a diffusers FLUX folder; --clip_l, --t5xxl and --ae then default to its parts.
 Also kohya's --negative_prompt/--cfg_scale (true CFG), per-model dtypes and --interactive. Every PNG
 carries its prompt and settings ("parameters" text as A1111/kohya write it, plus a JSON chunk).
+
+Kontext edits / restoration: --control_image FILE (as diffusers' FluxKontextPipeline). A LoRA trained with
+--flow_from_control (recorded in its metadata) starts from the control latent; --objective overrides.
 """
 
 from __future__ import annotations
@@ -59,6 +62,11 @@ class InferenceArgs:
     interactive: bool
     output_dir: Path
     output_name: str | None
+    control_image: Path | None = None
+    control_resize: bool = True  # resize the control image to the output size (else: its own size, floored to 16)
+    objective: str = "auto"  # auto (from the LoRA metadata) | noise | flow_from_control
+    control_noise_std: float | None = None  # None: from the LoRA metadata
+    flow_reference_tokens: bool = False
 
 
 def _dtype_arg(text: str) -> str:
@@ -92,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--t5xxl_max_token_length", type=int, default=None, help="default: 512 dev, 256 schnell")
     g.add_argument("--apply_t5_attn_mask", action="store_true", help="mask T5 padding (in T5 and the transformer)")
     g.add_argument("--no_shift", action="store_true", help="sample without FLUX's resolution-dependent shift")
+    g = p.add_argument_group("Kontext edit / restoration (a control image)")
+    g.add_argument("--control_image", "--control_image_path", dest="control_image", default=None, metavar="FILE",
+                   help="reference image (FLUX.1 Kontext): AE-encoded and appended as reference tokens")
+    g.add_argument("--control_resize", choices=["output", "none"], default="output",
+                   help="output: resize the control image to --width x --height (default); none: keep its size "
+                        "(floored to 16)")
+    g.add_argument("--objective", choices=["auto", "noise", "flow_from_control"], default="auto",
+                   help="auto: as the LoRA's metadata records (noise when none does); flow_from_control starts "
+                        "sampling from the (noised) control latent")
+    g.add_argument("--control_noise_std", type=float, default=None,
+                   help="flow_from_control: noise std added to the control start (default: the LoRA's)")
+    g.add_argument("--flow_reference_tokens", action="store_true",
+                   help="with --objective flow_from_control: also use the control as reference tokens")
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora_weights", nargs="*", default=[], metavar="PATH[;MULT]",
                    help="LoRA file(s), each optionally with ';multiplier' (default 1.0)")
@@ -172,6 +193,10 @@ def parse_args(argv: list[str] | None = None) -> InferenceArgs:
     if a.seed is not None and not -(2**63) <= a.seed < 2**64:
         raise UserError(f"--seed {a.seed}: out of range (torch seeds are 64-bit: use 0 .. 2**64-1)")
     _check_output_dir(Path(a.output_dir))
+    if a.control_image is not None and not Path(a.control_image).is_file():
+        raise UserError(f"{a.control_image}: no such file (given as --control_image)")
+    if a.control_noise_std is not None and not 0 <= a.control_noise_std < float("inf"):
+        raise UserError(f"--control_noise_std {a.control_noise_std}: must be a finite number >= 0")
     flux = a.flux_dtype or a.dtype
     return InferenceArgs(
         ckpt_path=ckpt, clip_l=_component(a.clip_l, ckpt, "--clip_l", "text_encoder"),
@@ -183,7 +208,9 @@ def parse_args(argv: list[str] | None = None) -> InferenceArgs:
         t5xxl_dtype=_compute(a.t5xxl_dtype or a.dtype), flux_dtype=_compute(flux), flux_fp8=a.fp8 or flux == FP8,
         ae_dtype=_compute(a.ae_dtype or a.dtype), device=a.device,
         lora_weights=tuple(parse_lora_arg(x) for x in a.lora_weights), merge_lora_weights=a.merge_lora_weights,
-        interactive=a.interactive, output_dir=Path(a.output_dir), output_name=a.output_name)
+        interactive=a.interactive, output_dir=Path(a.output_dir), output_name=a.output_name,
+        control_image=Path(a.control_image) if a.control_image else None, control_resize=a.control_resize != "none",
+        objective=a.objective, control_noise_std=a.control_noise_std, flow_reference_tokens=a.flow_reference_tokens)
 
 
 def _output_path(args: InferenceArgs, seed: int) -> Path:
@@ -234,6 +261,16 @@ class Generator:
 
         self.args, self.torch = args, torch
         self.device = _device(args.device)
+        from library.objective import resolve_objective  # noqa: PLC0415
+
+        self.objective = resolve_objective(args.objective, [p for p, _ in args.lora_weights], args.control_noise_std,
+                                           args.flow_reference_tokens)
+        if self.objective.from_control and not args.control_image:
+            raise UserError("the LoRA was trained with --flow_from_control (sampling starts from the control "
+                            "image): give --control_image FILE, or --objective noise to sample from noise")
+        from library.sampling import open_control_image  # noqa: PLC0415
+
+        self.control = open_control_image(args.control_image) if args.control_image else None
         # Header-only checks first (meta device, nothing read): a wrong --ckpt_path or --ae fails in
         # milliseconds, not after the text encoders are loaded and every step is sampled.
         meta = load_transformer(args.ckpt_path, "meta", getattr(torch, args.flux_dtype))
@@ -248,7 +285,8 @@ class Generator:
             apply_lora_weights(self.transformer, self.text_encoders.clip, list(args.lora_weights),
                                args.merge_lora_weights, t5=self.text_encoders.t5)
         self.dev = bool(meta.params.guidance_embed)
-        self.ae = self._load_ae() if args.interactive else None
+        # A control image is encoded before sampling, so the AE stays loaded from then on (it is small).
+        self.ae = self._load_ae() if args.interactive or args.control_image else None
 
     def _load_transformer(self):
         from library.flux.loading import load_transformer  # noqa: PLC0415
@@ -262,19 +300,30 @@ class Generator:
         return load_autoencoder(self.args.ae, self.device, getattr(self.torch, self.args.ae_dtype))
 
     def __call__(self, req: Request) -> Path:
-        from library.sampling import encode_prompts, generate_latents, latents_to_pil, sample_settings, save_png
+        from library.sampling import (encode_control, encode_prompts, generate_latents, latents_to_pil,  # noqa
+                                      sample_settings, save_png)
 
         a, keep = self.args, self.args.interactive
         seed = req.seed if req.seed is not None else random.randrange(2**32)
         s = sample_settings(self.dev, req.prompt, req.width, req.height, req.steps or (50 if self.dev else 4),
                             req.guidance, seed, shift=False if a.no_shift else None,
                             t5_max_length=a.t5xxl_max_token_length, apply_t5_attn_mask=a.apply_t5_attn_mask,
-                            negative_prompt=req.negative_prompt, cfg_scale=req.cfg_scale)
+                            negative_prompt=req.negative_prompt, cfg_scale=req.cfg_scale,
+                            control_image=a.control_image.name if a.control_image else "", objective=self.objective)
         cond, neg = encode_prompts(self.text_encoders, s)
         if not keep:
             self.text_encoders = None
+        control = None
+        if a.control_image:
+            try:
+                control = encode_control(self.ae, self.control, s.width, s.height, a.control_resize)
+            except ValueError as err:
+                raise UserError(f"{a.control_image}: {err} (given as --control_image)") from None
+            if self.objective.from_control and control.shape[-2:] != (s.height // 8, s.width // 8):
+                raise UserError(f"{a.control_image}: a flow_from_control LoRA starts from the control, so it must "
+                                "have the output size: drop --control_resize none")
         transformer = self.transformer if self.transformer is not None else self._load_transformer()
-        latents = generate_latents(transformer, cond, s, self.dev, neg_cond=neg)
+        latents = generate_latents(transformer, cond, s, self.dev, neg_cond=neg, control=control)
         if not keep:
             self.transformer = transformer = None
         ae = self.ae if self.ae is not None else self._load_ae()

@@ -110,6 +110,24 @@ def velocity_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - latents
 
 
+def control_endpoint(control: torch.Tensor, noise: torch.Tensor, std: float) -> torch.Tensor:
+    """The σ = 1 end of `--flow_from_control`: the control latent, optionally noised (PMRF, Ohayon et al.
+    2024: start the flow from the degraded estimate plus Gaussian noise of std `--control_noise_std`).
+
+    With this endpoint e in place of the noise n, `noisy_input` and `velocity_target` give
+    x_σ = (1 − σ)·target + σ·e and v = e − target: FLUX's σ 1 → 0 sampler still runs in its pretrained
+    direction, from the (noised) control at σ = 1 to the clean target at σ = 0.
+    """
+    if not std:
+        return control
+    return control + std * noise.to(control.dtype)
+
+
+def x0_from_velocity(noisy: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """x̂₀ = x_σ − σ·v̂ (exact for x_σ = (1 − σ)·x0 + σ·e and v = e − x0, whatever the endpoint e)."""
+    return noisy - _per_sample(sigmas, velocity).to(velocity.dtype) * velocity
+
+
 def prediction_and_target(kind: str, pred: torch.Tensor, noisy: torch.Tensor, latents: torch.Tensor,
                           noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Map the model output and the velocity target through the same transform for `--model_prediction_type`.
@@ -124,8 +142,7 @@ def prediction_and_target(kind: str, pred: torch.Tensor, noisy: torch.Tensor, la
     if kind == "additive":
         return noisy + pred, noisy + target
     if kind == "sigma_scaled":
-        s = _per_sample(sigmas, pred).to(pred.dtype)
-        return noisy - s * pred, noisy - s * target
+        return x0_from_velocity(noisy, pred, sigmas), x0_from_velocity(noisy, target, sigmas)
     raise ValueError(f"unknown model prediction type {kind!r}")
 
 

@@ -12,6 +12,11 @@ FluxPipeline + FlowMatchEulerDiscreteScheduler and the BFL reference (`get_sched
 - mu and the time shift themselves live once, in library/flow.py (the trainer's `flux_shift` uses them too).
 - Euler step x <- x + (t_next - t) * v, with the velocity v from the transformer. The running latents stay
   float32 whatever the model dtype (diffusers' scheduler also upcasts for the update).
+- Kontext (an edit / restoration with a control image), as diffusers' FluxKontextPipeline: the control image is
+  resized (Lanczos) to the output size, encoded by the AE (posterior mean), packed and appended to the image
+  tokens at every step with position ids whose first axis is 1; the velocity of the target tokens only is used.
+  A LoRA trained with --flow_from_control (library/objective.py) starts from the control latent
+  (+ control_noise_std * the seed's noise) instead of from noise, and uses reference tokens only if trained so.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
-from library.atomic import write_bytes_atomic
-from library.flow import flux_mu, time_shift
+from library.atomic import atomic_target, write_bytes_atomic
+from library.errors import UserError
+from library.flow import control_endpoint, flux_mu, time_shift
 from library.flux.math import make_img_ids, make_txt_ids, pack_latents, unpack_latents
 from library.flux.text_encoders import FluxTextEncoders, TextEncoding, default_t5_max_length
+from library.objective import Objective
 
 LATENT_CHANNELS = 16  # FLUX AE latent channels
 AE_DOWNSAMPLE = 8  # FLUX AE: image pixels per latent pixel
@@ -54,10 +61,18 @@ class SampleSettings:
     apply_t5_attn_mask: bool = False
     negative_prompt: str = ""
     cfg_scale: float = 1.0  # true classifier-free guidance (two passes per step) only when != 1
+    control_image: str = ""  # Kontext: the reference / degraded image (its file name), "" for none
+    objective: str = "noise"  # where sampling starts: "noise" or "flow_from_control" (library/objective.py)
+    control_noise_std: float = 0.0  # flow_from_control: noise std added to the control start
+    reference_tokens: bool = True  # the control image as Kontext reference tokens
 
     @property
     def uses_cfg(self) -> bool:
         return self.cfg_scale != 1.0
+
+    @property
+    def objective_spec(self) -> Objective:
+        return Objective(self.objective, self.control_noise_std, self.reference_tokens)
 
 
 def latent_size(width: int, height: int) -> tuple[int, int]:
@@ -107,11 +122,49 @@ class _Conditioning:
         self.mask = enc.t5_attn_mask.to(device) if use_mask else None
 
 
+def control_pixels(image: Image.Image, width: int, height: int, resize: bool = True) -> torch.Tensor:
+    """A control image as [1, 3, H, W] in [-1, 1]: RGB, resized with Lanczos (diffusers' VaeImageProcessor) to
+    the output size, or with `resize=False` to its own size floored to a multiple of 16 (FluxKontextPipeline
+    with `_auto_resize=False`)."""
+    step = AE_DOWNSAMPLE * PATCH
+    size = (width, height) if resize else (image.width // step * step, image.height // step * step)
+    if min(size) < step:
+        raise ValueError(f"control image {image.width}x{image.height} is smaller than {step} px")
+    rgb = image.convert("RGB")
+    if rgb.size != size:
+        rgb = rgb.resize(size, resample=Image.Resampling.LANCZOS)
+    x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return x * 2.0 - 1.0
+
+
+def open_control_image(path: str | os.PathLike, flag: str = "--control_image") -> Image.Image:
+    """An upright 8-bit RGB PIL image (EXIF orientation applied), or a one-line error naming the file."""
+    from library.data.images import BadImageError, load_image  # noqa: PLC0415 - the data layer's decoder
+
+    try:
+        return Image.fromarray(load_image(Path(path)).rgb)
+    except BadImageError as err:
+        raise UserError(f"{path}: cannot read image ({err.reason}) (given as {flag})") from None
+
+
+def encode_control(ae: torch.nn.Module, image: Image.Image, width: int, height: int,
+                   resize: bool = True) -> torch.Tensor:
+    """Scaled/shifted control latents [1, 16, h, w] (float32, the AE's posterior mean)."""
+    param = next(ae.parameters())
+    with torch.no_grad():
+        pixels = control_pixels(image, width, height, resize).to(device=param.device, dtype=param.dtype)
+        return ae.encode(pixels).float()
+
+
 @torch.no_grad()
 def denoise(transformer: torch.nn.Module, noise: torch.Tensor, cond: TextEncoding, timesteps: torch.Tensor,
             guidance: float | None, apply_t5_attn_mask: bool = False, progress: bool = True,
-            neg_cond: TextEncoding | None = None, cfg_scale: float = 1.0) -> torch.Tensor:
+            neg_cond: TextEncoding | None = None, cfg_scale: float = 1.0,
+            reference: torch.Tensor | None = None) -> torch.Tensor:
     """Euler-integrate the flow from t = 1 (noise [B, 16, h, w]) to t = 0; returns clean latents, float32.
+
+    The start is whatever `noise` holds (the (noised) control latent for --flow_from_control LoRAs).
+    `reference` [B, 16, h', w'] (Kontext) is appended as clean image tokens with first position axis 1.
 
     `guidance` is the embedded guidance of FLUX.1-dev (None for schnell). With `neg_cond`, each step also
     predicts the negative prompt's velocity and uses v_neg + cfg_scale * (v - v_neg) (true CFG, as kohya's
@@ -125,11 +178,16 @@ def denoise(transformer: torch.nn.Module, noise: torch.Tensor, cond: TextEncodin
     img_ids = make_img_ids(batch, h // PATCH, w // PATCH).to(device)
     conds = [_Conditioning(c, device, dtype, apply_t5_attn_mask) for c in (cond, neg_cond) if c is not None]
     g = None if guidance is None else torch.full((batch,), float(guidance), device=device, dtype=dtype)
+    kontext = {}  # reference tokens, passed only when there are any
+    if reference is not None:
+        kontext = {"cond": pack_latents(reference.to(device=device, dtype=torch.float32)).to(dtype),
+                   "cond_ids": make_img_ids(batch, reference.shape[-2] // PATCH, reference.shape[-1] // PATCH,
+                                            index=1).to(device)}
     ts = timesteps.tolist()
     for t_curr, t_next in tqdm(list(zip(ts[:-1], ts[1:])), desc="sampling", disable=not progress, leave=False):
         t_vec = torch.full((batch,), t_curr, device=device, dtype=dtype)
         v = [transformer(img=x.to(dtype), img_ids=img_ids, txt=c.txt, txt_ids=c.txt_ids, timesteps=t_vec, y=c.y,
-                         guidance=g, txt_mask=c.mask).float() for c in conds]
+                         guidance=g, txt_mask=c.mask, **kontext).float() for c in conds]
         velocity = v[0] if len(v) == 1 else v[1] + cfg_scale * (v[0] - v[1])
         x = x + (t_next - t_curr) * velocity
     return unpack_latents(x, h, w)
@@ -144,17 +202,35 @@ def latents_to_pil(ae: torch.nn.Module, latents: torch.Tensor) -> list[Image.Ima
     return [Image.fromarray(np.round(im * 255).astype(np.uint8)) for im in images]
 
 
+def start_and_reference(noise: torch.Tensor, control: torch.Tensor | None, objective: Objective
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the latents at t = 1, the Kontext reference latents or None) for a control latent and an objective."""
+    if control is None:
+        return noise, None
+    control = control.float().cpu().expand(noise.shape[0], -1, -1, -1)
+    reference = control if objective.reference_tokens else None
+    if not objective.from_control:
+        return noise, reference
+    if control.shape != noise.shape:
+        raise ValueError(f"a flow_from_control LoRA needs the control at the output size: control latents "
+                         f"{tuple(control.shape[-2:])}, output {tuple(noise.shape[-2:])}")
+    return control_endpoint(control, noise, objective.control_noise_std), reference
+
+
 def generate_latents(transformer: torch.nn.Module, cond: TextEncoding, settings: SampleSettings,
                      guidance_embed: bool, progress: bool = True,
-                     neg_cond: TextEncoding | None = None) -> torch.Tensor:
+                     neg_cond: TextEncoding | None = None, control: torch.Tensor | None = None) -> torch.Tensor:
     """Clean latents [B, 16, h, w] for precomputed text conditioning (the trainer's cached-TE path);
-    `neg_cond` (the negative prompt's encoding) is used when `settings.cfg_scale` != 1."""
+    `neg_cond` (the negative prompt's encoding) is used when `settings.cfg_scale` != 1; `control` [1, 16, h', w']
+    (encode_control) is used as `settings.objective_spec` says (reference tokens and/or the start)."""
     if settings.uses_cfg and neg_cond is None:
         raise ValueError("cfg_scale != 1 needs the negative prompt's encoding (neg_cond)")
     noise = draw_noise(settings.width, settings.height, seeded_generator(settings.seed), batch=cond.t5_out.shape[0])
+    start, reference = start_and_reference(noise, control, settings.objective_spec)
     schedule = get_schedule(settings.steps, image_seq_len(settings.width, settings.height), settings.shift)
-    return denoise(transformer, noise, cond, schedule, settings.guidance if guidance_embed else None,
-                   settings.apply_t5_attn_mask, progress, neg_cond if settings.uses_cfg else None, settings.cfg_scale)
+    return denoise(transformer, start, cond, schedule, settings.guidance if guidance_embed else None,
+                   settings.apply_t5_attn_mask, progress, neg_cond if settings.uses_cfg else None, settings.cfg_scale,
+                   reference)
 
 
 def encode_prompts(text_encoders: FluxTextEncoders, settings: SampleSettings) -> tuple[TextEncoding,
@@ -172,7 +248,8 @@ def encode_prompts(text_encoders: FluxTextEncoders, settings: SampleSettings) ->
 def sample_settings(guidance_embed: bool, prompt: str, width: int, height: int, steps: int, guidance: float,
                     seed: int, shift: bool | None = None, t5_max_length: int | None = None,
                     apply_t5_attn_mask: bool = False, negative_prompt: str = "",
-                    cfg_scale: float = 1.0) -> SampleSettings:
+                    cfg_scale: float = 1.0, control_image: str = "",
+                    objective: Objective | None = None) -> SampleSettings:
     """Settings with FLUX's defaults filled in: dev (guidance-embedded) is shifted and reads 512 T5 tokens,
     schnell is unshifted and reads 256; sizes are floored to multiples of 16."""
     dev = bool(guidance_embed)
@@ -182,19 +259,27 @@ def sample_settings(guidance_embed: bool, prompt: str, width: int, height: int, 
                           shift=dev if shift is None else shift,
                           t5_max_length=t5_max_length or default_t5_max_length(dev),
                           apply_t5_attn_mask=apply_t5_attn_mask, negative_prompt=negative_prompt or "",
-                          cfg_scale=cfg_scale)
+                          cfg_scale=cfg_scale, control_image=control_image or "",
+                          objective=(objective or Objective()).kind,
+                          control_noise_std=(objective or Objective()).control_noise_std,
+                          reference_tokens=(objective or Objective()).reference_tokens)
 
 
 def generate_image(transformer: torch.nn.Module, ae: torch.nn.Module, text_encoders: FluxTextEncoders,
                    prompt: str, width: int, height: int, steps: int, guidance: float, seed: int, *,
                    shift: bool | None = None, t5_max_length: int | None = None, apply_t5_attn_mask: bool = False,
-                   negative_prompt: str = "", cfg_scale: float = 1.0, progress: bool = True) -> Image.Image:
-    """One image for `prompt`: encode, sample with the FLUX schedule, decode. Sizes are floored to 16."""
+                   negative_prompt: str = "", cfg_scale: float = 1.0, progress: bool = True,
+                   control: Image.Image | None = None, control_resize: bool = True,
+                   objective: Objective | None = None, control_name: str = "control") -> Image.Image:
+    """One image for `prompt`: encode, sample with the FLUX schedule, decode. Sizes are floored to 16.
+    With `control` (a PIL image) this is a Kontext edit; `objective` says how the control is used."""
     dev = bool(transformer.params.guidance_embed)
+    name = control_name if control is not None else ""
     s = sample_settings(dev, prompt, width, height, steps, guidance, seed, shift, t5_max_length,
-                        apply_t5_attn_mask, negative_prompt, cfg_scale)
+                        apply_t5_attn_mask, negative_prompt, cfg_scale, name, objective)
     cond, neg = encode_prompts(text_encoders, s)
-    return latents_to_pil(ae, generate_latents(transformer, cond, s, dev, progress, neg))[0]
+    latents = None if control is None else encode_control(ae, control, s.width, s.height, control_resize)
+    return latents_to_pil(ae, generate_latents(transformer, cond, s, dev, progress, neg, latents))[0]
 
 
 # ---------------------------------------------------------------- PNG with settings in its metadata
@@ -207,6 +292,9 @@ def parameters_text(s: SampleSettings, model: str = "") -> str:
               f"T5 tokens: {s.t5_max_length}"]
     if s.uses_cfg:
         fields.insert(2, f"CFG scale: {s.cfg_scale:g}")
+    if s.control_image:
+        fields.append(f"Control image: {s.control_image}")
+        fields.append(f"Objective: {s.objective}" + (f" (noise {s.control_noise_std:g})" if s.control_noise_std else ""))
     if model:
         fields.append(f"Model: {model}")
     negative = f"Negative prompt: {s.negative_prompt}\n" if s.uses_cfg else ""

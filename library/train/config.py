@@ -65,6 +65,18 @@ class ObjectiveConfig:
     ip_noise_gamma_random_strength: bool
     prior_loss_weight: float
     masked_loss: bool
+    flow_from_control: bool = False  # the path runs control (σ=1) -> target (σ=0); library/flow.control_endpoint
+    control_noise_std: float = 0.0  # noise std added to the control start (PMRF)
+    flow_reference_tokens: bool = False  # with flow_from_control: the control also as Kontext reference tokens
+    perceptual_loss_weight: float = 0.0  # VGG16 feature loss on the decoded x̂0 (0: off)
+    perceptual_model: str | None = None  # VGG16 safetensors (torchvision key layout)
+    perceptual_every_n_steps: int = 1
+
+    @property
+    def uses_reference_tokens(self) -> bool:
+        """Control latents enter as Kontext reference tokens: always for the Kontext objective, and with
+        --flow_from_control only when --flow_reference_tokens asks for them."""
+        return not self.flow_from_control or self.flow_reference_tokens
 
 
 @dataclass(frozen=True)
@@ -363,6 +375,15 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps"):
         value = getattr(cfg.save, name)
         _require(value is None or value >= 1, f"--{name} must be at least 1")
+    _require(0 <= o.control_noise_std < float("inf"),
+             "--control_noise_std must be a finite number >= 0")
+    _require(not ((o.control_noise_std or o.flow_reference_tokens) and not o.flow_from_control),
+             "--control_noise_std and --flow_reference_tokens need --flow_from_control")
+    _require(0 <= o.perceptual_loss_weight < float("inf"), "--perceptual_loss_weight must be a finite number >= 0")
+    _require(o.perceptual_every_n_steps >= 1, "--perceptual_every_n_steps must be at least 1")
+    _require(not (o.perceptual_loss_weight > 0 and not o.perceptual_model),
+             "--perceptual_loss_weight needs --perceptual_model FILE (VGG16 weights in torchvision's key layout, "
+             ".safetensors; nothing is downloaded)")
     for name in ("sample_every_n_steps", "sample_every_n_epochs"):
         value = getattr(cfg.sample, name)
         _require(value is None or value >= 1, f"--{name} must be at least 1")

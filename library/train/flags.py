@@ -330,6 +330,21 @@ FLAGS: list[Flag] = [
            "fit the step into N GiB of GPU memory: picks checkpointing, --fp8_base and --blocks_to_swap at the "
            "best predicted speed (flags given explicitly are kept); --dry_run shows the choice"),
     ),
+    # Ours: restoration / edit-pair objectives (docs/training.md, "Restoration LoRAs").
+    *_group(
+        "ours",
+        _f("flow_from_control", "flag", False,
+           "edit pairs: the flow runs from the control latent (σ=1) to the target (σ=0) instead of from noise; "
+           "x_σ = (1-σ)·target + σ·control, velocity = control - target"),
+        _f("control_noise_std", "float", 0.0,
+           "with --flow_from_control: Gaussian noise of this std added to the control start (PMRF)"),
+        _f("flow_reference_tokens", "flag", False,
+           "with --flow_from_control: also append the control as Kontext reference tokens (off by default)"),
+        _f("perceptual_loss_weight", "float", 0.0,
+           "weight of a VGG16 feature loss between the AE-decoded x̂0 and the decoded target (0: off)"),
+        _f("perceptual_model", "str", None, "VGG16 weights (.safetensors in torchvision's key layout)"),
+        _f("perceptual_every_n_steps", "int", 1, "add the perceptual loss on every N-th step only (bounds its cost)"),
+    ),
 ]
 
 KOHYA_FLAG_COUNT = 215

@@ -122,4 +122,8 @@ def preflight(cfg: TrainConfig, dtypes: Dtypes) -> None:
     check_optimizer(cfg.optimizer)  # cheapest first: no file is opened
     check_resume(cfg)
     check_lora_files(cfg)
+    if cfg.objective.perceptual_loss_weight > 0:  # a file that is not VGG16: one line now, not after caching
+        from library.vision.vgg import load_vgg16  # noqa: PLC0415
+
+        load_vgg16(cfg.objective.perceptual_model, "cpu")
     check_network_args(cfg, check_model_files(cfg, dtypes))

@@ -5,6 +5,8 @@
 .toml: [prompt] defaults and [[prompt.subset]] entries, each merged over the defaults.
 .json: a list of strings or of objects with the same keys (prompt, width, height, seed, sample_steps,
 guidance_scale, scale, negative_prompt).
+A reference image (FLUX.1 Kontext edits / restoration) per prompt: `--ci PATH` in .txt, `control_image` in .toml
+and .json; a relative path is taken from the current folder, else from the prompt file's folder.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from library.errors import UserError
 # kohya's option letters -> our field names
 _OPTIONS = {"w": "width", "h": "height", "d": "seed", "s": "sample_steps", "g": "guidance_scale", "l": "scale",
             "n": "negative_prompt", "ss": "sample_sampler", "cn": "controlnet_image", "ctr": "cfg_trunc_ratio",
-            "rcfg": "renorm_cfg", "fs": "flow_shift"}
+            "rcfg": "renorm_cfg", "fs": "flow_shift", "ci": "control_image"}
 _UNUSED = ("sample_sampler", "controlnet_image", "cfg_trunc_ratio", "renorm_cfg", "flow_shift")
 
 
@@ -36,6 +38,7 @@ class SamplePrompt:
     guidance_scale: float = 3.5
     scale: float = 1.0  # true CFG (kohya --l); 1.0 = off
     negative_prompt: str = ""
+    control_image: str | None = None  # Kontext reference image (a checked, existing path)
 
 
 def _round16(v: Any, where: str) -> int:
@@ -45,9 +48,21 @@ def _round16(v: Any, where: str) -> int:
         raise UserError(f"{where}: expected an integer size, got {v!r}") from None
 
 
-def _make(index: int, d: dict[str, Any], where: str) -> SamplePrompt:
+def _control_path(value: Any, base: Path | None, where: str) -> str | None:
+    if value is None or str(value).strip() == "":
+        return None
+    p = Path(str(value).strip())
+    if not p.is_file() and base is not None and not p.is_absolute() and (base / p).is_file():
+        p = base / p
+    if not p.is_file():
+        raise UserError(f"{where}: control image {value} not found (--ci / control_image)")
+    return str(p)
+
+
+def _make(index: int, d: dict[str, Any], where: str, base: Path | None = None) -> SamplePrompt:
     if "prompt" not in d or not str(d["prompt"]).strip():
         raise UserError(f"{where}: no prompt text")
+    control = _control_path(d.get("control_image"), base, where)
     try:
         return SamplePrompt(
             index=index, prompt=str(d["prompt"]).strip(),
@@ -55,7 +70,7 @@ def _make(index: int, d: dict[str, Any], where: str) -> SamplePrompt:
             seed=None if d.get("seed") is None else int(d["seed"]),
             sample_steps=min(1000, max(1, int(d.get("sample_steps", 20)))),
             guidance_scale=float(d.get("guidance_scale", 3.5)), scale=float(d.get("scale", 1.0)),
-            negative_prompt=str(d.get("negative_prompt", "") or ""),
+            negative_prompt=str(d.get("negative_prompt", "") or ""), control_image=control,
         )
     except (TypeError, ValueError) as err:
         raise UserError(f"{where}: bad option value ({err})") from None
@@ -99,5 +114,5 @@ def load_prompts(path: str | Path) -> list[SamplePrompt]:
         lines = path.read_text(encoding="utf-8").splitlines()
         entries = [parse_line(line.strip(), f"{path}:{i + 1}") for i, line in enumerate(lines)
                    if line.strip() and not line.strip().startswith("#")]
-    return [_make(i, e, f"{path}: prompt {i + 1}") for i, e in enumerate(entries)]
+    return [_make(i, e, f"{path}: prompt {i + 1}", path.parent) for i, e in enumerate(entries)]
 

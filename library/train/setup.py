@@ -22,6 +22,7 @@ import torch
 
 from library.atomic import write_text_atomic
 from library.errors import UserError
+from library.objective import objective_of_training
 from library.train import models as M
 from library.train.checkpoint import Names
 from library.train.config import DEFAULT_SEED, TrainConfig, config_as_dict, config_summary
@@ -56,6 +57,7 @@ class Run:
     prompts: list[EncodedPrompt]
     metadata: dict[str, str]
     val_loader: Any = None  # BatchLoader over the validation_split images, or None
+    perceptual: Any = None  # library.train.perceptual.PerceptualLoss with --perceptual_loss_weight > 0
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
@@ -207,11 +209,21 @@ def setup(cfg: TrainConfig, after_preflight: Callable[[], None] | None = None) -
     t_cached = time.perf_counter()
     if val_loader is not None:
         _cache(cfg, acc, models, val_loader.dataset, 1, dtypes)
-    prompts = encode_prompts(prompts_spec, models.text, models.t5_max_length, cfg.model.apply_t5_attn_mask)
+    pairs = None
+    if not prompts_spec and _wants_samples(cfg):  # a control/degradation dataset: sample its first pairs
+        from library.train.samples import pair_prompts  # noqa: PLC0415
+
+        prompts_spec, pairs = pair_prompts(dataset)
+    prompts = encode_prompts(prompts_spec, models.text, models.t5_max_length, cfg.model.apply_t5_attn_mask, pairs)
     if cfg.memory.cache_text_encoder_outputs and not train_clip:
         M.free(models.text.clip, models.text.t5)
         models.text = None
-    if cfg.memory.cache_latents and not prompts:
+    perceptual = None
+    if cfg.objective.perceptual_loss_weight > 0:  # the AE stays: x̂0 and the target are decoded at the step
+        from library.train.perceptual import build_perceptual  # noqa: PLC0415
+
+        perceptual = build_perceptual(cfg.objective.perceptual_model, models.ae)
+    if cfg.memory.cache_latents and not prompts and perceptual is None:
         M.free(models.ae)
         models.ae = None
     M.merge_base_weights(cfg, models)
@@ -236,7 +248,12 @@ def setup(cfg: TrainConfig, after_preflight: Callable[[], None] | None = None) -
     ext = "." + cfg.save.save_model_as
     return Run(cfg, acc, dtypes, seed, dataset, loader, models, network, train_clip, optimizer, scheduler,
                Names(out_dir, cfg.save.output_name, ext), out_dir, total, epochs, per_epoch, prompts,
-               _metadata(cfg, models, network, dataset, total, epochs, seed), val_loader)
+               _metadata(cfg, models, network, dataset, total, epochs, seed), val_loader, perceptual)
+
+
+def _wants_samples(cfg: TrainConfig) -> bool:
+    s = cfg.sample
+    return bool(s.sample_every_n_steps or s.sample_every_n_epochs or s.sample_at_first)
 
 
 def _sync(device: torch.device) -> None:
@@ -282,9 +299,12 @@ def _metadata(cfg: TrainConfig, models: M.Models, network: Any, dataset: Any, to
     first = network.adapters()[0]  # the file's rank/alpha with --dim_from_weights, else the flags'
     dim, alpha = (first.rank, float(first.alpha)) if cfg.network.dim_from_weights else \
         (cfg.network.network_dim or 4, cfg.network.network_alpha)
-    return build_kohya_metadata(dim, alpha,
+    md = build_kohya_metadata(dim, alpha,
                                 dict(M.network_kwargs(cfg)) or None, title=cfg.save.metadata.get("title") or
                                 cfg.save.output_name or "LoRA", schnell=not models.guidance_embed,
                                 resolution=ds.resolution, training={k: v for k, v in training.items() if v is not None},
                                 no_metadata=cfg.save.no_metadata,
                                 modelspec_extra={k: v for k, v in cfg.save.metadata.items() if k != "title"})
+    o = cfg.objective  # written even with --no_metadata: inference and flux_restore.py honour it
+    return {**md, **objective_of_training(o.flow_from_control, o.control_noise_std,
+                                          o.flow_reference_tokens).to_metadata()}

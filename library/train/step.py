@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from library import flow
+from library.errors import UserError
 from library.flux.math import make_img_ids, make_txt_ids, pack_latents, unpack_latents
 from library.train.config import ObjectiveConfig
 
@@ -67,17 +68,39 @@ def draw_noise_and_sigmas(obj: ObjectiveConfig, latents: torch.Tensor, keys: tup
     return torch.stack(noise).to(dev), torch.stack(noise_in).to(dev), torch.cat(sigmas).to(dev)
 
 
+def endpoints(x: StepInputs, obj: ObjectiveConfig, noise: torch.Tensor, noise_in: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(σ = 1 endpoint of the target velocity, the one in the model input): the noise for the Kontext
+    objective; the (noised) control latent for --flow_from_control, with the input perturbation on top."""
+    if not obj.flow_from_control:
+        return noise, noise_in
+    if x.cond_latents is None:
+        raise UserError(f"{x.keys[0].rsplit('#', 1)[0]}: --flow_from_control needs a control image for every "
+                        "training image (a subset with conditioning_data_dir or a degradation table)")
+    control = x.cond_latents.float()
+    if control.shape != x.latents.shape:
+        raise UserError(f"{x.keys[0].rsplit('#', 1)[0]}: --flow_from_control needs the control image at the "
+                        f"target's size (latents {tuple(control.shape[-2:])} vs {tuple(x.latents.shape[-2:])})")
+    end = flow.control_endpoint(control, noise, obj.control_noise_std)
+    return end, end + (noise_in - noise)
+
+
 def flow_matching_loss(transformer: torch.nn.Module, x: StepInputs, obj: ObjectiveConfig, seed: int, step: int,
-                       guidance_embed: bool, apply_t5_attn_mask: bool, autocast: Any) -> torch.Tensor:
+                       guidance_embed: bool, apply_t5_attn_mask: bool, autocast: Any,
+                       perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                       ) -> torch.Tensor:
+    """The step's loss. `perceptual(x̂0, target latents)` (library/train/perceptual.py), when given, is added
+    with --perceptual_loss_weight on every --perceptual_every_n_steps-th step."""
     latents = x.latents.float()
     noise, noise_in, sigmas = draw_noise_and_sigmas(obj, latents, x.keys, seed, step)
-    noisy = flow.noisy_input(latents, noise_in, sigmas)
+    end, end_in = endpoints(x, obj, noise, noise_in)
+    noisy = flow.noisy_input(latents, end_in, sigmas)
     b, _, h, w = latents.shape
     dev = latents.device
     dtype = x.t5_out.dtype
     guidance = torch.full((b,), obj.guidance_scale, device=dev) if guidance_embed else None
     cond = cond_ids = None
-    if x.cond_latents is not None:  # Kontext: clean reference tokens appended, first id axis 1
+    if x.cond_latents is not None and obj.uses_reference_tokens:  # Kontext: clean reference tokens, id axis 1
         hc, wc = x.cond_latents.shape[-2:]
         cond = pack_latents(x.cond_latents.float())
         cond_ids = make_img_ids(b, hc // 2, wc // 2, index=1).to(dev)
@@ -88,25 +111,31 @@ def flow_matching_loss(transformer: torch.nn.Module, x: StepInputs, obj: Objecti
                              txt_mask=x.t5_attn_mask.bool() if apply_t5_attn_mask else None,
                              cond=cond, cond_ids=cond_ids)
     pred = unpack_latents(packed.float(), h, w)
-    p, t = flow.prediction_and_target(obj.model_prediction_type, pred, noisy, latents, noise, sigmas)
+    p, t = flow.prediction_and_target(obj.model_prediction_type, pred, noisy, latents, end, sigmas)
     huber_c = None
     if obj.loss_type in ("huber", "smooth_l1"):
         huber_c = flow.huber_c_for(obj.huber_schedule, obj.huber_c, obj.huber_scale, sigmas)
     loss = flow.elementwise_loss(p, t, obj.loss_type, huber_c)
     weighting = flow.loss_weighting(obj.weighting_scheme, sigmas) if obj.model_prediction_type == "sigma_scaled" \
         else None
-    return flow.reduce_loss(loss, weighting, x.loss_mask, x.sample_weights)
+    total = flow.reduce_loss(loss, weighting, x.loss_mask, x.sample_weights)
+    if perceptual is not None and obj.perceptual_loss_weight > 0 and step % obj.perceptual_every_n_steps == 0:
+        total = total + obj.perceptual_loss_weight * perceptual(flow.x0_from_velocity(noisy, pred, sigmas), latents)
+    return total
+
 
 
 def forward_backward(transformer: torch.nn.Module, x: StepInputs, obj: ObjectiveConfig, seed: int, step: int,
                      guidance_embed: bool, apply_t5_attn_mask: bool, autocast: Any,
                      backward: Callable[[torch.Tensor], None], accumulation: int = 1,
-                     check: Callable[[float], None] | None = None) -> float:
+                     check: Callable[[float], None] | None = None,
+                     perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> float:
     """The loss of one micro-batch, then its backward (scaled by 1/accumulation); returns the loss value.
 
     The value is read once, before backward is queued, so the host does not wait for the backward pass;
     `check(value)` runs before backward (the trainer stops there on a non-finite loss)."""
-    loss = flow_matching_loss(transformer, x, obj, seed, step, guidance_embed, apply_t5_attn_mask, autocast)
+    loss = flow_matching_loss(transformer, x, obj, seed, step, guidance_embed, apply_t5_attn_mask, autocast,
+                              perceptual)
     value = float(loss.item())
     if check is not None:
         check(value)

@@ -22,6 +22,7 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from library.errors import UserError
+from library.objective import objective_of_training
 from library.train import checkpoint as C
 from library.train import resume_settings as RS
 from library.train import timing
@@ -157,7 +158,8 @@ def forward_backward(run: Run, batch: Any, state: State) -> float:
     return shared_step.forward_backward(run.models.transformer, inputs, obj, run.seed, state.global_step,
                                         run.models.guidance_embed, cfg.model.apply_t5_attn_mask,
                                         run.accelerator.autocast, run.accelerator.backward,
-                                        cfg.loop.gradient_accumulation_steps, check)
+                                        cfg.loop.gradient_accumulation_steps, check,
+                                        perceptual=run.perceptual)
 
 
 def optimizer_step(run: Run) -> None:
@@ -264,9 +266,11 @@ def sample(run: Run, step: int, epoch: int | None, state: State | None = None) -
     acc = run.accelerator
     if run.prompts and acc.is_main_process:
         run.network.set_multiplier(1.0)  # samples show the LoRA at full strength, whatever the last dataset's
+        o = run.cfg.objective
         paths = write_samples(run.prompts, run.models.transformer, run.models.ae, run.out_dir,
                               run.cfg.save.output_name or "sample", step, epoch, run.seed, run.models.guidance_embed,
-                              run.models.t5_max_length, run.cfg.model.apply_t5_attn_mask, acc.autocast)
+                              run.models.t5_max_length, run.cfg.model.apply_t5_attn_mask, acc.autocast,
+                              objective_of_training(o.flow_from_control, o.control_noise_std, o.flow_reference_tokens))
         log.info("wrote %d sample image(s) under %s", len(paths), run.out_dir / "sample")
         if state is not None and state.scorer is not None and paths:
             scores = state.scorer.score(paths, [e.prompt.prompt for e in run.prompts])
