@@ -343,7 +343,8 @@ def validate(cfg: TrainConfig) -> None:
     _require(not (cfg.network.network_train_unet_only and cfg.network.network_train_text_encoder_only),
              "--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     _require(len(cfg.optimizer.text_encoder_lr) <= 2, "--text_encoder_lr takes one or two values (CLIP-L [T5])")
-    for name in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps"):
+    for name in ("save_every_n_epochs", "save_every_n_steps", "save_n_epoch_ratio", "save_last_n_epochs",
+                 "save_last_n_steps"):
         value = getattr(cfg.save, name)
         _require(value is None or value >= 1, f"--{name} must be at least 1")
     for name in ("sample_every_n_steps", "sample_every_n_epochs"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from library.atomic import write_text_atomic
 from library.errors import UserError
+from library.schedule import Schedule, make_schedule
 from library.train import models as M
 from library.train.checkpoint import Names
 from library.train.config import DEFAULT_SEED, TrainConfig, config_as_dict, config_summary
@@ -47,12 +47,22 @@ class Run:
     scheduler: Any
     names: Names
     out_dir: Path
-    total_steps: int
-    num_epochs: int
-    steps_per_epoch: int
+    schedule: Schedule
     prompts: list[EncodedPrompt]
     metadata: dict[str, str]
     val_loader: Any = None  # BatchLoader over the validation_split images, or None
+
+    @property
+    def total_steps(self) -> int:
+        return self.schedule.total_steps
+
+    @property
+    def num_epochs(self) -> int:
+        return self.schedule.epochs
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.schedule.steps_per_epoch
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
@@ -110,13 +120,11 @@ def _data(cfg: TrainConfig, acc: Any, seed: int) -> tuple[Any, Any, Any]:
     return dataset, loader, val_loader
 
 
-def _schedule(cfg: TrainConfig, batches_per_rank: int) -> tuple[int, int, int]:
-    """(total optimizer steps, epochs, steps per epoch); --max_train_epochs overrides --max_train_steps."""
-    per_epoch = max(1, math.ceil(batches_per_rank / cfg.loop.gradient_accumulation_steps))
-    if cfg.loop.max_train_epochs:
-        return cfg.loop.max_train_epochs * per_epoch, cfg.loop.max_train_epochs, per_epoch
-    total = cfg.loop.max_train_steps
-    return total, math.ceil(total * cfg.loop.gradient_accumulation_steps / batches_per_rank), per_epoch
+def run_schedule(cfg: TrainConfig, batches_per_rank: int) -> Schedule:
+    """The run's steps and epochs (library.schedule, shared with --dry_run) for this rank's batch count."""
+    loop, save = cfg.loop, cfg.save
+    return make_schedule(batches_per_rank, loop.gradient_accumulation_steps, loop.max_train_steps,
+                         loop.max_train_epochs, save.save_every_n_epochs, save.save_n_epoch_ratio)
 
 
 def _cache(cfg: TrainConfig, acc: Any, run_models: M.Models, dataset: Any, epochs: int, dtypes: Dtypes) -> None:
@@ -186,7 +194,8 @@ def setup(cfg: TrainConfig) -> Run:
     if acc.is_main_process:
         _write_config(cfg, out_dir)
     dataset, loader, val_loader = _data(cfg, acc, seed)
-    total, epochs, per_epoch = _schedule(cfg, len(loader))
+    schedule = run_schedule(cfg, len(loader))
+    total, epochs = schedule.total_steps, schedule.epochs
     dataset.max_train_steps = total
     train_clip = _train_clip(cfg)
     prompts_spec = _load_prompts(cfg)
@@ -216,7 +225,7 @@ def setup(cfg: TrainConfig) -> Run:
     optimizer = acc.prepare(optimizer)
     ext = "." + cfg.save.save_model_as
     return Run(cfg, acc, dtypes, seed, dataset, loader, models, network, train_clip, optimizer, scheduler,
-               Names(out_dir, cfg.save.output_name, ext), out_dir, total, epochs, per_epoch, prompts,
+               Names(out_dir, cfg.save.output_name, ext), out_dir, schedule, prompts,
                _metadata(cfg, models, network, dataset, total, epochs, seed), val_loader)
 
 

@@ -216,7 +216,7 @@ def end_epoch(run: Run, state: State, epoch: int) -> None:
         validate(run, state)
     if cfg.sample.sample_every_n_epochs and n % cfg.sample.sample_every_n_epochs == 0:
         sample(run, state.global_step, n)
-    every = cfg.save.save_every_n_epochs
+    every = run.schedule.save_every_n_epochs  # --save_every_n_epochs or from --save_n_epoch_ratio
     if every and n % every == 0 and n < run.num_epochs and state.global_step < run.total_steps:
         save(run, state, run.names.epoch(n), cfg.save.save_state)
         if acc.is_main_process:
