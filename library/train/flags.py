@@ -360,6 +360,7 @@ INEFFECTIVE: dict[str, str] = {
     "lowram": "models are loaded lazily from mmap'd files already",
     "highvram": "the CUDA cache is not emptied between steps here",
     "debug_dataset": "use --dry_run or --validate_config to inspect the data",
+    "cache_info": "image sizes are read from file headers and captions from their files on every run (fast)",
     "dataset_class": "custom dataset classes are not supported; use --dataset_config",
     "disable_mmap_load_safetensors": "safetensors are always read through mmap",
     "log_prefix": "the log directory is --logging_dir",
