@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from library.data import schema as S
-from library.dataset_config import DatasetConfig, SubsetConfig, format_resolved, load_dataset_config
+from library.data.config import DatasetConfig, SubsetConfig, format_resolved, load_dataset_config
 from library.errors import UserError, run_main
 
 LEVELS = (S.GENERAL, S.DATASET, S.SUBSET)

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from library.cache import (DigestIndex, LatentJob, Prepared, TensorCache, cache_latents, cache_text_outputs,
+from library.data.cache import (DigestIndex, LatentJob, Prepared, TensorCache, cache_latents, cache_text_outputs,
                            latent_key, latent_required, text_key, TextEncodeFn)
 from library.data.buckets import crop_ltrb, make_batches
 from library.data.captions import CaptionSpec, process_caption
 from library.data.images import BadImageError, load_image, resize_crop
 from library.data.scan import Item, balance_reg, scan, split_validation
-from library.dataset_config import ResolvedDatasetConfig
+from library.data.config import ResolvedDatasetConfig
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from library.data.dataset import FluxDataset
-from library.dataset_config import ResolvedDatasetConfig
+from library.data.config import ResolvedDatasetConfig
 from library.schedule import DEFAULT_MAX_TRAIN_STEPS, batches_per_rank, make_schedule
 
 

@@ -1,6 +1,6 @@
 """--validate_config and --dry_run: look at the data without loading a model or training.
 
-The dataset layer owns what is printed (library.dataset_config.format_resolved and the data plan); this
+The dataset layer owns what is printed (library.data.config.format_resolved and the data plan); this
 module only routes the flags there with the CLI values the user gave.
 """
 
@@ -14,7 +14,7 @@ def inspect_data(cfg: TrainConfig) -> int:
     flag = "--validate_config" if cfg.data.validate_config else "--dry_run"
     if not cfg.data.dataset_config:
         raise UserError(f"command line: {flag} needs --dataset_config PATH")
-    from library.dataset_config import format_resolved, load_dataset_config  # noqa: PLC0415
+    from library.data.config import format_resolved, load_dataset_config  # noqa: PLC0415
 
     resolved = load_dataset_config(cfg.data.dataset_config, cfg.data.cli_values)
     if cfg.data.validate_config:

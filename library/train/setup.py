@@ -23,7 +23,7 @@ from library.schedule import Schedule, make_schedule
 from library.train import models as M
 from library.train.checkpoint import Names
 from library.train.config import DEFAULT_SEED, TrainConfig, config_as_dict, config_summary
-from library.train.logging import warn
+from library.train.reporting import warn
 from library.train.optim import build_optimizer, build_scheduler, is_relative_step_adafactor
 from library.train.precision import Dtypes, resolve_dtypes
 from library.train.preflight import preflight
@@ -88,7 +88,7 @@ def make_accelerator(cfg: TrainConfig) -> Any:
 
 def _data(cfg: TrainConfig, acc: Any, seed: int) -> tuple[Any, Any, Any]:
     from library.data.dataset import BatchLoader, build_datasets  # noqa: PLC0415
-    from library.dataset_config import load_dataset_config  # noqa: PLC0415
+    from library.data.config import load_dataset_config  # noqa: PLC0415
 
     path = cfg.data.dataset_config
     cli = dict(cfg.data.cli_values)
@@ -128,7 +128,7 @@ def run_schedule(cfg: TrainConfig, batches_per_rank: int) -> Schedule:
 
 
 def _cache(cfg: TrainConfig, acc: Any, run_models: M.Models, dataset: Any, epochs: int, dtypes: Dtypes) -> None:
-    from library.cache import ae_encode_fn, checkpoint_identity, text_encode_fn  # noqa: PLC0415
+    from library.data.cache import ae_encode_fn, checkpoint_identity, text_encode_fn  # noqa: PLC0415
 
     mem = cfg.memory
     main = acc.is_main_process

@@ -22,7 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from library.errors import UserError
 from library.train import checkpoint as C
 from library.train.config import TrainConfig
-from library.train.logging import LossRecord, draw_loss_plot, write_loss_csv
+from library.train.reporting import LossRecord, draw_loss_plot, write_loss_csv
 from library.train.optim import group_lrs
 from library.train.samples import write_samples
 from library.train.setup import Run, setup
