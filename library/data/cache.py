@@ -127,6 +127,7 @@ class TensorCache:
     kind: str  # "latents" | "text"
     skip_check: bool = False
     _memory: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    written: int = 0  # entries this object has put (encoded by this process)
 
     def file(self, key: str) -> Path:
         assert self.root is not None
@@ -148,6 +149,7 @@ class TensorCache:
 
     def put(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        self.written += 1
         if self.root is None:
             self._memory[key] = tensors
         else:
@@ -164,6 +166,15 @@ class TensorCache:
             return load_file(str(self.file(key)))
         except (OSError, RuntimeError) as e:
             raise UserError(f"{self.file(key)}: unreadable cache entry ({e}); delete it to re-encode") from None
+
+    def memory_entries(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The in-memory entries {key: tensors} (to share them with other ranks)."""
+        return dict(self._memory)
+
+    def add_entries(self, entries: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Take entries encoded elsewhere (another rank's share) into the in-memory store."""
+        assert self.root is None, "only an in-memory cache takes entries; on disk every rank reads the files"
+        self._memory.update(entries)
 
     def remove_stale_temporaries(self) -> int:
         """Delete `.name.tmpPID` files a killed run left behind (only our own cache files)."""

@@ -100,6 +100,13 @@ class FluxDataset:
         self.skip_bad_images = False
         self._order_cache: tuple[int, list[BatchRef]] | None = None
 
+    def share(self, rank: int, world: int) -> "FluxDataset":
+        """This rank's share of the images (uid % world == rank), for caching split across ranks."""
+        items = [[it for it in its if it.uid % world == rank] for its in self.items]
+        part = FluxDataset(self.cfg, items, self.seed, self.validation)
+        part.max_train_steps, part.skip_bad_images, part.bad = self.max_train_steps, self.skip_bad_images, self.bad
+        return part
+
     def _spec(self, sub) -> CaptionSpec:
         spec = CaptionSpec.from_subset(sub)
         if self.validation:  # a stable validation loss: no dropout, shuffling or warm-up
@@ -187,15 +194,19 @@ class FluxDataset:
 
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], ae_id: str, to_disk: bool,
                       cache_dir: Path | None = None, skip_cache_check: bool = False, batch_size: int = 1,
-                      progress: bool = True, num_threads: int | None = None) -> None:
+                      progress: bool = True, num_threads: int | None = None,
+                      memory: TensorCache | None = None) -> int:
         """Encode (or reuse) the latents of every image; later batches read `latents` from the cache.
 
         On disk the entries go to `cache_dir`, or `<image_dir>/.flux_cache/` per subset (kohya also writes
-        beside the images); in memory they live in this object (forked loader workers share them).
+        beside the images); in memory they live in `memory` (a new store if None) held by this object
+        (forked loader workers share them). Returns the number of entries encoded now (the rest were cached).
         """
         items = [it for its in self.items for it in its if it.uid not in self.bad]
         roots = {self._cache_root(it, cache_dir) for it in items} if to_disk else {None}
-        caches = {r: TensorCache(r, "latents", skip_cache_check) for r in roots}
+        caches = {r: TensorCache(r, "latents", skip_cache_check) if r is not None or memory is None else memory
+                  for r in roots}
+        written = sum(c.written for c in caches.values())
         digests = {r: DigestIndex(r / "digests.json" if r else None, skip_cache_check) for r in roots}
         jobs_by_root: dict[Path | None, list[LatentJob]] = {r: [] for r in roots}
         self._job_items: dict[str, Item] = {}
@@ -215,6 +226,7 @@ class FluxDataset:
         self._latent_caches = {it.uid: caches[self._cache_root(it, cache_dir) if to_disk else None] for it in items}
         self.latent_cache = next(iter(caches.values()))
         self._order_cache = None
+        return sum(c.written for c in caches.values()) - written
 
     def _latent_job(self, it: Item, digests: DigestIndex, ae_id: str) -> LatentJob:
         ds, sub = self.cfg.datasets[it.dataset], self.cfg.datasets[it.dataset].subsets[it.subset]
@@ -238,15 +250,20 @@ class FluxDataset:
 
     def cache_text_outputs(self, encode: TextEncodeFn, te_id: str, t5_max_length: int, apply_t5_attn_mask: bool,
                            epochs: range, to_disk: bool, cache_dir: Path | None = None,
-                           skip_cache_check: bool = False, batch_size: int = 8, progress: bool = True) -> int:
+                           skip_cache_check: bool = False, batch_size: int = 8, progress: bool = True,
+                           memory: TensorCache | None = None, shard: tuple[int, int] | None = None) -> int:
         """Encode every caption variant the given epochs use (and "" when captions can drop out).
 
         kohya refuses TE caching with caption dropout / shuffle / wildcards; caching each variant keeps
-        them working. Returns the number of distinct captions covered.
+        them working. In memory the entries go to `memory` (a new store if None); `shard=(rank, world)`
+        encodes only every world-th caption from rank (the caching split across ranks). Returns the number of
+        distinct captions covered.
         """
         captions = self.caption_variants(epochs)
         if any(s.caption_dropout_rate > 0 or s.caption_dropout_every_n_epochs > 0 for s in self.specs.values()):
             captions.append("")
+        if shard is not None:
+            captions = captions[shard[0]::shard[1]]
         n_images = len(self.by_uid)
         if len(captions) > 4 * n_images:  # shuffling makes nearly every (sample, epoch) a new caption
             log.warning("caching %d caption variants for %d images over %d epochs (about %.1f GiB at FLUX-dev's "
@@ -255,7 +272,7 @@ class FluxDataset:
                         len(captions) * 512 * 4096 * 2 / 2**30)
         first = next(it for its in self.items for it in its)
         root = (cache_dir or self._cache_root(first, None)) if to_disk else None
-        self.text_cache = TensorCache(root, "text", skip_cache_check)
+        self.text_cache = TensorCache(root, "text", skip_cache_check) if to_disk or memory is None else memory
         self.text_cache.remove_stale_temporaries()
         keys = cache_text_outputs(captions, encode, self.text_cache, te_id, t5_max_length, apply_t5_attn_mask,
                                   batch_size, progress)

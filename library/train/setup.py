@@ -7,7 +7,6 @@ unneeded encoders freed -> LoRA injected -> memory/speed options -> optimizer, s
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from library.atomic import write_text_atomic
 from library.errors import UserError
 from library.schedule import Schedule, make_schedule
 from library.train import models as M
+from library.train.caching import Ranks, cache_before_training
 from library.train.checkpoint import Names
 from library.train.config import DEFAULT_SEED, TrainConfig, config_as_dict, config_summary
 from library.train.reporting import warn
@@ -127,49 +127,6 @@ def run_schedule(cfg: TrainConfig, batches_per_rank: int) -> Schedule:
                          loop.max_train_epochs, save.save_every_n_epochs, save.save_n_epoch_ratio)
 
 
-def _cache(cfg: TrainConfig, acc: Any, run_models: M.Models, dataset: Any, epochs: int, dtypes: Dtypes) -> None:
-    from library.data.cache import ae_encode_fn, checkpoint_identity, text_encode_fn  # noqa: PLC0415
-
-    mem = cfg.memory
-    main = acc.is_main_process
-    if mem.cache_latents:
-        encode, ae_id = ae_encode_fn(run_models.ae, acc.device, dtypes.ae), checkpoint_identity(cfg.model.ae)
-        for part in _shares(dataset, acc, mem.cache_latents_to_disk):
-            part.cache_latents(encode, ae_id, mem.cache_latents_to_disk, skip_cache_check=mem.skip_cache_check,
-                               batch_size=mem.vae_batch_size, progress=main)
-    if mem.cache_text_encoder_outputs:
-        te_id = checkpoint_identity(cfg.model.clip_l) + checkpoint_identity(cfg.model.t5xxl)
-        encode = text_encode_fn(run_models.text, run_models.t5_max_length, cfg.model.apply_t5_attn_mask)
-        for part in _shares(dataset, acc, mem.cache_text_encoder_outputs_to_disk):
-            part.cache_text_outputs(encode, te_id, run_models.t5_max_length, cfg.model.apply_t5_attn_mask,
-                                    range(epochs), mem.cache_text_encoder_outputs_to_disk,
-                                    skip_cache_check=mem.skip_cache_check,
-                                    batch_size=mem.text_encoder_batch_size or 8, progress=main)
-
-
-def _shares(dataset: Any, acc: Any, to_disk: bool) -> list[Any]:
-    """Disk caching split across ranks: rank r first encodes the images with uid % N == r (a shallow view
-    of the dataset), then, after a barrier, every rank passes over the whole dataset, which now only finds
-    and indexes the files. In memory every rank needs every entry, so each encodes them all."""
-    if not to_disk or acc.num_processes == 1:
-        return [dataset]
-    share = copy.copy(dataset)
-    share.items = [[it for it in its if it.uid % acc.num_processes == acc.process_index] for its in dataset.items]
-    share._order_cache = None
-    return [share, _Barrier(acc, dataset)]
-
-
-class _Barrier:
-    """Waits for every rank, then forwards the call to the full dataset."""
-
-    def __init__(self, acc: Any, dataset: Any) -> None:
-        self.acc, self.dataset = acc, dataset
-
-    def __getattr__(self, name: str) -> Any:
-        self.acc.wait_for_everyone()
-        return getattr(self.dataset, name)
-
-
 def _train_clip(cfg: TrainConfig) -> bool:
     n = cfg.network
     if n.network_train_unet_only:
@@ -200,9 +157,10 @@ def setup(cfg: TrainConfig) -> Run:
     train_clip = _train_clip(cfg)
     prompts_spec = _load_prompts(cfg)
     models = M.load_models(cfg, dtypes, acc.device, need_text=True, need_ae=True)
-    _cache(cfg, acc, models, dataset, epochs, dtypes)
+    ranks = Ranks.of(acc)
+    cache_before_training(cfg, ranks, models, dataset, epochs, dtypes, acc.device, acc.is_main_process)
     if val_loader is not None:
-        _cache(cfg, acc, models, val_loader.dataset, 1, dtypes)
+        cache_before_training(cfg, ranks, models, val_loader.dataset, 1, dtypes, acc.device, acc.is_main_process)
     prompts = encode_prompts(prompts_spec, models.text, models.t5_max_length, cfg.model.apply_t5_attn_mask)
     if cfg.memory.cache_text_encoder_outputs and not train_clip:
         M.free(models.text.clip, models.text.t5)
