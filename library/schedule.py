@@ -41,3 +41,16 @@ def make_schedule(batches_per_rank: int, gradient_accumulation_steps: int = 1,
     if save_n_epoch_ratio:  # kohya: the ratio replaces --save_every_n_epochs
         save_every_n_epochs = math.floor(epochs / save_n_epoch_ratio) or 1
     return Schedule(total, epochs, per_epoch, save_every_n_epochs)
+
+
+def epochs_from(schedule: Schedule, batches_per_rank: int, gradient_accumulation_steps: int, epoch: int,
+                index: int, global_step: int) -> int:
+    """Epochs the loop must enter to finish `schedule` when it starts at batch `index` of `epoch` with
+    `global_step` steps done (a resumed run; with another number of processes an epoch has other steps)."""
+    remaining = schedule.total_steps - global_step
+    if remaining <= 0 or not schedule.steps_per_epoch:
+        return max(schedule.epochs, epoch)
+    left = math.ceil(max(0, batches_per_rank - index) / gradient_accumulation_steps)  # steps left in `epoch`
+    if remaining <= left:
+        return max(schedule.epochs, epoch + 1)
+    return max(schedule.epochs, epoch + 1 + math.ceil((remaining - left) / schedule.steps_per_epoch))

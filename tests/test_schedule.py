@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from library.schedule import DEFAULT_MAX_TRAIN_STEPS, batches_per_rank, make_schedule
+from library.schedule import DEFAULT_MAX_TRAIN_STEPS, batches_per_rank, epochs_from, make_schedule
 from library.train.flags import FLAG_BY_NAME_DEFAULTS
 from train_helpers import base_args, data, train_in_process  # noqa: F401 (data: a fixture)
 
@@ -84,3 +84,12 @@ def test_trainer_dry_run_and_metadata_agree_under_accumulation(tiny_ckpts, data:
     record = json.loads((out / "lora-state" / "train_state.json").read_text())["record"]
     assert [e[0] for e in record["epoch_means"]] == [1, 2]  # the loop ran the 2 epochs it announced
     assert (out / "lora-000001.safetensors").exists()  # --save_n_epoch_ratio 2 over 2 epochs: every epoch
+
+
+def test_epochs_from_a_resumed_position() -> None:
+    s = make_schedule(4, 2, max_train_steps=4)  # 2 steps per epoch, 2 epochs
+    assert epochs_from(s, 4, 2, epoch=1, index=0, global_step=2) == 2  # the same run: unchanged
+    # a state of 2 processes (1 step per epoch) after 2 steps sits at epoch 2: 2 more steps = 1 more epoch
+    assert epochs_from(s, 4, 2, epoch=2, index=0, global_step=2) == 3
+    assert epochs_from(s, 4, 2, epoch=2, index=2, global_step=3) == 3  # 1 step left, within epoch 2
+    assert epochs_from(s, 4, 2, epoch=5, index=0, global_step=4) == 5  # nothing left to train

@@ -7,6 +7,7 @@ unneeded encoders freed -> LoRA injected -> memory/speed options -> optimizer, s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,10 +19,10 @@ import torch
 
 from library.atomic import write_text_atomic
 from library.errors import UserError
-from library.schedule import Schedule, make_schedule
+from library.schedule import Schedule, epochs_from, make_schedule
 from library.train import models as M
 from library.train.caching import Ranks, cache_before_training
-from library.train.checkpoint import Names
+from library.train.checkpoint import Names, convert_loader_position, saved_position
 from library.train.config import DEFAULT_SEED, TrainConfig, config_as_dict, config_summary
 from library.train.reporting import warn
 from library.train.optim import build_optimizer, build_scheduler, is_relative_step_adafactor
@@ -127,6 +128,18 @@ def run_schedule(cfg: TrainConfig, batches_per_rank: int) -> Schedule:
                          loop.max_train_epochs, save.save_every_n_epochs, save.save_n_epoch_ratio)
 
 
+def _resumed(cfg: TrainConfig, schedule: Schedule, batches_per_rank: int, world: int) -> Schedule:
+    """The epochs a resumed run enters: a state of another number of processes has other steps per epoch
+    (and the text-encoder cache must cover the epochs that will actually run)."""
+    if not all(Path(cfg.save.resume, f).is_file() for f in ("train_state.json", "rng.pt")):
+        return schedule  # not a whole state: trainer.resume names what is missing
+    position, saved_world, step = saved_position(cfg.save.resume)
+    position, _ = convert_loader_position(position, saved_world, world)
+    epochs = epochs_from(schedule, batches_per_rank, cfg.loop.gradient_accumulation_steps, int(position["epoch"]),
+                         int(position["index"]), step)
+    return dataclasses.replace(schedule, epochs=epochs)
+
+
 def _train_clip(cfg: TrainConfig) -> bool:
     n = cfg.network
     if n.network_train_unet_only:
@@ -152,6 +165,8 @@ def setup(cfg: TrainConfig) -> Run:
         _write_config(cfg, out_dir)
     dataset, loader, val_loader = _data(cfg, acc, seed)
     schedule = run_schedule(cfg, len(loader))
+    if cfg.save.resume:
+        schedule = _resumed(cfg, schedule, len(loader), acc.num_processes)
     total, epochs = schedule.total_steps, schedule.epochs
     dataset.max_train_steps = total
     train_clip = _train_clip(cfg)

@@ -22,7 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from library.errors import UserError
 from library.train import checkpoint as C
 from library.train.config import TrainConfig
-from library.train.reporting import LossRecord, draw_loss_plot, write_loss_csv
+from library.train.reporting import LossRecord, draw_loss_plot, warn, write_loss_csv
 from library.train.optim import group_lrs
 from library.train.samples import write_samples
 from library.train.setup import Run, setup
@@ -275,7 +275,11 @@ def resume(run: Run, state: State, path: str) -> None:
     ts = loaded.train_state
     state.global_step = int(ts["global_step"])
     state.record.load_state_dict(ts["record"])
-    run.loader.load_state_dict(ts["loader"])
+    # rng.pt holds one RNG state per process of the run that wrote it: its number of processes.
+    position, note = C.convert_loader_position(ts["loader"], len(loaded.rng), run.accelerator.num_processes)
+    if note and run.accelerator.is_main_process:
+        warn(note)
+    run.loader.load_state_dict(position)
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.global_step, run.loader.epoch,
              run.loader.index)
 
