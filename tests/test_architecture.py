@@ -1,0 +1,111 @@
+"""The tree against its map: no import cycle between packages; docs/ARCHITECTURE.md names every module
+(as `library/data/config.py`, the path in backticks).
+
+Packages are the sub-packages (library.data, library.flux, library.train, networks) and each top-level module
+of library/ (library.errors, library.flow, ...). Every import counts, at the top of a file or inside a
+function: a cycle hidden behind a function-level import is still a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _modules() -> list[Path]:
+    return sorted([*REPO.glob("library/**/*.py"), *REPO.glob("networks/**/*.py")])
+
+
+def _node(module: str) -> str | None:
+    """The package a dotted module name belongs to, or None outside library/ and networks/."""
+    parts = module.split(".")
+    if parts[0] == "networks":
+        return "networks"
+    if parts[0] != "library" or len(parts) < 2:
+        return None
+    return f"library.{parts[1]}"
+
+
+def _exists(node: str) -> bool:
+    path = REPO / Path(*node.split("."))
+    return path.is_dir() or path.with_suffix(".py").is_file()
+
+
+def import_graph(files: list[Path]) -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {}
+    for path in files:
+        src = _node(".".join(path.relative_to(REPO).with_suffix("").parts))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for t in targets:
+                dst = _node(t)
+                if dst and src and dst != src and _exists(dst):
+                    edges.setdefault(src, set()).add(dst)
+    return edges
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        path.append(n)
+        for m in sorted(edges.get(n, ())):
+            if state.get(m) == 1:
+                return path[path.index(m):] + [m]
+            if m not in state and (found := visit(m)):
+                return found
+        state[n] = 2
+        path.pop()
+        return None
+
+    for n in sorted(edges):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def test_no_import_cycle_between_packages() -> None:
+    edges = import_graph(_modules())
+    assert "library.train" in edges and "library.data" in edges["library.train"]  # the graph is not empty
+    assert find_cycle(edges) is None, " -> ".join(find_cycle(edges) or [])
+
+
+def test_a_cycle_is_found() -> None:  # the negative control
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}}) is None
+    edges = import_graph(_modules())
+    edges.setdefault("library.flux", set()).add("library.train")  # as if the model imported the trainer
+    assert find_cycle(edges) is not None
+
+
+def test_architecture_md_names_every_module() -> None:
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    missing = [rel for p in _modules() if p.name != "__init__.py"
+               and f"`{(rel := p.relative_to(REPO).as_posix())}`" not in text]
+    assert not missing, f"docs/ARCHITECTURE.md does not describe: {missing}"
+
+
+# What each package may import (docs/ARCHITECTURE.md, "Packages and the direction of dependence").
+_BASE = {"library.errors", "library.atomic"}
+ALLOWED = {
+    "library.errors": set(), "library.atomic": set(), "library.flow": set(), "library.schedule": set(),
+    "library.flux": _BASE,
+    "library.sampling": _BASE | {"library.flux", "library.flow"},
+    "library.data": _BASE | {"library.flux", "library.schedule"},
+    "networks": _BASE | {"library.flux"},
+}
+
+
+def test_packages_import_only_what_the_map_allows() -> None:
+    for src, dsts in import_graph(_modules()).items():
+        if src in ALLOWED:  # library.train may import everything above it
+            assert dsts <= ALLOWED[src], f"{src} imports {sorted(dsts - ALLOWED[src])}"
