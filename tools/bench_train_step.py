@@ -135,7 +135,7 @@ def inject_lora(model: Flux, rank: int, alpha: float, impl: str) -> tuple[list[n
             from networks import lora_flux  # noqa: PLC0415
 
             network = lora_flux.create_network(1.0, rank, alpha, model, None, None)
-            names = network.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
+            names = network.apply_to(text_encoder=False)
             network.train()
             return [p for p in network.parameters() if p.requires_grad], len(names), "networks.lora_flux"
         except Exception as e:  # noqa: BLE001 - the bench must still run; say so loudly

@@ -116,8 +116,7 @@ def inject_lora(cfg: TrainConfig, models: Models, train_clip: bool, dtypes: Dtyp
     else:
         network = lora_flux.create_network(1.0, n.network_dim, n.network_alpha, models.transformer, clip, t5,
                                            neuron_dropout=n.network_dropout, **kwargs)
-    names = network.apply_to(None, models.transformer, apply_text_encoder=train_clip,
-                             apply_unet=not n.network_train_text_encoder_only)
+    names = network.apply_to(text_encoder=train_clip, transformer=not n.network_train_text_encoder_only)
     if n.network_weights and not n.dim_from_weights:
         network.load_weights(n.network_weights)
     network.to(dtype=dtypes.network)

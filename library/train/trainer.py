@@ -94,13 +94,13 @@ def _train(cfg: TrainConfig) -> None:
 
 def after_optimizer_step(run: Run, state: State, bar: Any) -> bool:
     """Step the optimizer, then log, sample and save as scheduled; True when training must stop."""
-    optimizer_step(run)
+    extra = optimizer_step(run)
     loss = _mean_over_ranks(run, state.micro_loss / state.micro)  # the loss of the whole (global) batch
     state.micro, state.micro_loss = 0, 0.0
     state.global_step += 1
     step, cfg = state.global_step, run.cfg
     state.record.add(step, loss)
-    log_step(run, state, loss, bar)
+    log_step(run, state, loss, bar, extra)
     if cfg.sample.sample_every_n_steps and not cfg.sample.sample_every_n_epochs \
             and step % cfg.sample.sample_every_n_steps == 0:
         sample(run, step, None)
@@ -131,7 +131,8 @@ def forward_backward(run: Run, batch: Any, state: State) -> float:
     return value
 
 
-def optimizer_step(run: Run) -> None:
+def optimizer_step(run: Run) -> dict[str, float]:
+    """Average the gradients over ranks, clip, step; returns extra values to log (max-norm statistics)."""
     acc = run.accelerator
     params = [p for p in run.network.parameters() if p.requires_grad and p.grad is not None]
     if acc.num_processes > 1 and params:
@@ -149,8 +150,11 @@ def optimizer_step(run: Run) -> None:
     if not acc.optimizer_step_was_skipped:
         run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if run.cfg.network.scale_weight_norms:  # max-norm regularization of each LoRA pair
-        run.network.apply_max_norm_regularization(run.cfg.network.scale_weight_norms)
+    if not run.cfg.network.scale_weight_norms:
+        return {}
+    # max-norm regularization of each LoRA pair; kohya's log keys
+    scaled, mean, largest = run.network.apply_max_norm_regularization(run.cfg.network.scale_weight_norms)
+    return {"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean, "max_norm/max_key_norm": largest}
 
 
 def make_inputs(run: Run, batch: Any) -> StepInputs:
@@ -192,7 +196,7 @@ def encode_live(run: Run, captions: list[str]) -> tuple[torch.Tensor, torch.Tens
     return t5, pooled, t5_mask
 
 
-def log_step(run: Run, state: State, loss: float, bar: Any) -> None:
+def log_step(run: Run, state: State, loss: float, bar: Any, extra: dict[str, float] | None = None) -> None:
     now = time.perf_counter()
     step_time, state.last_time = now - state.last_time, now
     lrs = group_lrs(run.optimizer)
@@ -202,6 +206,7 @@ def log_step(run: Run, state: State, loss: float, bar: Any) -> None:
     logs = {"loss/current": loss, "loss/average": avg, "time/step_s": step_time}
     for g, lr in zip(run.optimizer.param_groups, lrs):
         logs[f"lr/{g.get('name', 'group')}"] = lr
+    logs.update(extra or {})
     run.accelerator.log(logs, step=state.global_step)
 
 
