@@ -109,3 +109,12 @@ def test_packages_import_only_what_the_map_allows() -> None:
     for src, dsts in import_graph(_modules()).items():
         if src in ALLOWED:  # library.train may import everything above it
             assert dsts <= ALLOWED[src], f"{src} imports {sorted(dsts - ALLOWED[src])}"
+
+
+def test_one_did_you_mean_helper() -> None:
+    from library.errors import closest
+
+    assert closest("num_repeat", ["num_repeats", "batch_size"]) == "num_repeats"
+    assert closest("zzz", ["num_repeats"]) is None
+    users = [p for p in _modules() if "get_close_matches" in p.read_text(encoding="utf-8")]
+    assert [p.relative_to(REPO).as_posix() for p in users] == ["library/errors.py"]
