@@ -13,10 +13,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from library.flux.geometry import MLP_RATIO  # only used when a split file lacks proj_mlp
+
 PREFIX_UNET = "lora_unet_"
 PREFIX_CLIP = "lora_te1_"
 PREFIX_T5 = "lora_te3_"
-MLP_RATIO = 4.0  # FLUX.1's mlp width / hidden width; only used when a split file lacks proj_mlp
 
 _DOUBLE_RE = re.compile(r"double_blocks_(\d+)_(img|txt)_(attn_qkv|attn_proj|mlp_0|mlp_2|mod_lin)")
 _SINGLE_RE = re.compile(r"single_blocks_(\d+)_(linear1|linear2|modulation_lin)")

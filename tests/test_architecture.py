@@ -118,3 +118,16 @@ def test_one_did_you_mean_helper() -> None:
     assert closest("zzz", ["num_repeats"]) is None
     users = [p for p in _modules() if "get_close_matches" in p.read_text(encoding="utf-8")]
     assert [p.relative_to(REPO).as_posix() for p in users] == ["library/errors.py"]
+
+
+def test_flux_geometry_is_defined_once() -> None:
+    names = {"LATENT_CHANNELS", "AE_DOWNSAMPLE", "PATCH", "PIXEL_MULTIPLE", "MLP_RATIO", "LATENT_DOWNSCALE",
+             "FLUX_MULTIPLE"}
+    homes = {}
+    for path in _modules():
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):  # a literal, not an alias
+                for t in node.targets:
+                    if isinstance(t, ast.Name) and t.id in names:
+                        homes.setdefault(t.id, []).append(path.relative_to(REPO).as_posix())
+    assert homes and all(v == ["library/flux/geometry.py"] for v in homes.values()), homes

@@ -28,10 +28,11 @@ from library.data.captions import CaptionSpec, process_caption
 from library.data.images import BadImageError, load_image, resize_crop
 from library.data.scan import Item, balance_reg, scan, split_validation
 from library.data.config import ResolvedDatasetConfig
+from library.flux.geometry import AE_DOWNSAMPLE
 
 log = logging.getLogger(__name__)
 
-LATENT_DOWNSCALE = 8
+LATENT_DOWNSCALE = AE_DOWNSAMPLE  # the loss mask is pooled to the latent grid
 
 
 @dataclass
