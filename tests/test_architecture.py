@@ -131,3 +131,11 @@ def test_flux_geometry_is_defined_once() -> None:
                     if isinstance(t, ast.Name) and t.id in names:
                         homes.setdefault(t.id, []).append(path.relative_to(REPO).as_posix())
     assert homes and all(v == ["library/flux/geometry.py"] for v in homes.values()), homes
+
+
+def test_one_bfl_diffusers_key_table() -> None:
+    """The diffusers module names of FLUX are written down once (library/flux/convert.py)."""
+    for name in ("attn.add_q_proj", "ff_context.net.0.proj", "time_text_embed.guidance_embedder.linear_1",
+                 "norm1_context.linear"):
+        homes = [p.relative_to(REPO).as_posix() for p in _modules() if f'"{name}"' in p.read_text(encoding="utf-8")]
+        assert homes == ["library/flux/convert.py"], (name, homes)
