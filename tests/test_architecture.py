@@ -139,3 +139,12 @@ def test_one_bfl_diffusers_key_table() -> None:
                  "norm1_context.linear"):
         homes = [p.relative_to(REPO).as_posix() for p in _modules() if f'"{name}"' in p.read_text(encoding="utf-8")]
         assert homes == ["library/flux/convert.py"], (name, homes)
+
+
+def test_no_private_names_imported_across_modules() -> None:
+    found = []
+    for path in [*_modules(), *REPO.glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("library", "networks")):
+                found += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert not found, found

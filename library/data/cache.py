@@ -24,14 +24,18 @@ import hashlib
 import json
 import os
 import struct
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import torch
 from safetensors.torch import load_file
+import torch
+from tqdm import tqdm
 
 from library.atomic import write_text_atomic
+from library.data.images import BadImageError
 from library.errors import UserError
 from library.flux.safetensors_io import read_header, save_file_atomic
 
@@ -200,8 +204,6 @@ def cache_text_outputs(captions: Iterable[str], encode: TextEncodeFn, cache: Ten
                        t5_max_length: int, apply_t5_attn_mask: bool, batch_size: int = 8,
                        progress: bool = True) -> dict[str, str]:
     """Encode every distinct caption that is not cached yet; returns {caption: key} for all of them."""
-    from tqdm import tqdm
-
     keys = {c: text_key(c, te_id, t5_max_length, apply_t5_attn_mask) for c in dict.fromkeys(captions)}
     required = ("t5_out", "clip_pooled", "t5_attn_mask")
     missing = [c for c, k in keys.items() if not cache.has(k, required)]
@@ -281,8 +283,6 @@ def latent_required(job: LatentJob, has_mask: bool, has_cond: bool) -> tuple[str
 
 def _prefetch(pool: Any, fn: Callable, items: list, depth: int) -> Iterator:
     """pool.map with at most `depth` results in flight (Executor.map would decode every image up front)."""
-    from collections import deque
-
     pending: deque = deque()
     for item in items:
         pending.append(pool.submit(fn, item))
@@ -301,12 +301,6 @@ def cache_latents(jobs: list[LatentJob], prepare: Callable[[LatentJob], Prepared
     Jobs are grouped by `group` and sorted, so each AE call gets one image size; images decode in a
     small thread pool (Pillow releases the GIL) while the AE works on the previous batch.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
-
-    from library.data.images import BadImageError
-
     cache.remove_stale_temporaries()
     missing = sorted({j.key: j for j in jobs if not cache.has(j.key, required(j))}.values(),
                      key=lambda j: (j.group, str(j.path)))

@@ -18,16 +18,18 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from library.data.buckets import crop_ltrb, make_batches
 from library.data.cache import (DigestIndex, LatentJob, Prepared, TensorCache, cache_latents, cache_text_outputs,
                            latent_key, latent_required, text_key, TextEncodeFn)
-from library.data.buckets import crop_ltrb, make_batches
 from library.data.captions import CaptionSpec, process_caption
+from library.data.config import ResolvedDatasetConfig
 from library.data.images import BadImageError, load_image, resize_crop
 from library.data.scan import Item, balance_reg, scan, split_validation
-from library.data.config import ResolvedDatasetConfig
 from library.flux.geometry import AE_DOWNSAMPLE
 
 log = logging.getLogger(__name__)
@@ -75,8 +77,6 @@ def _mask_tensor(mask: np.ndarray) -> torch.Tensor:
 
 def _color_aug(rgb: np.ndarray, rng: random.Random) -> np.ndarray:
     """Weak colour augmentation: a small random hue rotation (about kohya's +-8 of 180 degrees)."""
-    from PIL import Image
-
     hsv = np.asarray(Image.fromarray(rgb).convert("HSV")).copy()
     shift = int(round(rng.uniform(-8 / 180, 8 / 180) * 256))
     hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 256).astype(np.uint8)
@@ -350,8 +350,6 @@ class FluxDataset:
 
 
 def tqdm_items(items: list, desc: str, progress: bool):
-    from tqdm import tqdm
-
     return tqdm(items, desc=desc, unit="img", disable=not progress or len(items) < 2)
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from library.data.dataset import FluxDataset
 from library.data.config import ResolvedDatasetConfig
+from library.data.dataset import FluxDataset, build_datasets
 from library.schedule import DEFAULT_MAX_TRAIN_STEPS, batches_per_rank, make_schedule
 
 
@@ -91,10 +91,8 @@ def format_plan(plan: Plan) -> str:
 
 
 def make_plan(resolved: ResolvedDatasetConfig, seed: int = 0, max_train_steps: int = DEFAULT_MAX_TRAIN_STEPS,
-              max_train_epochs: int | None = None, gradient_accumulation_steps: int = 1, num_processes: int = 1, skip_bad_images: bool = False,
-              progress: bool = True) -> Plan:
+              max_train_epochs: int | None = None, gradient_accumulation_steps: int = 1, num_processes: int = 1,
+              skip_bad_images: bool = False, progress: bool = True) -> Plan:
     """--dry_run: scan the images of a resolved config (headers only, no model) and plan the run."""
-    from library.data.dataset import build_datasets
-
     train, val = build_datasets(resolved, seed, skip_bad_images, progress)
     return build_plan(train, max_train_steps, max_train_epochs, gradient_accumulation_steps, num_processes, val)

@@ -6,6 +6,8 @@ module only routes the flags there with the CLI values the user gave.
 
 from __future__ import annotations
 
+from library.data.config import format_resolved, load_dataset_config
+from library.data.plan import format_plan, make_plan
 from library.errors import UserError
 from library.train.config import DEFAULT_SEED, TrainConfig
 
@@ -14,14 +16,10 @@ def inspect_data(cfg: TrainConfig) -> int:
     flag = "--validate_config" if cfg.data.validate_config else "--dry_run"
     if not cfg.data.dataset_config:
         raise UserError(f"command line: {flag} needs --dataset_config PATH")
-    from library.data.config import format_resolved, load_dataset_config  # noqa: PLC0415
-
     resolved = load_dataset_config(cfg.data.dataset_config, cfg.data.cli_values)
     if cfg.data.validate_config:
         print(format_resolved(resolved))
         return 0
-    from library.data.plan import format_plan, make_plan  # noqa: PLC0415 (owned by the data part)
-
     loop = cfg.loop
     seed = loop.seed if loop.seed is not None else DEFAULT_SEED
     print(format_plan(make_plan(resolved, seed=seed, max_train_steps=loop.max_train_steps,

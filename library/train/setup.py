@@ -8,50 +8,61 @@ unneeded encoders freed -> LoRA injected -> memory/speed options -> optimizer, s
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 import torch
 
 from library.atomic import write_text_atomic
+from library.data.config import load_dataset_config
+from library.data.dataset import BatchLoader, FluxDataset, build_datasets
 from library.errors import UserError
 from library.schedule import Schedule, epochs_from, make_schedule
 from library.train import models as M
 from library.train.caching import Ranks, cache_before_training
 from library.train.checkpoint import Names, convert_loader_position, saved_position
+from library.train.cli import write_toml_atomic
 from library.train.config import DEFAULT_SEED, TrainConfig, config_as_dict, config_summary
-from library.train.reporting import warn
+from library.train.legacy_data import write_folder_mode_config
 from library.train.optim import build_optimizer, build_scheduler, is_relative_step_adafactor
 from library.train.precision import Dtypes, resolve_dtypes
 from library.train.preflight import preflight
+from library.train.prompts import load_prompts
+from library.train.reporting import warn
 from library.train.samples import EncodedPrompt, encode_prompts
+from networks.lora_flux import LoRANetwork
+from networks.lora_metadata import build_kohya_metadata
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Run:
+    """What the loop needs, built by `setup` in order; nothing here is replaced after setup returns."""
+
     cfg: TrainConfig
-    accelerator: Any
+    accelerator: Accelerator
     dtypes: Dtypes
     seed: int
-    dataset: Any  # library.data.dataset.FluxDataset
-    loader: Any  # library.data.dataset.BatchLoader
+    dataset: FluxDataset
+    loader: BatchLoader
     models: M.Models
-    network: Any
+    network: LoRANetwork
     train_clip: bool
-    optimizer: Any
-    scheduler: Any
+    optimizer: torch.optim.Optimizer  # accelerate's AcceleratedOptimizer (a subclass)
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     names: Names
     out_dir: Path
     schedule: Schedule
     prompts: list[EncodedPrompt]
     metadata: dict[str, str]
-    val_loader: Any = None  # BatchLoader over the validation_split images, or None
+    val_loader: BatchLoader | None = None  # over the validation_split images
 
     @property
     def total_steps(self) -> int:
@@ -66,11 +77,7 @@ class Run:
         return self.schedule.steps_per_epoch
 
 
-def make_accelerator(cfg: TrainConfig) -> Any:
-    from accelerate import Accelerator  # noqa: PLC0415
-    from accelerate.utils import InitProcessGroupKwargs  # noqa: PLC0415
-    import datetime  # noqa: PLC0415
-
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
     log_with = cfg.log.log_with or ("tensorboard" if cfg.log.logging_dir else None)
     trackers = ["tensorboard", "wandb"] if log_with == "all" else ([log_with] if log_with else None)
     if trackers and "wandb" in trackers:
@@ -87,10 +94,8 @@ def make_accelerator(cfg: TrainConfig) -> Any:
                        project_dir=cfg.log.logging_dir or cfg.save.output_dir, kwargs_handlers=kwargs)
 
 
-def _data(cfg: TrainConfig, acc: Any, seed: int) -> tuple[Any, Any, Any]:
-    from library.data.dataset import BatchLoader, build_datasets  # noqa: PLC0415
-    from library.data.config import load_dataset_config  # noqa: PLC0415
-
+def _data(cfg: TrainConfig, acc: Accelerator, seed: int
+          ) -> tuple[FluxDataset, BatchLoader, BatchLoader | None]:
     path = cfg.data.dataset_config
     cli = dict(cfg.data.cli_values)
     if not path:
@@ -98,8 +103,6 @@ def _data(cfg: TrainConfig, acc: Any, seed: int) -> tuple[Any, Any, Any]:
         if not folder:
             raise UserError("command line: --dataset_config PATH (a kohya dataset TOML, see dataset_configs/) "
                             "or --train_data_dir with <repeats>_<class tokens> sub-folders is required")
-        from library.train.legacy_data import write_folder_mode_config  # noqa: PLC0415
-
         name = cfg.save.output_name or "last"
         target = Path(cfg.save.output_dir) / f"{name}_dataset.toml"
         path = str(write_folder_mode_config(folder, reg, target) if acc.is_main_process else target)
@@ -205,16 +208,12 @@ def setup(cfg: TrainConfig) -> Run:
 def _load_prompts(cfg: TrainConfig) -> list:
     if not cfg.sample.sample_prompts:
         return []
-    from library.train.prompts import load_prompts  # noqa: PLC0415
-
     return load_prompts(cfg.sample.sample_prompts)
 
 
 def _write_config(cfg: TrainConfig, out_dir: Path) -> None:
     """Save the effective configuration beside the outputs (JSON tree + re-runnable TOML) and print a
     short summary of it that names the saved file."""
-    from library.train.cli import write_toml_atomic  # noqa: PLC0415
-
     tree = config_as_dict(cfg)
     name = cfg.save.output_name or "last"
     target = write_text_atomic(out_dir / f"{name}_config.json", json.dumps(tree, indent=1))
@@ -222,10 +221,8 @@ def _write_config(cfg: TrainConfig, out_dir: Path) -> None:
     print(config_summary(cfg) + f"\n  full configuration: {target}", flush=True)
 
 
-def _metadata(cfg: TrainConfig, models: M.Models, network: Any, dataset: Any, total: int, epochs: int,
-              seed: int) -> dict[str, str]:
-    from networks.lora_metadata import build_kohya_metadata  # noqa: PLC0415
-
+def _metadata(cfg: TrainConfig, models: M.Models, network: LoRANetwork, dataset: FluxDataset, total: int,
+              epochs: int, seed: int) -> dict[str, str]:
     ds = dataset.cfg.datasets[0]
     training = {"learning_rate": cfg.optimizer.learning_rate, "unet_lr": cfg.optimizer.unet_lr,
                 "text_encoder_lr": list(cfg.optimizer.text_encoder_lr), "max_train_steps": total,

@@ -16,14 +16,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from accelerate.utils import gather_object
+import toml
 import torch
+from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from library.errors import UserError
 from library.train import checkpoint as C
 from library.train.config import TrainConfig
-from library.train.reporting import LossRecord, draw_loss_plot, warn, write_loss_csv
 from library.train.optim import group_lrs
+from library.train.reporting import LossRecord, draw_loss_plot, warn, write_loss_csv
 from library.train.samples import write_samples
 from library.train.setup import Run, setup
 from library.train.step import StepInputs, flow_matching_loss, sample_keys
@@ -249,8 +252,6 @@ def sample(run: Run, step: int, epoch: int | None) -> None:
 
 def save(run: Run, state: State, lora_path: Any, with_state: bool) -> None:
     """Write the LoRA (and the state beside it); rank 0 writes, the other ranks only contribute RNG states."""
-    from accelerate.utils import gather_object  # noqa: PLC0415
-
     acc = run.accelerator
     rng = gather_object([C.rng_state()]) if with_state and acc.num_processes > 1 else [C.rng_state()]
     if acc.is_main_process:
@@ -375,8 +376,6 @@ def _init_trackers(run: Run) -> None:
     cfg = run.cfg
     if not run.accelerator.log_with:
         return
-    import toml  # noqa: PLC0415
-
     init_kwargs = toml.load(cfg.log.log_tracker_config) if cfg.log.log_tracker_config else {}
     if cfg.log.wandb_run_name:
         init_kwargs.setdefault("wandb", {})["name"] = cfg.log.wandb_run_name
@@ -387,7 +386,5 @@ def _init_trackers(run: Run) -> None:
 
 
 def _progress(run: Run, state: State) -> Any:
-    from tqdm import tqdm  # noqa: PLC0415
-
     return tqdm(total=run.total_steps, initial=state.global_step, desc="steps", smoothing=0.1,
                 disable=not run.accelerator.is_main_process, dynamic_ncols=True)
