@@ -21,11 +21,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
+import torch
 
 from library.atomic import atomic_target
 from library.errors import UserError
+from library.flux.safetensors_io import save_file_atomic
 from networks import lora_keys as K
 from networks.lora_args import NetworkArgs, parse_network_args, unet_rank
 from networks.lora_formats import LoRAWeight, ParsedLoRA, parse_lora, read_lora, to_kohya
@@ -252,8 +253,6 @@ def _linear(m: nn.Module) -> nn.Linear:
 def save_lora(weights: dict[str, LoRAWeight], file: str | os.PathLike, dtype: torch.dtype | None,
               metadata: dict[str, str] | None) -> None:
     """Write kohya-format LoRA tensors atomically (.safetensors with metadata + hashes, or .pt/.ckpt)."""
-    from library.flux.safetensors_io import save_file_atomic
-
     file = Path(file)
     sd = to_kohya(weights, dtype)
     outside = sorted(n for n in weights if K.split_kohya_name(n)[0] == "unet"

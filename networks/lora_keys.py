@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from library.flux.convert import DOUBLE_MODULES, OTHER_MODULES, SINGLE_MODULES, Split
 from library.flux.geometry import MLP_RATIO  # only used when a split file lacks proj_mlp
 
@@ -143,8 +145,6 @@ def fused_rows(split: Split, part_rows_known: dict[int, int], in_features: int,
 
 def swap_halves(t):
     """BFL final_layer.adaLN_modulation emits [shift; scale], diffusers norm_out.linear [scale; shift]."""
-    import torch
-
     a, b = t.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)
 

@@ -148,3 +148,21 @@ def test_no_private_names_imported_across_modules() -> None:
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("library", "networks")):
                 found += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert not found, found
+
+
+# Function-level imports kept on purpose: optional dependencies, imported where they are used.
+OPTIONAL = {"xformers", "bitsandbytes", "prodigyopt", "wandb", "transformers.optimization"}
+
+
+def test_imports_are_at_the_top_except_optional_dependencies() -> None:
+    inner = []
+    for path in _modules():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                if not any(n.split(".")[0] in OPTIONAL or n in OPTIONAL for n in names):
+                    inner.append(f"{path.relative_to(REPO).as_posix()}:{node.lineno} {names}")
+    allowed = {"networks/flux_merge_lora.py"}  # not yet: its owner is reworking it (LoRA algebra)
+    assert [i for i in inner if i.split(":")[0] not in allowed] == []

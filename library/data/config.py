@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 from library.data import schema as S
+from library.data.images import list_images
 from library.data.schema import (CONTROL, DATASET, DREAMBOOTH, FINETUNE, FLUX_MULTIPLE, GENERAL, SUBSET, Key,
                                  parse_value, show, unknown_key_error)
 from library.errors import UserError
@@ -117,7 +119,6 @@ def read_document(path: Path) -> dict[str, Any]:
 def _toml_position(e: tomllib.TOMLDecodeError) -> str:
     line, col = getattr(e, "lineno", None), getattr(e, "colno", None)
     if line is None:  # Python 3.11 only puts "(at line L, column C)" in the message
-        import re
         m = re.search(r"at line (\d+), column (\d+)", str(e))
         line, col = (m.group(1), m.group(2)) if m else ("?", "?")
     return f"{line}:{col}"
@@ -261,8 +262,6 @@ def _bucket_checks(ds: dict[str, Any], where: str, errors: list[str], warnings: 
 
 
 def _check_subset_paths(sub: SubsetConfig, style: str, where: str, errors: list[str]) -> None:
-    from library.data.images import list_images  # lists names only; opens no image
-
     for name in ("image_dir", "conditioning_data_dir"):
         p = getattr(sub, name)
         if p is not None and not p.is_dir():

@@ -16,8 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
+import torch
 
 from library.atomic import atomic_target
 from library.errors import UserError
@@ -180,8 +181,6 @@ def check_output_path(path: str | os.PathLike, flag: str, inputs: dict[str, str 
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file to a temporary name beside `path`, then rename it into place."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a directory, expected a .safetensors file name to write")

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from library.sampling import generate_latents, latents_to_pil, sample_settings, save_png
 from library.train.prompts import SamplePrompt
 
 
@@ -55,8 +56,6 @@ def sample_path(out_dir: Path, name: str, step: int, epoch: int | None, index: i
 def write_samples(prompts: list[EncodedPrompt], transformer: torch.nn.Module, ae: torch.nn.Module,
                   out_dir: Path, name: str, step: int, epoch: int | None, base_seed: int, guidance_embed: bool,
                   t5_max_length: int, apply_t5_attn_mask: bool, autocast: Any) -> list[Path]:
-    from library.sampling import generate_latents, latents_to_pil, sample_settings, save_png  # noqa: PLC0415
-
     paths = []
     device = next(p for p in transformer.parameters()).device
     rng = torch.get_rng_state()  # sampling draws from its own generators; keep the global stream untouched
