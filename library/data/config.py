@@ -184,10 +184,9 @@ def _check_style(values: dict[str, Any], style: str, where: str, errors: list[st
 
 
 def _cli_level(cli_values: Mapping[str, Any], errors: list[str]) -> dict[str, Any]:
-    """The CLI level of the precedence chain: only flags the user typed, renamed to their TOML keys."""
+    """The CLI level of the precedence chain: only flags the user typed, renamed to their TOML keys (implied
+    flags and kohya's --caption_extention alias are resolved by the config builder, library/train/config.py)."""
     cli = dict(cli_values)
-    if cli.get("caption_extension") is None and cli.get("caption_extention") is not None:
-        cli["caption_extension"] = cli["caption_extention"]  # kohya's misspelled legacy alias
     out: dict[str, Any] = {}
     for key in S.KEYS:
         if key.cli is None or cli.get(key.cli) is None:
@@ -352,7 +351,7 @@ def load_dataset_config(path: str | Path, cli_values: Mapping[str, Any] | None =
     cli_values = cli_values or {}
     doc = read_document(path)
     ctx = _Ctx(config_dir=path.parent, check_paths=check_paths,
-               cache_latents=bool(cli_values.get("cache_latents") or cli_values.get("cache_latents_to_disk")))
+               cache_latents=bool(cli_values.get("cache_latents")))
     for name in doc:
         if name not in ("general", "datasets"):
             ctx.errors.append(unknown_key_error("", name, "top"))

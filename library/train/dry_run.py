@@ -25,5 +25,5 @@ def inspect_data(cfg: TrainConfig) -> int:
     print(format_plan(make_plan(resolved, seed=seed, max_train_steps=loop.max_train_steps,
                                 max_train_epochs=loop.max_train_epochs,
                                 gradient_accumulation_steps=loop.gradient_accumulation_steps,
-                                skip_bad_images=bool(cfg.data.cli_values.get("skip_bad_images")))))
+                                skip_bad_images=cfg.data.skip_bad_images)))
     return 0

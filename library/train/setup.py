@@ -97,9 +97,9 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 def _data(cfg: TrainConfig, acc: Accelerator, seed: int
           ) -> tuple[FluxDataset, BatchLoader, BatchLoader | None]:
     path = cfg.data.dataset_config
-    cli = dict(cfg.data.cli_values)
+    data = cfg.data
     if not path:
-        folder, reg = cli.pop("train_data_dir", None), cli.pop("reg_data_dir", None)
+        folder, reg = data.train_data_dir, data.reg_data_dir
         if not folder:
             raise UserError("command line: --dataset_config PATH (a kohya dataset TOML, see dataset_configs/) "
                             "or --train_data_dir with <repeats>_<class tokens> sub-folders is required")
@@ -107,13 +107,10 @@ def _data(cfg: TrainConfig, acc: Accelerator, seed: int
         target = Path(cfg.save.output_dir) / f"{name}_dataset.toml"
         path = str(write_folder_mode_config(folder, reg, target) if acc.is_main_process else target)
         acc.wait_for_everyone()
-    elif cli.get("train_data_dir") or cli.get("reg_data_dir") or cli.get("in_json"):
+    elif data.train_data_dir or data.reg_data_dir or data.in_json:
         warn("--train_data_dir/--reg_data_dir/--in_json are ignored when --dataset_config is given (as in kohya)")
-    for key in ("train_data_dir", "reg_data_dir", "in_json"):
-        cli.pop(key, None)
-    resolved = load_dataset_config(path, cli)
-    skip_bad = bool(cfg.data.cli_values.get("skip_bad_images"))
-    dataset, validation = build_datasets(resolved, seed, skip_bad, progress=acc.is_main_process)
+    resolved = load_dataset_config(path, data.cli_values)
+    dataset, validation = build_datasets(resolved, seed, data.skip_bad_images, progress=acc.is_main_process)
     # kohya caps the workers at the CPU count; --persistent_data_loader_workers keeps one pool for all epochs.
     workers = min(cfg.loop.max_data_loader_n_workers, max(0, (os.cpu_count() or 1) - 1))
     loader = BatchLoader(dataset, workers, acc.process_index, acc.num_processes,
