@@ -13,6 +13,18 @@ from safetensors.torch import load_file
 from train_helpers import REPO, data, base_args, train_in_process, losses  # noqa: F401 (data: a fixture)
 
 
+def _launch_two(argv: list[str], port: int) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2` of the trainer on the CPU (gloo)."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([*launcher, str(REPO / "flux_train_network.py"), *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_two_gloo_processes_match_one_process_at_twice_the_batch(tiny_ckpts, data: Path, tmp_path: Path) -> None:
     def args(out: Path, batch: int) -> list[str]:
         a = base_args(tiny_ckpts, data, out, "--max_train_steps", "3", "--train_batch_size", str(batch),
@@ -21,13 +33,7 @@ def test_two_gloo_processes_match_one_process_at_twice_the_batch(tiny_ckpts, dat
         return a
 
     one, two = tmp_path / "one", tmp_path / "two"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                "29517"]
-    proc = subprocess.run([*launcher, str(REPO / "flux_train_network.py"), *args(two, 1)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _launch_two(args(two, 1), 29517)
     assert proc.stdout.count("full configuration:") == 1  # only rank 0 prints and writes
     assert len(list((data / "pair" / ".flux_cache").rglob("*.safetensors"))) >= 2  # both ranks' shares cached
     train_in_process(args(one, 2))  # one process, twice the batch, reading the same disk caches
@@ -76,15 +82,9 @@ def test_two_processes_accumulating_from_memory_caches_then_resumed_by_one(tiny_
         return a
 
     two, one, resumed = tmp_path / "two", tmp_path / "one", tmp_path / "resumed"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                "29519"]
-    proc = subprocess.run([*launcher, str(REPO / "flux_train_network.py"), *args(two, 1)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _launch_two(args(two, 1), 29519)
     err = proc.stderr
-    # 4 images, 3 caption variants? (the dog subset's 2 share "sks dog"): each rank encoded its half, read all
+    # 4 images: each rank encoded its half of the latents and of the caption variants, and reads them all
     assert "rank 0/2: latents cache: encoded 2 here, 4 entries readable" in err
     assert "rank 1/2: latents cache: encoded 2 here, 4 entries readable" in err
     text = [line for line in err.splitlines() if ": text cache: encoded" in line]
