@@ -295,13 +295,15 @@ def _prefetch(pool: Any, fn: Callable, items: list, depth: int) -> Iterator:
 def cache_latents(jobs: list[LatentJob], prepare: Callable[[LatentJob], Prepared],
                   encode: Callable[[torch.Tensor], torch.Tensor], cache: TensorCache, ae_id: str,
                   required: Callable[[LatentJob], tuple[str, ...]], batch_size: int = 1,
-                  skip_bad_images: bool = False, progress: bool = True, num_threads: int = 2) -> list[Path]:
+                  skip_bad_images: bool = False, progress: bool = True, num_threads: int = 2,
+                  clean_temporaries: bool = True) -> list[Path]:
     """Encode every job whose entry is missing; returns the images skipped as unreadable.
 
     Jobs are grouped by `group` and sorted, so each AE call gets one image size; images decode in a
     small thread pool (Pillow releases the GIL) while the AE works on the previous batch.
     """
-    cache.remove_stale_temporaries()
+    if clean_temporaries:  # not while other ranks write into the same folder (library/train/caching.py)
+        cache.remove_stale_temporaries()
     missing = sorted({j.key: j for j in jobs if not cache.has(j.key, required(j))}.values(),
                      key=lambda j: (j.group, str(j.path)))
     chunks: list[list[LatentJob]] = []

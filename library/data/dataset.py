@@ -196,7 +196,7 @@ class FluxDataset:
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], ae_id: str, to_disk: bool,
                       cache_dir: Path | None = None, skip_cache_check: bool = False, batch_size: int = 1,
                       progress: bool = True, num_threads: int | None = None,
-                      memory: TensorCache | None = None) -> int:
+                      memory: TensorCache | None = None, clean_temporaries: bool = True) -> int:
         """Encode (or reuse) the latents of every image; later batches read `latents` from the cache.
 
         On disk the entries go to `cache_dir`, or `<image_dir>/.flux_cache/` per subset (kohya also writes
@@ -219,7 +219,8 @@ class FluxDataset:
             self.latent_keys[it.uid] = job.key
         for root, jobs in jobs_by_root.items():
             bad = cache_latents(jobs, self._prepare, encode, caches[root], ae_id, self._required, batch_size,
-                                self.skip_bad_images, progress, num_threads or min(8, os.cpu_count() or 1))
+                                self.skip_bad_images, progress, num_threads or min(8, os.cpu_count() or 1),
+                                clean_temporaries)
             for p in bad:
                 log.warning("skipping unreadable image %s", p)
                 self.bad |= {it.uid for it in items if it.path == p}
@@ -252,7 +253,8 @@ class FluxDataset:
     def cache_text_outputs(self, encode: TextEncodeFn, te_id: str, t5_max_length: int, apply_t5_attn_mask: bool,
                            epochs: range, to_disk: bool, cache_dir: Path | None = None,
                            skip_cache_check: bool = False, batch_size: int = 8, progress: bool = True,
-                           memory: TensorCache | None = None, shard: tuple[int, int] | None = None) -> int:
+                           memory: TensorCache | None = None, shard: tuple[int, int] | None = None,
+                           clean_temporaries: bool = True) -> int:
         """Encode every caption variant the given epochs use (and "" when captions can drop out).
 
         kohya refuses TE caching with caption dropout / shuffle / wildcards; caching each variant keeps
@@ -274,7 +276,8 @@ class FluxDataset:
         first = next(it for its in self.items for it in its)
         root = (cache_dir or self._cache_root(first, None)) if to_disk else None
         self.text_cache = TensorCache(root, "text", skip_cache_check) if to_disk or memory is None else memory
-        self.text_cache.remove_stale_temporaries()
+        if clean_temporaries:
+            self.text_cache.remove_stale_temporaries()
         keys = cache_text_outputs(captions, encode, self.text_cache, te_id, t5_max_length, apply_t5_attn_mask,
                                   batch_size, progress)
         self.text_keys.update(keys)

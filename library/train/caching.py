@@ -5,7 +5,9 @@ each image and caption is encoded exactly once over all ranks. Then every rank m
 before step 1: on disk a barrier suffices (the files are shared); in memory the ranks all-gather their
 entries (in chunks, so no rank holds more than one chunk of the others' pickles at a time). A last pass over
 the whole dataset then only finds and indexes entries; `CacheReport` says what each rank encoded and what
-it holds, and the trainer logs it.
+it holds, and the trainer logs it. While ranks write into a shared cache folder nobody deletes the stale
+temporary files a killed run left there (that would delete another rank's file in flight): that cleaning
+happens in the last pass, after the barrier, when nothing is written.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def cache_latents(dataset: FluxDataset, encode: Callable[[torch.Tensor], torch.T
     memory = TensorCache(None, "latents")
     encoded = 0
     if ranks.world > 1:
-        encoded = dataset.share(ranks.rank, ranks.world).cache_latents(encode, ae_id, to_disk, memory=memory, **kw)
+        encoded = dataset.share(ranks.rank, ranks.world).cache_latents(encode, ae_id, to_disk, memory=memory,
+                                                                       clean_temporaries=False, **kw)
         if not to_disk:
             share_memory_entries(memory, ranks)
         ranks.barrier()
@@ -89,7 +92,8 @@ def cache_text(dataset: FluxDataset, encode: Any, te_id: str, t5_max_length: int
     args = (encode, te_id, t5_max_length, apply_t5_attn_mask, epochs, to_disk)
     encoded = 0
     if ranks.world > 1:
-        dataset.cache_text_outputs(*args, memory=memory, shard=(ranks.rank, ranks.world), **kw)
+        dataset.cache_text_outputs(*args, memory=memory, shard=(ranks.rank, ranks.world), clean_temporaries=False,
+                                   **kw)
         encoded = dataset.text_cache.written
         if not to_disk:
             share_memory_entries(memory, ranks)
