@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parsed = parse_args(rest)
     from library.differential.iterate import run_iterations  # noqa: PLC0415
     from library.train.config import build_config  # noqa: PLC0415
-    from library.train.logging import setup_console_logging, warn  # noqa: PLC0415
+    from library.train.reporting import setup_console_logging, warn  # noqa: PLC0415
     from library.train.trainer import train  # noqa: PLC0415 (imports torch/accelerate only when training)
 
     cfg = build_config(parsed)

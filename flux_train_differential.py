@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     from library.differential.cli import help_text, split_args  # noqa: PLC0415
     from library.differential.run import dry_run, run_differential  # noqa: PLC0415
     from library.train.cli import parse_args  # noqa: PLC0415
-    from library.train.logging import setup_console_logging  # noqa: PLC0415
+    from library.train.reporting import setup_console_logging  # noqa: PLC0415
 
     opts, rest, wants_help = split_args(sys.argv[1:] if argv is None else argv)
     if wants_help:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from library.train.config import build_config  # noqa: PLC0415
     from library.train.trainer import train  # noqa: PLC0415 (imports torch/accelerate only when training)
 
-    from library.train.logging import warn  # noqa: PLC0415
+    from library.train.reporting import warn  # noqa: PLC0415
 
     cfg = build_config(parsed)
     setup_console_logging(cfg.log)

@@ -21,7 +21,7 @@ from library.errors import run_main  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     from library.train.cli import parse_args, write_config_file  # noqa: PLC0415
     from library.train.config import build_config  # noqa: PLC0415
-    from library.train.logging import setup_console_logging, warn  # noqa: PLC0415
+    from library.train.reporting import setup_console_logging, warn  # noqa: PLC0415
 
     parsed = parse_args(sys.argv[1:] if argv is None else argv)
     if parsed.values["output_config"]:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_config(parsed)
     setup_console_logging(cfg.log)
     if cfg.data.validate_config or cfg.data.dry_run:
-        from library.train.inspect import inspect_data  # noqa: PLC0415
+        from library.train.dry_run import inspect_data  # noqa: PLC0415
 
         # Read-only data inspection: the training warnings (ineffective flags, the sigma_scaled default)
         # are not about the data; the dataset layer prints its own.

@@ -7,8 +7,9 @@ message without a traceback and exit with status 2. Programming errors stay ordi
 
 from __future__ import annotations
 
+import difflib
 import sys
-from typing import Callable, NoReturn
+from typing import Callable, Iterable, NoReturn
 
 EXIT_USER_ERROR = 2
 
@@ -40,3 +41,9 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def closest(name: str, candidates: Iterable[str]) -> str | None:
+    """The known name a mistyped one most likely meant (for "did you mean ...?"), or None."""
+    found = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return found[0] if found else None

@@ -36,13 +36,11 @@ from tqdm import tqdm
 from library.atomic import atomic_target, write_bytes_atomic
 from library.errors import UserError
 from library.flow import control_endpoint, flux_mu, time_shift
+from library.flux.geometry import AE_DOWNSAMPLE, LATENT_CHANNELS, PATCH
 from library.flux.math import make_img_ids, make_txt_ids, pack_latents, unpack_latents
 from library.flux.text_encoders import FluxTextEncoders, TextEncoding, default_t5_max_length
 from library.objective import Objective
 
-LATENT_CHANNELS = 16  # FLUX AE latent channels
-AE_DOWNSAMPLE = 8  # FLUX AE: image pixels per latent pixel
-PATCH = 2  # latents are packed in 2x2 patches, so image sizes are multiples of 16
 PNG_JSON_KEY = "flux_sample"  # PNG text chunk holding the settings as JSON (beside A1111's "parameters")
 
 

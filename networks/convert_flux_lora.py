@@ -21,6 +21,7 @@ from library.errors import UserError, run_main  # noqa: E402
 from library.flux.safetensors_io import check_output_path  # noqa: E402
 from networks.lora_formats import WRITERS, load_lora_file, parse_lora, to_diffusers  # noqa: E402
 from networks.lora_svd import parse_dtype  # noqa: E402
+from library.flux.safetensors_io import save_file_atomic
 
 log = logging.getLogger("convert_flux_lora")
 SRC_STYLES = {"sd-scripts": {"kohya"}, "kohya": {"kohya"}, "ai-toolkit": {"diffusers"}, "diffusers": {"diffusers"},
@@ -43,8 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def convert(src_path: Path, dst_path: Path, dst: str, src: str = "auto", dtype=None, diffusers_alpha: bool = False,
             drop_unknown: bool = False) -> dict:
-    from library.flux.safetensors_io import save_file_atomic
-
     sd, meta = load_lora_file(src_path)
     parsed = parse_lora(sd, meta, source=str(src_path))
     if not parsed.weights:

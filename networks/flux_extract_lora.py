@@ -24,6 +24,8 @@ from networks import lora_keys as K  # noqa: E402
 from networks.lora_formats import LoRAWeight  # noqa: E402
 from networks.lora_metadata import build_kohya_metadata  # noqa: E402
 from networks.lora_svd import check_svd_args, low_rank, parse_dtype  # noqa: E402
+from library.flux.safetensors_io import open_checkpoint
+from networks.lora_flux import save_lora
 
 log = logging.getLogger("flux_extract_lora")
 
@@ -46,8 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def extract(org: Path, tuned: Path, dim: int | None, energy: float | None, clamp_quantile: float | None,
             min_diff: float = 0.0, device: str = "cpu") -> tuple[dict[str, LoRAWeight], dict[str, float]]:
-    from library.flux.safetensors_io import open_checkpoint
-
     if energy is not None and not 0 < energy <= 1:
         raise UserError(f"--energy {energy}: expected a fraction in (0, 1]")
     rank = dim if dim is not None or energy is not None else 4
@@ -76,8 +76,6 @@ def extract(org: Path, tuned: Path, dim: int | None, energy: float | None, clamp
 
 
 def main(argv: list[str] | None = None) -> int:
-    from networks.lora_flux import save_lora
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = build_parser().parse_args(argv)
     check_svd_args(("--dim", a.dim), a.clamp_quantile)

@@ -8,12 +8,11 @@ Rank priority per module, as kohya: `network_reg_dims` (first matching regex) > 
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from dataclasses import dataclass, field
 
-from library.errors import UserError
+from library.errors import UserError, closest
 
 NUM_DOUBLE_FLUX1 = 19
 NUM_SINGLE_FLUX1 = 38
@@ -145,8 +144,8 @@ def parse_network_args(raw: dict[str, object], n_double: int = NUM_DOUBLE_FLUX1,
         if key in UNSUPPORTED_KEYS:
             raise UserError(f"--network_args: {key}: {UNSUPPORTED_KEYS[key]} is not supported by this trainer")
         if key not in KNOWN_KEYS:
-            near = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1)
-            hint = f"; did you mean {near[0]}?" if near else ""
+            near = closest(key, sorted(KNOWN_KEYS))
+            hint = f"; did you mean {near}?" if near else ""
             raise UserError(f"--network_args: unknown key {key!r}{hint}")
     tb = str(raw.get("train_blocks", "all")).strip().lower()
     if tb not in ("all", "single", "double"):

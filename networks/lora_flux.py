@@ -7,7 +7,7 @@ format (see `networks.lora_formats`); split_qkv modules are saved fused with alp
 applies the trained update. Entry points for the trainer and inference:
 
     network = create_network(1.0, 16, 16, transformer, clip_l, None, neuron_dropout=None, **network_args)
-    names = network.apply_to(...)              # wraps the Linears in LoRAModule; returns the kohya names
+    names = network.apply_to(text_encoder=False)   # wraps the Linears in LoRAModule; returns the kohya names
     groups = network.prepare_optimizer_params(text_encoder_lr, unet_lr, default_lr)
     network.save_weights(path, torch.bfloat16, metadata)
     apply_lora_weights(transformer, clip_l, [(path, 0.8)], merge=True)
@@ -21,11 +21,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
+import torch
 
 from library.atomic import atomic_target
 from library.errors import UserError
+from library.flux.safetensors_io import save_file_atomic
 from networks import lora_keys as K
 from networks.lora_args import NetworkArgs, parse_network_args, unet_rank
 from networks.lora_formats import LoRAWeight, ParsedLoRA, parse_lora, read_lora, to_kohya
@@ -105,13 +106,12 @@ class LoRANetwork(nn.Module):
                 if isinstance(m, LoRAAdapter) and (component is None or self._targets[n].component == component)]
 
     # -- applying ------------------------------------------------------------------------------------------
-    def apply_to(self, text_encoders=None, flux=None, apply_text_encoder: bool = True,
-                 apply_unet: bool = True) -> list[str]:
-        """Wrap each target Linear in a `LoRAModule`; returns the kohya names replaced (kohya's signature;
-        the models were given to `create_network`). Adapters of components not applied are dropped."""
+    def apply_to(self, *, text_encoder: bool = True, transformer: bool = True) -> list[str]:
+        """Wrap each target Linear in a `LoRAModule`; returns the kohya names replaced (the models were given
+        to `create_network`). Adapters of the components not applied are dropped."""
         replaced = []
         for name, t in list(self._targets.items()):
-            if (t.component == "unet" and not apply_unet) or (t.component != "unet" and not apply_text_encoder):
+            if (t.component == "unet" and not transformer) or (t.component != "unet" and not text_encoder):
                 delattr(self, name)
                 del self._targets[name]
                 continue
@@ -140,9 +140,6 @@ class LoRANetwork(nn.Module):
     def set_enabled(self, enabled: bool) -> None:
         for a in self.adapters():
             a.enabled = enabled
-
-    def is_mergeable(self) -> bool:
-        return True
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -204,11 +201,8 @@ class LoRANetwork(nn.Module):
                     groups.append({"params": downs + ups, "lr": glr, "name": gdesc})
         return [g for g in groups if g["params"]]
 
-    def get_trainable_params(self) -> list[nn.Parameter]:
-        return [p for a in self.adapters() for p in a.parameters()]
-
     @torch.no_grad()
-    def apply_max_norm_regularization(self, max_norm: float, device=None) -> tuple[int, float, float]:
+    def apply_max_norm_regularization(self, max_norm: float) -> tuple[int, float, float]:
         """--scale_weight_norms: scale each pair so ‖ΔW‖ ≤ max_norm. Returns (n scaled, mean, max norm)."""
         norms, scaled = [], 0
         for a in self.adapters():
@@ -259,8 +253,6 @@ def _linear(m: nn.Module) -> nn.Linear:
 def save_lora(weights: dict[str, LoRAWeight], file: str | os.PathLike, dtype: torch.dtype | None,
               metadata: dict[str, str] | None) -> None:
     """Write kohya-format LoRA tensors atomically (.safetensors with metadata + hashes, or .pt/.ckpt)."""
-    from library.flux.safetensors_io import save_file_atomic
-
     file = Path(file)
     sd = to_kohya(weights, dtype)
     outside = sorted(n for n in weights if K.split_kohya_name(n)[0] == "unet"

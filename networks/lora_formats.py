@@ -25,9 +25,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors.torch import load_file
 import torch
 
 from library.errors import UserError
+from library.flux.safetensors_io import read_header, read_metadata
 from networks import lora_keys as K
 from networks.lora_checks import check_finite, lora_tensors
 
@@ -62,10 +64,6 @@ class ParsedLoRA:
 
 def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a LoRA .safetensors (strict header checks, pickles refused)."""
-    from safetensors.torch import load_file
-
-    from library.flux.safetensors_io import read_header, read_metadata
-
     read_header(path)
     return load_file(str(path)), read_metadata(path)
 

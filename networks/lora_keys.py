@@ -11,12 +11,15 @@ module therefore maps to (BFL module, part index, number of parts). Part widths 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+import torch
+
+from library.flux.convert import DOUBLE_MODULES, OTHER_MODULES, SINGLE_MODULES, Split
+from library.flux.geometry import MLP_RATIO  # only used when a split file lacks proj_mlp
 
 PREFIX_UNET = "lora_unet_"
 PREFIX_CLIP = "lora_te1_"
 PREFIX_T5 = "lora_te3_"
-MLP_RATIO = 4.0  # FLUX.1's mlp width / hidden width; only used when a split file lacks proj_mlp
 
 _DOUBLE_RE = re.compile(r"double_blocks_(\d+)_(img|txt)_(attn_qkv|attn_proj|mlp_0|mlp_2|mod_lin)")
 _SINGLE_RE = re.compile(r"single_blocks_(\d+)_(linear1|linear2|modulation_lin)")
@@ -83,43 +86,8 @@ def is_block_module(module_path: str) -> bool:
 
 # --- BFL ↔ diffusers -------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Split:
-    """How a BFL module appears in diffusers: `parts` diffusers names, rows split as given by `kind`."""
-
-    parts: tuple[str, ...]
-    kind: str  # "one" (1:1), "qkv" (3 equal), "linear1" (h,h,h,m), "swap" (norm_out: halves swapped)
-
-
-_DOUBLE_TABLE = {
-    "img_attn.qkv": Split(("attn.to_q", "attn.to_k", "attn.to_v"), "qkv"),
-    "txt_attn.qkv": Split(("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "qkv"),
-    "img_attn.proj": Split(("attn.to_out.0",), "one"),
-    "txt_attn.proj": Split(("attn.to_add_out",), "one"),
-    "img_mlp.0": Split(("ff.net.0.proj",), "one"),
-    "img_mlp.2": Split(("ff.net.2",), "one"),
-    "txt_mlp.0": Split(("ff_context.net.0.proj",), "one"),
-    "txt_mlp.2": Split(("ff_context.net.2",), "one"),
-    "img_mod.lin": Split(("norm1.linear",), "one"),
-    "txt_mod.lin": Split(("norm1_context.linear",), "one"),
-}
-_SINGLE_TABLE = {
-    "linear1": Split(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear1"),
-    "linear2": Split(("proj_out",), "one"),
-    "modulation.lin": Split(("norm.linear",), "one"),
-}
-_OTHER_TABLE = {
-    "img_in": Split(("x_embedder",), "one"),
-    "txt_in": Split(("context_embedder",), "one"),
-    "time_in.in_layer": Split(("time_text_embed.timestep_embedder.linear_1",), "one"),
-    "time_in.out_layer": Split(("time_text_embed.timestep_embedder.linear_2",), "one"),
-    "vector_in.in_layer": Split(("time_text_embed.text_embedder.linear_1",), "one"),
-    "vector_in.out_layer": Split(("time_text_embed.text_embedder.linear_2",), "one"),
-    "guidance_in.in_layer": Split(("time_text_embed.guidance_embedder.linear_1",), "one"),
-    "guidance_in.out_layer": Split(("time_text_embed.guidance_embedder.linear_2",), "one"),
-    "final_layer.linear": Split(("proj_out",), "one"),
-    "final_layer.adaLN_modulation.1": Split(("norm_out.linear",), "swap"),
-}
+# The BFL <-> diffusers module table is library/flux/convert.py's (one copy for checkpoints and LoRAs).
+_DOUBLE_TABLE, _SINGLE_TABLE, _OTHER_TABLE = DOUBLE_MODULES, SINGLE_MODULES, OTHER_MODULES
 
 
 def bfl_to_diffusers(module_path: str) -> tuple[Split, str] | None:
@@ -177,8 +145,6 @@ def fused_rows(split: Split, part_rows_known: dict[int, int], in_features: int,
 
 def swap_halves(t):
     """BFL final_layer.adaLN_modulation emits [shift; scale], diffusers norm_out.linear [scale; shift]."""
-    import torch
-
     a, b = t.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import io
 import json
 
+import io
+from safetensors.torch import save
 import torch
 
 NETWORK_MODULE = "networks.lora_flux"
@@ -65,8 +66,6 @@ def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     The file is serialised with only its `ss_*` metadata (user-editable keys do not change the hash);
     model hash = sha256 of the bytes after the header, legacy = sha256 of the 64 KiB at 1 MiB, 8 hex digits.
     """
-    from safetensors.torch import save
-
     blob = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
     n = int.from_bytes(blob[:8], "little")
     return {

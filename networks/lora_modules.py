@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
+import torch
 
+from library.flux.model import to_fp8
 from networks.lora_formats import LoRAWeight, fuse_parts
 
 
@@ -191,8 +192,6 @@ def add_to_weight(linear: nn.Linear, delta: torch.Tensor) -> None:
     w = linear.weight
     new = w.detach().float() + delta.to(w.device)
     if w.dtype == torch.float8_e4m3fn:
-        from library.flux.model import to_fp8
-
         w.data = to_fp8(new)
     else:
         w.data = new.to(w.dtype)

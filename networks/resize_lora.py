@@ -20,6 +20,7 @@ from library.flux.safetensors_io import check_output_path  # noqa: E402
 from networks.lora_checks import check_finite, lora_tensors  # noqa: E402
 from networks.lora_formats import LoRAWeight, ParsedLoRA, load_lora_file, parse_lora  # noqa: E402
 from networks.lora_svd import check_svd_args, low_rank, parse_dtype  # noqa: E402
+from networks.lora_flux import save_lora
 
 log = logging.getLogger("resize_lora")
 
@@ -51,8 +52,6 @@ def resize(parsed: ParsedLoRA, new_rank: int, method: str | None = None, param: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from networks.lora_flux import save_lora
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = build_parser().parse_args(argv)
     if a.dynamic_method and a.dynamic_param is None:

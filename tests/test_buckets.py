@@ -88,7 +88,7 @@ def test_make_batches_never_mix_and_cover_everything():
 
 def test_real_images_bucket_and_batch(tmp_path):
     from library.data.dataset import build_datasets
-    from library.dataset_config import load_dataset_config
+    from library.data.config import load_dataset_config
 
     cfg_path = tmp_path / "c.toml"
     cfg_path.write_text(f"""

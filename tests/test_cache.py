@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from library.cache import TensorCache, checkpoint_identity
+from library.data.cache import TensorCache, checkpoint_identity
 from library.data.dataset import BatchLoader, build_datasets
-from library.dataset_config import load_dataset_config
+from library.data.config import load_dataset_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,7 +188,7 @@ KILL_SCRIPT = """
 import sys, time, torch, torch.nn.functional as F
 sys.path.insert(0, {root!r})
 from library.data.dataset import build_datasets
-from library.dataset_config import load_dataset_config
+from library.data.config import load_dataset_config
 def slow(x):
     time.sleep(0.3)
     return F.avg_pool2d(x, 8).repeat(1, 6, 1, 1)[:, :16]

@@ -69,7 +69,7 @@ def test_a_full_kohya_command_line_builds_a_config() -> None:
     assert cfg.optimizer.optimizer_type == "adamw8bit" and cfg.optimizer.optimizer_args == ("relative_step=False",)
     assert cfg.objective.discrete_flow_shift == pytest.approx(3.1582)
     assert cfg.loop.max_train_epochs == 16 and cfg.save.output_name == "flux-lora"
-    assert cfg.data.cli_values == {"cache_latents_to_disk": True}
+    assert cfg.data.cli_values == {"cache_latents": True}  # implied by --cache_latents_to_disk, resolved once
     assert any("--sdpa" in w for w in cfg.warnings) and any("--highvram" in w for w in cfg.warnings)
     assert config_as_dict(cfg)["objective"]["model_prediction_type"] == "raw"
 
@@ -86,6 +86,12 @@ def test_implied_settings_and_aliases() -> None:
     assert cfg.precision.fp8_base and cfg.memory.blocks_to_swap == 18
     assert cfg.optimizer.optimizer_type == "Lion"
     assert any("split_mode" in w for w in cfg.warnings)
+    # the alias is resolved once, here: the dataset layer receives caption_extension only
+    assert cfg.data.cli_values == {"caption_extension": ".txt"}
+    both = build_config(parse_args(["--caption_extention", ".a", "--caption_extension", ".b", "--train_data_dir", "d",
+                                    "--skip_bad_images"]))
+    assert both.data.cli_values == {"caption_extension": ".b"}  # the correct spelling wins, as in kohya
+    assert both.data.train_data_dir == "d" and both.data.skip_bad_images
 
 
 @pytest.mark.parametrize("argv, needle", [

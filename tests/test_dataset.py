@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from library.cache import ae_encode_fn, checkpoint_identity, text_encode_fn
+from library.data.cache import ae_encode_fn, checkpoint_identity, text_encode_fn
 from library.data.dataset import BatchLoader, build_datasets
 from library.data.plan import build_plan, format_plan
-from library.dataset_config import load_dataset_config
+from library.data.config import load_dataset_config
 from library.errors import UserError
 
 DATA = Path(__file__).resolve().parents[1] / "dataset_configs" / "data"

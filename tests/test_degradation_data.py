@@ -18,7 +18,7 @@ from PIL import Image
 import flux_train_network
 from library.data.dataset import BatchLoader, _to_tensor, build_datasets
 from library.data.degrade import apply_params
-from library.dataset_config import load_dataset_config
+from library.data.config import load_dataset_config
 from library.errors import run_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def test_pairs_equal_after_resume_and_in_another_process(tmp_path):
     rest = list(resumed.iter_epoch()) + list(resumed.iter_epoch())
     assert all(torch.equal(a, b) for a, b in zip(full, first + [b.cond_images for b in rest]))
     assert len(full) == 1 + len(rest)
-    code = ("from pathlib import Path; from library.dataset_config import load_dataset_config; "
+    code = ("from pathlib import Path; from library.data.config import load_dataset_config; "
             "from library.data.dataset import build_datasets; import tests.test_degradation_data as t; "
             f"ds, _ = build_datasets(load_dataset_config(Path({str(cfg_path)!r})), seed=7, progress=False); "
             "print(t._digest(ds, 1))")

@@ -217,7 +217,7 @@ def test_pair_mode_average_is_the_mean_of_the_group_loras(tiny_ckpts, tmp_path):
 
 
 def test_before_dir_key_is_checked_like_conditioning_data_dir(tmp_path):
-    from library.dataset_config import format_resolved, load_dataset_config
+    from library.data.config import format_resolved, load_dataset_config
 
     toml = write_pairs(tmp_path / "d", size=64, names=("chelsea.png",))
     assert "before_dir = " in format_resolved(load_dataset_config(toml))

@@ -118,7 +118,7 @@ def test_disk_full_is_refused_before_writing_when_the_space_is_known(tmp_path: P
 
 
 def test_disk_full_in_the_cache_and_text_writers(tmp_path: Path, monkeypatch) -> None:
-    from library.cache import TensorCache
+    from library.data.cache import TensorCache
 
     cache = TensorCache(tmp_path / "cache", "latents")
     _full_at(monkeypatch, 0)
@@ -314,7 +314,7 @@ def test_a_well_formed_header_passes(tmp_path: Path) -> None:  # the control
 
 
 def test_truncated_cache_entry_under_skip_cache_check_is_one_line(tmp_path: Path) -> None:
-    from library.cache import TensorCache
+    from library.data.cache import TensorCache
 
     cache = TensorCache(tmp_path / "c", "latents", skip_check=True)
     key = "cd" * 8
@@ -327,7 +327,7 @@ def test_truncated_cache_entry_under_skip_cache_check_is_one_line(tmp_path: Path
 
 
 def test_cache_clean_up_removes_dead_and_foreign_temporaries_only(tmp_path: Path) -> None:
-    from library.cache import TensorCache
+    from library.data.cache import TensorCache
 
     cache = TensorCache(tmp_path / "c", "latents")
     cache.put("ef" * 8, {"latents": torch.ones(1)})
@@ -380,7 +380,7 @@ def test_an_absurd_png_is_refused_from_its_header(tmp_path: Path, monkeypatch) -
 
 
 def test_dataset_resolution_beyond_16384_is_a_config_error(tmp_path: Path) -> None:
-    from library.dataset_config import load_dataset_config
+    from library.data.config import load_dataset_config
 
     (tmp_path / "d.toml").write_text('[[datasets]]\nresolution = 100000\n[[datasets.subsets]]\nimage_dir = "x"\n')
     with pytest.raises(UserError, match="expected sizes of at most 16384, got 100000x100000"):
@@ -430,7 +430,7 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path: Path, monkeypat
 
 
 def test_disk_full_while_writing_a_png_is_one_line(tmp_path: Path, monkeypatch) -> None:
-    from library.train.logging import LossRecord, draw_loss_plot
+    from library.train.reporting import LossRecord, draw_loss_plot
 
     record = LossRecord()
     for step in range(1, 4):

@@ -29,7 +29,7 @@ def _model_with_lora(seed: int = 0) -> tuple[Flux, list[torch.nn.Parameter]]:
             p.normal_(0, 0.05)
     model.requires_grad_(False)
     network = lora_flux.create_network(1.0, 4, 4, model, None, None)
-    network.apply_to(None, model)
+    network.apply_to()
     for adapter in network.adapters():  # a non-zero up so the LoRA changes the output and both grads flow
         torch.nn.init.normal_(adapter.lora_up.weight, std=0.05)
     return model, list(network.parameters())

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from library.data.images import BadImageError, list_images, load_image, read_size, resize_crop
-from library.dataset_config import load_dataset_config
+from library.data.config import load_dataset_config
 from library.errors import UserError
 
 

@@ -305,7 +305,7 @@ def test_t5_only_with_train_t5xxl(model, tmp_path):
 
 def test_apply_to_only_unet_drops_text_encoder_modules(model):
     net = create_network(1.0, 4, 1, model, tiny_clip(), None)
-    replaced = net.apply_to(apply_text_encoder=False, apply_unet=True)
+    replaced = net.apply_to(text_encoder=False)
     assert len(replaced) == N_UNET and not net.adapters("te1")
     assert len(list(net.parameters())) == 2 * N_UNET
 

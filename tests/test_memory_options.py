@@ -25,7 +25,7 @@ def _model(seed: int = 0) -> tuple[Flux, lora_flux.LoRANetwork]:
             p.normal_(0, 0.05)
     model.requires_grad_(False)
     network = lora_flux.create_network(1.0, 4, 4, model, None, None)
-    network.apply_to(None, model)
+    network.apply_to()
     for adapter in network.adapters():  # non-zero up: both LoRA factors get gradients
         torch.nn.init.normal_(adapter.lora_up.weight, std=0.05)
     return model, network

@@ -200,7 +200,7 @@ def test_run_main_turns_os_errors_on_paths_into_one_line() -> None:
 # -- dataset config and scan -----------------------------------------------------------------------------
 
 def test_config_with_every_subset_skipped_is_an_error(tmp_path) -> None:
-    from library.dataset_config import load_dataset_config
+    from library.data.config import load_dataset_config
 
     (tmp_path / "img").mkdir()
     from PIL import Image
@@ -217,7 +217,7 @@ def test_scan_warnings_name_the_files_and_do_not_advise_the_flag_in_use(tmp_path
     from PIL import Image
 
     from library.data.scan import scan
-    from library.dataset_config import load_dataset_config
+    from library.data.config import load_dataset_config
 
     img = tmp_path / "img"
     img.mkdir()
@@ -276,7 +276,7 @@ def test_every_undecodable_caption_is_reported_at_once_and_utf16_bom_is_read(tmp
     from PIL import Image
 
     from library.data.scan import scan
-    from library.dataset_config import load_dataset_config
+    from library.data.config import load_dataset_config
 
     img = tmp_path / "img"
     img.mkdir()

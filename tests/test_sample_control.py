@@ -40,7 +40,7 @@ def test_training_pairs_are_sampled_side_by_side(tiny_ckpts, data: Path, tmp_pat
     middle panel is the base model's Kontext edit of the pair's control, as inference makes it; a --ci prompt
     file gives control | output."""
     from library.data.dataset import build_datasets
-    from library.dataset_config import load_dataset_config
+    from library.data.config import load_dataset_config
     from library.flux.loading import load_autoencoder, load_transformer
     from library.flux.text_encoders import FluxTextEncoders
     from library.sampling import generate_image, read_png_settings

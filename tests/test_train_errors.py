@@ -21,7 +21,7 @@ from library.train import setup as train_setup
 from library.train import trainer
 from library.train.cli import parse_args
 from library.train.config import build_config, config_as_dict
-from library.train.logging import warn
+from library.train.reporting import warn
 
 
 class _TooLate(Exception):

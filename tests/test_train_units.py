@@ -13,7 +13,7 @@ from library.errors import UserError
 from library.train.checkpoint import Names, prune_epochs, prune_steps
 from library.train.cli import parse_args
 from library.train.config import build_config
-from library.train.logging import LossRecord, draw_loss_plot, write_loss_csv
+from library.train.reporting import LossRecord, draw_loss_plot, write_loss_csv
 from library.train.precision import resolve_dtypes
 from library.train.prompts import load_prompts, parse_line
 from library.train.samples import sample_path

@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from library.cache import ae_encode_fn  # noqa: E402
+from library.data.cache import ae_encode_fn  # noqa: E402
 from library.data.dataset import BatchLoader, build_datasets  # noqa: E402
-from library.dataset_config import load_dataset_config  # noqa: E402
+from library.data.config import load_dataset_config  # noqa: E402
 
 
 def make_images(folder: Path, n: int, size: int) -> None:

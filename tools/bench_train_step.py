@@ -157,7 +157,7 @@ def inject_lora_network(model: Flux, rank: int, alpha: float, impl: str
             from networks import lora_flux  # noqa: PLC0415
 
             network = lora_flux.create_network(1.0, rank, alpha, model, None, None)
-            names = network.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
+            names = network.apply_to(text_encoder=False)
             network.to(dtype=torch.float32)  # as the trainer (library/train/models.inject_lora)
             network.train()
             params = [p for p in network.parameters() if p.requires_grad]

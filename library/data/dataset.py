@@ -19,21 +19,24 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from library.cache import (DigestIndex, LatentJob, Prepared, TensorCache, cache_latents, cache_text_outputs,
-                           latent_key, latent_required, text_key, TextEncodeFn)
 from library.data.buckets import crop_ltrb, make_batches
+from library.data.cache import (DigestIndex, LatentJob, Prepared, TensorCache, cache_latents, cache_text_outputs,
+                           latent_key, latent_required, text_key, TextEncodeFn)
 from library.data.captions import CaptionSpec, process_caption
+from library.data.config import ResolvedDatasetConfig
 from library.data.degrade import DegradationParams, apply_params, sample_params
 from library.data.images import BadImageError, load_image, resize_crop
 from library.data.scan import Item, balance_reg, scan, split_validation
-from library.dataset_config import ResolvedDatasetConfig
+from library.flux.geometry import AE_DOWNSAMPLE
 
 log = logging.getLogger(__name__)
 
-LATENT_DOWNSCALE = 8
+LATENT_DOWNSCALE = AE_DOWNSAMPLE  # the loss mask is pooled to the latent grid
 
 
 @dataclass
@@ -76,8 +79,6 @@ def _mask_tensor(mask: np.ndarray) -> torch.Tensor:
 
 def _color_aug(rgb: np.ndarray, rng: random.Random) -> np.ndarray:
     """Weak colour augmentation: a small random hue rotation (about kohya's +-8 of 180 degrees)."""
-    from PIL import Image
-
     hsv = np.asarray(Image.fromarray(rgb).convert("HSV")).copy()
     shift = int(round(rng.uniform(-8 / 180, 8 / 180) * 256))
     hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 256).astype(np.uint8)
@@ -102,6 +103,13 @@ class FluxDataset:
         self.bad: set[int] = set()  # uids found unreadable under --skip_bad_images
         self.skip_bad_images = False
         self._order_cache: tuple[int, list[BatchRef]] | None = None
+
+    def share(self, rank: int, world: int) -> "FluxDataset":
+        """This rank's share of the images (uid % world == rank), for caching split across ranks."""
+        items = [[it for it in its if it.uid % world == rank] for its in self.items]
+        part = FluxDataset(self.cfg, items, self.seed, self.validation)
+        part.max_train_steps, part.skip_bad_images, part.bad = self.max_train_steps, self.skip_bad_images, self.bad
+        return part
 
     def _spec(self, sub) -> CaptionSpec:
         spec = CaptionSpec.from_subset(sub)
@@ -203,15 +211,19 @@ class FluxDataset:
 
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], ae_id: str, to_disk: bool,
                       cache_dir: Path | None = None, skip_cache_check: bool = False, batch_size: int = 1,
-                      progress: bool = True, num_threads: int | None = None) -> None:
+                      progress: bool = True, num_threads: int | None = None,
+                      memory: TensorCache | None = None, clean_temporaries: bool = True) -> int:
         """Encode (or reuse) the latents of every image; later batches read `latents` from the cache.
 
         On disk the entries go to `cache_dir`, or `<image_dir>/.flux_cache/` per subset (kohya also writes
-        beside the images); in memory they live in this object (forked loader workers share them).
+        beside the images); in memory they live in `memory` (a new store if None) held by this object
+        (forked loader workers share them). Returns the number of entries encoded now (the rest were cached).
         """
         items = [it for its in self.items for it in its if it.uid not in self.bad]
         roots = {self._cache_root(it, cache_dir) for it in items} if to_disk else {None}
-        caches = {r: TensorCache(r, "latents", skip_cache_check) for r in roots}
+        caches = {r: TensorCache(r, "latents", skip_cache_check) if r is not None or memory is None else memory
+                  for r in roots}
+        written = sum(c.written for c in caches.values())
         digests = {r: DigestIndex(r / "digests.json" if r else None, skip_cache_check) for r in roots}
         jobs_by_root: dict[Path | None, list[LatentJob]] = {r: [] for r in roots}
         self._job_items: dict[str, Item] = {}
@@ -228,7 +240,8 @@ class FluxDataset:
                 self.control_keys[it.uid] = control.key
         for root, jobs in jobs_by_root.items():
             bad = cache_latents(jobs, self._prepare, encode, caches[root], ae_id, self._required, batch_size,
-                                self.skip_bad_images, progress, num_threads or min(8, os.cpu_count() or 1))
+                                self.skip_bad_images, progress, num_threads or min(8, os.cpu_count() or 1),
+                                clean_temporaries)
             for p in bad:
                 log.warning("skipping unreadable image %s", p)
                 self.bad |= {it.uid for it in items if it.path == p}
@@ -236,6 +249,7 @@ class FluxDataset:
         self._latent_caches = {it.uid: caches[self._cache_root(it, cache_dir) if to_disk else None] for it in items}
         self.latent_cache = next(iter(caches.values()))
         self._order_cache = None
+        return sum(c.written for c in caches.values()) - written
 
     def _latent_job(self, it: Item, digests: DigestIndex, ae_id: str, control: bool = False) -> LatentJob:
         ds, sub = self.cfg.datasets[it.dataset], self.cfg.datasets[it.dataset].subsets[it.subset]
@@ -268,15 +282,21 @@ class FluxDataset:
 
     def cache_text_outputs(self, encode: TextEncodeFn, te_id: str, t5_max_length: int, apply_t5_attn_mask: bool,
                            epochs: range, to_disk: bool, cache_dir: Path | None = None,
-                           skip_cache_check: bool = False, batch_size: int = 8, progress: bool = True) -> int:
+                           skip_cache_check: bool = False, batch_size: int = 8, progress: bool = True,
+                           memory: TensorCache | None = None, shard: tuple[int, int] | None = None,
+                           clean_temporaries: bool = True) -> int:
         """Encode every caption variant the given epochs use (and "" when captions can drop out).
 
         kohya refuses TE caching with caption dropout / shuffle / wildcards; caching each variant keeps
-        them working. Returns the number of distinct captions covered.
+        them working. In memory the entries go to `memory` (a new store if None); `shard=(rank, world)`
+        encodes only every world-th caption from rank (the caching split across ranks). Returns the number of
+        distinct captions covered.
         """
         captions = self.caption_variants(epochs)
         if any(s.caption_dropout_rate > 0 or s.caption_dropout_every_n_epochs > 0 for s in self.specs.values()):
             captions.append("")
+        if shard is not None:
+            captions = captions[shard[0]::shard[1]]
         n_images = len(self.by_uid)
         if len(captions) > 4 * n_images:  # shuffling makes nearly every (sample, epoch) a new caption
             log.warning("caching %d caption variants for %d images over %d epochs (about %.1f GiB at FLUX-dev's "
@@ -285,8 +305,9 @@ class FluxDataset:
                         len(captions) * 512 * 4096 * 2 / 2**30)
         first = next(it for its in self.items for it in its)
         root = (cache_dir or self._cache_root(first, None)) if to_disk else None
-        self.text_cache = TensorCache(root, "text", skip_cache_check)
-        self.text_cache.remove_stale_temporaries()
+        self.text_cache = TensorCache(root, "text", skip_cache_check) if to_disk or memory is None else memory
+        if clean_temporaries:
+            self.text_cache.remove_stale_temporaries()
         keys = cache_text_outputs(captions, encode, self.text_cache, te_id, t5_max_length, apply_t5_attn_mask,
                                   batch_size, progress)
         self.text_keys.update(keys)
@@ -364,8 +385,6 @@ class FluxDataset:
 
 
 def tqdm_items(items: list, desc: str, progress: bool):
-    from tqdm import tqdm
-
     return tqdm(items, desc=desc, unit="img", disable=not progress or len(items) < 2)
 
 

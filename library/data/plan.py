@@ -1,19 +1,17 @@
 """The training plan printed before training and by --dry_run: images, repeats, buckets, steps.
 
-Step arithmetic follows kohya: an epoch is every batch of every dataset once; an optimizer step consumes
-`gradient_accumulation_steps` batches on each of `num_processes` processes; `--max_train_epochs`
-overrides `--max_train_steps` as epochs * ceil(batches / processes / accumulation).
+Steps and epochs come from library.schedule (the formula the trainer uses).
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass
 
-from library.data.dataset import FluxDataset
+from library.data.config import ResolvedDatasetConfig
+from library.data.dataset import FluxDataset, build_datasets
 from library.data.degrade import DegradationConfig
-from library.dataset_config import ResolvedDatasetConfig
+from library.schedule import DEFAULT_MAX_TRAIN_STEPS, batches_per_rank, make_schedule
 
 
 @dataclass(frozen=True)
@@ -49,8 +47,8 @@ class Plan:
     validation_images: int = 0
 
 
-def build_plan(dataset: FluxDataset, max_train_steps: int | None = None, max_train_epochs: int | None = None,
-               gradient_accumulation_steps: int = 1, num_processes: int = 1,
+def build_plan(dataset: FluxDataset, max_train_steps: int = DEFAULT_MAX_TRAIN_STEPS,
+               max_train_epochs: int | None = None, gradient_accumulation_steps: int = 1, num_processes: int = 1,
                validation: FluxDataset | None = None) -> Plan:
     refs = dataset.batches(0)
     plans = []
@@ -73,14 +71,10 @@ def build_plan(dataset: FluxDataset, max_train_steps: int | None = None, max_tra
             counts[it.assignment.bucket] += it.repeats
         plans.append(DatasetPlan(i, ds.resolution, ds.batch_size, tuple(subs), tuple(sorted(counts.items())),
                                  sum(1 for r in refs if r.dataset == i)))
-    steps = math.ceil(len(refs) / num_processes / gradient_accumulation_steps)
-    if max_train_epochs:
-        epochs, total = max_train_epochs, max_train_epochs * steps
-    else:
-        total = max_train_steps if max_train_steps is not None else 1600  # kohya's default
-        epochs = math.ceil(total / steps) if steps else 0
+    sched = make_schedule(batches_per_rank(len(refs), num_processes), gradient_accumulation_steps,
+                          max_train_steps, max_train_epochs)
     n_val = sum(len(its) for its in validation.items) if validation else 0
-    return Plan(tuple(plans), len(refs), steps, epochs, total, n_val)
+    return Plan(tuple(plans), len(refs), sched.steps_per_epoch, sched.epochs, sched.total_steps, n_val)
 
 
 def describe_degradation(cfg: DegradationConfig) -> str:
@@ -114,11 +108,9 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def make_plan(resolved: ResolvedDatasetConfig, seed: int = 0, max_train_steps: int | None = None, max_train_epochs: int | None = None,
-              gradient_accumulation_steps: int = 1, num_processes: int = 1, skip_bad_images: bool = False,
-              progress: bool = True) -> Plan:
+def make_plan(resolved: ResolvedDatasetConfig, seed: int = 0, max_train_steps: int = DEFAULT_MAX_TRAIN_STEPS,
+              max_train_epochs: int | None = None, gradient_accumulation_steps: int = 1, num_processes: int = 1,
+              skip_bad_images: bool = False, progress: bool = True) -> Plan:
     """--dry_run: scan the images of a resolved config (headers only, no model) and plan the run."""
-    from library.data.dataset import build_datasets
-
     train, val = build_datasets(resolved, seed, skip_bad_images, progress)
     return build_plan(train, max_train_steps, max_train_epochs, gradient_accumulation_steps, num_processes, val)

@@ -21,7 +21,7 @@ from library.data.captions import CaptionSpec, find_caption
 from library.data.images import BadImageError, list_images, read_size
 from library.data.pairs import AFTER, BEFORE, check_sizes, match_pairs
 from library.data.schema import CONTROL, FINETUNE, IMAGE_EXTENSIONS
-from library.dataset_config import DatasetConfig, ResolvedDatasetConfig, SubsetConfig
+from library.data.config import DatasetConfig, ResolvedDatasetConfig, SubsetConfig
 from library.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -13,17 +13,19 @@ the tuple-typed `(",",)` defect).
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
+from library.errors import closest
+from library.flux.geometry import PIXEL_MULTIPLE
+
 GENERAL, DATASET, SUBSET = "general", "dataset", "subset"
 DREAMBOOTH, FINETUNE, CONTROL = "dreambooth", "finetune", "control"
 ALL_STYLES = frozenset({DREAMBOOTH, FINETUNE, CONTROL})
 
-FLUX_MULTIPLE = 16  # AE /8 and 2x2 patchify: every trained size must be a multiple of 16 pixels
+FLUX_MULTIPLE = PIXEL_MULTIPLE  # AE /8 and 2x2 patchify: every trained size must be a multiple of 16 pixels
 
 # Pillow filters behind kohya's resize_interpolation names ("area" is Pillow's BOX filter).
 INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
@@ -220,8 +222,8 @@ def unknown_key_error(where: str, name: str, level: str) -> str:
     candidates = [k.name for k in KEYS if level in k.levels] + (["general", "datasets"] if level == "top" else [])
     if level == DATASET:
         candidates.append("subsets")
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]}?" if close else ""
+    close = closest(name, candidates)
+    hint = f"; did you mean {close}?" if close else ""
     return f"{spot}: unknown key{hint}"
 
 

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def group_configs(parsed: ParsedArgs, out_dir: Path) -> list[Path]:
     """One dataset TOML per pair subset (absolute paths), written under out_dir."""
-    from library.dataset_config import load_dataset_config, read_document  # noqa: PLC0415
+    from library.data.config import load_dataset_config, read_document  # noqa: PLC0415
 
     path = Path(parsed.values["dataset_config"])
     resolved = load_dataset_config(path, {})

@@ -170,7 +170,7 @@ def run_differential(parsed: ParsedArgs, opts: DifferentialOptions, train: Train
 
 def check_pairs(cfg: TrainConfig) -> None:
     """Every training subset must be a pair subset (before_dir); the pairs themselves are checked by the scan."""
-    from library.dataset_config import load_dataset_config  # noqa: PLC0415
+    from library.data.config import load_dataset_config  # noqa: PLC0415
 
     resolved = load_dataset_config(cfg.data.dataset_config, cfg.data.cli_values)
     for i, ds in enumerate(resolved.datasets):
@@ -185,7 +185,7 @@ def dry_run(parsed: ParsedArgs, opts: DifferentialOptions) -> str:
     import dataclasses  # noqa: PLC0415
 
     from library.data.plan import format_plan, make_plan  # noqa: PLC0415
-    from library.dataset_config import load_dataset_config  # noqa: PLC0415
+    from library.data.config import load_dataset_config  # noqa: PLC0415
 
     check_command(parsed)
     stage1 = plan_stage1(parsed, opts)

@@ -9,36 +9,67 @@ the mid attention's q/k/v/proj_out being 1x1 convolutions in BFL and Linear laye
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
-# BFL prefix -> diffusers prefix for modules that map one to one (weight and bias alike).
-_TOP = {
-    "img_in": "x_embedder", "txt_in": "context_embedder",
-    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
-    "final_layer.linear": "proj_out",
+@dataclass(frozen=True)
+class Split:
+    """How a BFL Linear appears in diffusers: `parts` diffusers names, rows split as given by `kind`."""
+
+    parts: tuple[str, ...]
+    kind: str  # "one" (1:1), "qkv" (3 equal), "linear1" (h,h,h,m), "swap" (norm_out: halves swapped)
+
+
+# The one BFL <-> diffusers table of FLUX's Linear modules (networks/lora_keys.py maps LoRA names with it).
+DOUBLE_MODULES = {  # under double_blocks.{i}. <-> transformer_blocks.{i}.
+    "img_attn.qkv": Split(("attn.to_q", "attn.to_k", "attn.to_v"), "qkv"),
+    "txt_attn.qkv": Split(("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "qkv"),
+    "img_attn.proj": Split(("attn.to_out.0",), "one"),
+    "txt_attn.proj": Split(("attn.to_add_out",), "one"),
+    "img_mlp.0": Split(("ff.net.0.proj",), "one"),
+    "img_mlp.2": Split(("ff.net.2",), "one"),
+    "txt_mlp.0": Split(("ff_context.net.0.proj",), "one"),
+    "txt_mlp.2": Split(("ff_context.net.2",), "one"),
+    "img_mod.lin": Split(("norm1.linear",), "one"),
+    "txt_mod.lin": Split(("norm1_context.linear",), "one"),
 }
-_DOUBLE = {
-    "img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
-    "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
+SINGLE_MODULES = {  # under single_blocks.{i}. <-> single_transformer_blocks.{i}.
+    "linear1": Split(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear1"),
+    "linear2": Split(("proj_out",), "one"),
+    "modulation.lin": Split(("norm.linear",), "one"),
+}
+OTHER_MODULES = {  # outside the blocks
+    "img_in": Split(("x_embedder",), "one"),
+    "txt_in": Split(("context_embedder",), "one"),
+    "time_in.in_layer": Split(("time_text_embed.timestep_embedder.linear_1",), "one"),
+    "time_in.out_layer": Split(("time_text_embed.timestep_embedder.linear_2",), "one"),
+    "vector_in.in_layer": Split(("time_text_embed.text_embedder.linear_1",), "one"),
+    "vector_in.out_layer": Split(("time_text_embed.text_embedder.linear_2",), "one"),
+    "guidance_in.in_layer": Split(("time_text_embed.guidance_embedder.linear_1",), "one"),
+    "guidance_in.out_layer": Split(("time_text_embed.guidance_embedder.linear_2",), "one"),
+    "final_layer.linear": Split(("proj_out",), "one"),
+    "final_layer.adaLN_modulation.1": Split(("norm_out.linear",), "swap"),
+}
+# The QK-norm scales (parameters, not Linears): BFL name -> diffusers name.
+_DOUBLE_NORMS = {
     "img_attn.norm.query_norm.scale": "attn.norm_q.weight", "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
     "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
     "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
-    "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2",
-    "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2",
 }
-_DOUBLE_QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-               "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
-_SINGLE = {
-    "linear2": "proj_out", "modulation.lin": "norm.linear",
-    "norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight",
-}
-_SINGLE_LINEAR1 = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+_SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+
+
+def _one_to_one(table: dict[str, Split]) -> dict[str, str]:
+    return {bfl: split.parts[0] for bfl, split in table.items() if split.kind == "one"}
+
+
+# BFL prefix -> diffusers prefix for modules that map one to one (weight and bias alike).
+_TOP = _one_to_one(OTHER_MODULES)
+_DOUBLE = {**_one_to_one(DOUBLE_MODULES), **_DOUBLE_NORMS}
+_DOUBLE_QKV = {bfl: split.parts for bfl, split in DOUBLE_MODULES.items() if split.kind == "qkv"}
+_SINGLE = {**_one_to_one(SINGLE_MODULES), **_SINGLE_NORMS}
+_SINGLE_LINEAR1 = SINGLE_MODULES["linear1"].parts
 
 
 def _swap_halves(t: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from library.errors import UserError
+from library.flux.geometry import PATCH
 
 HEAD_DIM = 128  # FLUX's attention head width; heads = hidden / HEAD_DIM
 AXES_DIM = (16, 56, 56)  # RoPE frequencies per id axis (index, row, column); sums to HEAD_DIM
@@ -111,12 +112,13 @@ def import_xformers():
 
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
     """Latents [B, C, H, W] -> tokens [B, (H/2)(W/2), C*4]: each 2x2 patch becomes one token."""
-    return rearrange(z, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
+    return rearrange(z, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=PATCH, pw=PATCH)
 
 
 def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Inverse of pack_latents; `height`, `width` are the latent size (H, W), i.e. image size / 8."""
-    return rearrange(x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=height // 2, w=width // 2, ph=2, pw=2)
+    return rearrange(x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=height // PATCH, w=width // PATCH, ph=PATCH,
+                     pw=PATCH)
 
 
 def make_img_ids(batch: int, h: int, w: int, index: int = 0) -> torch.Tensor:

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import torch
 from safetensors import safe_open
+import torch
 
 from library.atomic import write_bytes_atomic
 from library.errors import UserError

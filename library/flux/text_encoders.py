@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer, CLIPTokenizer
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from library.errors import UserError
@@ -308,8 +309,6 @@ def load_t5xxl(path: str | Path, device: torch.device | str, dtype: torch.dtype)
 
 def load_tokenizers() -> tuple:
     """(CLIP tokenizer, T5 tokenizer) from the shipped files; never touches the network."""
-    from transformers import AutoTokenizer, CLIPTokenizer
-
     clip = CLIPTokenizer.from_pretrained(str(tokenizer_dir("clip_l")), local_files_only=True)
     t5 = AutoTokenizer.from_pretrained(str(tokenizer_dir("t5_v1_1_xxl")), local_files_only=True)
     return clip, t5

@@ -19,7 +19,8 @@ from library.flux.autoencoder import SCALE, SHIFT, AutoEncoder, AutoEncoderParam
 from library.flux.convert import ae_bfl_to_diffusers, transformer_bfl_to_diffusers
 from library.flux.model import Flux, FluxParams
 from library.flux.safetensors_io import save_file_atomic
-from library.flux.tiny_text import write_json
+from library.flux.tiny_text import (tiny_text_dims, write_json, write_tiny_text_encoders,
+                                    write_tiny_text_encoders_diffusers)
 
 TINY_AE = AutoEncoderParams(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=16)
 TRANSFORMER_DTYPE = torch.bfloat16  # as flux1-dev.safetensors ships
@@ -38,8 +39,6 @@ class TinyCheckpoints:
 
 
 def tiny_flux_params(guidance_embed: bool = True) -> FluxParams:
-    from library.flux.tiny_text import tiny_text_dims  # noqa: PLC0415 - written by the text encoder part
-
     vec_in_dim, context_in_dim = tiny_text_dims()
     return FluxParams(in_channels=64, out_channels=64, vec_in_dim=vec_in_dim, context_in_dim=context_in_dim,
                       hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2,
@@ -132,8 +131,6 @@ def _write_sharded(sd: dict[str, torch.Tensor], folder: Path, basename: str, n_s
 
 def write_tiny_checkpoints(out_dir: str | Path, seed: int = 0, guidance_embed: bool = True) -> TinyCheckpoints:
     """Write the tiny transformer, AE, CLIP-L and T5 as single files and as a diffusers FluxPipeline folder."""
-    from library.flux.tiny_text import write_tiny_text_encoders, write_tiny_text_encoders_diffusers  # noqa: PLC0415
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     variant = "dev" if guidance_embed else "schnell"

@@ -292,6 +292,13 @@ def load_state(path: str | Path) -> LoadedState:
                        train_state=train_state)
 
 
+def saved_position(path: str | Path) -> tuple[dict[str, Any], int, int]:
+    """(data position, number of processes that wrote it, global step) of a state, without loading it all."""
+    loaded_ts = json.loads((Path(path) / "train_state.json").read_text(encoding="utf-8"))
+    world = len(torch.load(Path(path) / "rng.pt", map_location="cpu", weights_only=False))
+    return loaded_ts["loader"], world, int(loaded_ts["global_step"])
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
@@ -322,3 +329,25 @@ def prune_steps(names: Names, step: int, keep_steps: int | None, state_keep_step
         limit = state_keep_steps or keep_steps if m.group(2) == "-state" else keep_steps
         if limit and step - int(m.group(1)) >= limit:
             _remove(path)
+
+
+def convert_loader_position(position: dict[str, Any], saved_world: int, world: int) -> tuple[dict[str, Any], str | None]:
+    """A data position written by `saved_world` processes, for a run of `world` processes, and a note of what
+    changed (None when nothing did).
+
+    Each rank's `index` counts its own batches, rank r taking the epoch's batches r, r + N, ...; after index i
+    the N ranks have taken the epoch's first i * N batches. The new index starts at the same place, rounded
+    down, so at most world - 1 batches of the epoch are seen twice and none is skipped.
+    """
+    if saved_world == world:
+        return position, None
+    done = int(position["index"]) * saved_world
+    index = done // world
+    again = done - index * world
+    rng = f"; ranks {saved_world}..{world - 1} start from rank 0's RNG state" if world > saved_world else ""
+    note = (f"--resume: this state was written by {saved_world} processes and this run has {world}: the data "
+            f"position (epoch {int(position['epoch']) + 1}, {done} batches done) continues at batch {index * world}"
+            + (f" ({again} seen again)" if again else "")
+            + f"; the global batch is {world}x the per-process batch instead of {saved_world}x{rng}. Training "
+            "continues correctly, but not bit for bit like the uninterrupted run")
+    return {**position, "index": index}, note

@@ -10,7 +10,6 @@ CLI values.
 from __future__ import annotations
 
 import argparse
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,7 +17,7 @@ from typing import Any, Sequence
 import toml
 
 from library.atomic import write_text_atomic
-from library.errors import UserError
+from library.errors import UserError, closest
 from library.train.flags import FLAGS, Flag
 
 # Keys never written by --output_config or beside the outputs (kohya drops the first three; tokens are secrets).
@@ -77,8 +76,8 @@ FLAG_BY_NAME: dict[str, Flag] = {f.name: f for f in FLAGS}
 
 def suggest(name: str) -> str:
     """' (did you mean --x?)' for the closest known flag, or ''."""
-    close = difflib.get_close_matches(name.lstrip("-").split("=")[0], list(FLAG_BY_NAME), n=1, cutoff=0.6)
-    return f" (did you mean --{close[0]}?)" if close else ""
+    close = closest(name.lstrip("-").split("=")[0], FLAG_BY_NAME)
+    return f" (did you mean --{close}?)" if close else ""
 
 
 @dataclass(frozen=True)

@@ -212,8 +212,15 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset_config: str | None
-    cli_values: Mapping[str, Any]  # only the dataset flags the user gave (kohya's CLI precedence level)
+    dataset_config: str | None  # the dataset TOML/JSON (or None: kohya's folder mode)
+    # The CLI level of the dataset layer's precedence chain: only the dataset flags the user gave, under their
+    # kohya names, with the implied ones already resolved here (--caption_extention fills caption_extension,
+    # --cache_latents_to_disk sets cache_latents); the dataset schema checks each value.
+    cli_values: Mapping[str, Any]
+    train_data_dir: str | None  # kohya's folder mode: <repeats>_<class tokens> sub-folders
+    reg_data_dir: str | None
+    in_json: str | None  # accepted and ignored with --dataset_config, as in kohya
+    skip_bad_images: bool  # skip unreadable images with a warning instead of stopping
     validate_config: bool
     dry_run: bool
     pair_side: str = "after"  # subsets with before_dir: train on the after or the before images (differential)
@@ -305,18 +312,31 @@ def build_config(parsed: ParsedArgs) -> TrainConfig:
             base_weights=tuple(v["base_weights"] or ()),
             base_weights_multiplier=tuple(v["base_weights_multiplier"] or ()),
         ),
-        data=DataConfig(
-            dataset_config=v["dataset_config"],
-            cli_values={k: v[k] for k in sorted(given & DATASET_FLAGS)},
-            validate_config=v["validate_config"],
-            dry_run=v["dry_run"],
-        ),
+        data=_data_config(v, given),
         validation=_take(ValidationConfig, v),
         warnings=tuple(ineffective_warnings(v, given)),
         effective=non_default_values(parsed),
     )
     validate(cfg)
     return cfg
+
+
+_FOLDER_FLAGS = ("train_data_dir", "reg_data_dir", "in_json", "skip_bad_images")  # typed fields of DataConfig
+
+
+def _data_config(v: Mapping[str, Any], given: frozenset[str]) -> DataConfig:
+    """The data part of the tree from resolved values (`_resolve`): the only place implied flags are resolved."""
+    names = set(given & DATASET_FLAGS) - set(_FOLDER_FLAGS)
+    if "caption_extention" in names:
+        names.discard("caption_extention")
+        names.add("caption_extension")  # resolved by _resolve (the explicit spelling wins)
+    if "cache_latents_to_disk" in names:
+        names.discard("cache_latents_to_disk")
+        names.add("cache_latents")
+    return DataConfig(dataset_config=v["dataset_config"], cli_values={k: v[k] for k in sorted(names)},
+                      train_data_dir=v["train_data_dir"], reg_data_dir=v["reg_data_dir"], in_json=v["in_json"],
+                      skip_bad_images=bool(v["skip_bad_images"]), validate_config=v["validate_config"],
+                      dry_run=v["dry_run"])
 
 
 def ineffective_warnings(values: Mapping[str, Any], given: frozenset[str]) -> list[str]:
@@ -372,7 +392,8 @@ def validate(cfg: TrainConfig) -> None:
     _require(not (cfg.network.network_train_unet_only and cfg.network.network_train_text_encoder_only),
              "--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     _require(len(cfg.optimizer.text_encoder_lr) <= 2, "--text_encoder_lr takes one or two values (CLIP-L [T5])")
-    for name in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps"):
+    for name in ("save_every_n_epochs", "save_every_n_steps", "save_n_epoch_ratio", "save_last_n_epochs",
+                 "save_last_n_steps"):
         value = getattr(cfg.save, name)
         _require(value is None or value >= 1, f"--{name} must be at least 1")
     _require(0 <= o.control_noise_std < float("inf"),
@@ -422,7 +443,7 @@ def config_summary(cfg: TrainConfig) -> str:
     lines = {
         "transformer": str(m.pretrained_model_name_or_path),
         "encoders": f"CLIP-L {m.clip_l}, T5-XXL {m.t5xxl}, AE {m.ae}",
-        "dataset": cfg.data.dataset_config or f"folders under {cfg.data.cli_values.get('train_data_dir')}",
+        "dataset": cfg.data.dataset_config or f"folders under {cfg.data.train_data_dir}",
         "network": f"{n.network_module} {rank}, {parts}"
                    + (f", args {' '.join(n.network_args)}" if n.network_args else "")
                    + (f", weights {n.network_weights}" if n.network_weights else ""),

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from library.schedule import DEFAULT_MAX_TRAIN_STEPS
+
 
 @dataclass(frozen=True)
 class Flag:
@@ -134,7 +136,7 @@ FLAGS: list[Flag] = [
         _f("xformers", "flag", False, "xformers attention in the transformer (torch SDPA otherwise)"),
         _f("sdpa", "flag", False, "torch SDPA attention (always on for FLUX)"),
         _f("vae", "str", None, "SD VAE (use --ae for FLUX)"),
-        _f("max_train_steps", "int", 1600, "training steps"),
+        _f("max_train_steps", "int", DEFAULT_MAX_TRAIN_STEPS, "training steps"),
         _f("max_train_epochs", "int", None, "training epochs (overrides --max_train_steps)"),
         _f("max_data_loader_n_workers", "int", 8, "DataLoader worker processes"),
         _f("persistent_data_loader_workers", "flag", False, "keep DataLoader workers between epochs"),
@@ -403,6 +405,7 @@ INEFFECTIVE: dict[str, str] = {
     "lowram": "models are loaded lazily from mmap'd files already",
     "highvram": "the CUDA cache is not emptied between steps here",
     "debug_dataset": "use --dry_run or --validate_config to inspect the data",
+    "cache_info": "image sizes are read from file headers and captions from their files on every run (fast)",
     "dataset_class": "custom dataset classes are not supported; use --dataset_config",
     "disable_mmap_load_safetensors": "safetensors are always read through mmap",
     "log_prefix": "the log directory is --logging_dir",

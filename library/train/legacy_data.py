@@ -16,7 +16,7 @@ from pathlib import Path
 
 from library.atomic import write_text_atomic
 from library.errors import UserError
-from library.train.logging import warn
+from library.train.reporting import warn
 
 _FOLDER = re.compile(r"^(\d+)_(.*)$")
 

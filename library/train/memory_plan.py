@@ -204,7 +204,7 @@ def workload_for(params: FluxParams, img_tokens: int, txt_tokens: int, batch: in
     lora = 0
     if rank:
         network = lora_flux.create_network(1.0, rank, float(rank), model, None, None)
-        network.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
+        network.apply_to(text_encoder=False)
         lora = sum(p.numel() for p in network.parameters())
     return Workload(params.depth, params.depth_single_blocks, params.hidden_size,
                     int(params.hidden_size * params.mlp_ratio), (ld, ls), (od, os_), token_params, other,

@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from library.errors import UserError
+from library.flux.compile import apply_compile
+from library.flux.loading import load_autoencoder, load_transformer
+from library.flux.text_encoders import FluxTextEncoders, default_t5_max_length
 from library.train.config import TrainConfig
 from library.train.optim import parse_kv_args
 from library.train.precision import Dtypes
+from networks import lora_flux
+from networks.lora_flux import merge_lora_into_models
 
 log = logging.getLogger(__name__)
 
@@ -33,31 +39,29 @@ class Models:
     t5_max_length: int
 
 
-def _need(path: str | None, flag: str) -> str:
+def required_path(path: str | None, flag: str) -> str:
     if not path:
         raise UserError(f"command line: --{flag} is required (a .safetensors file or a diffusers folder)")
     return path
 
 
 def load_models(cfg: TrainConfig, dtypes: Dtypes, device: torch.device, need_text: bool, need_ae: bool) -> Models:
-    from library.flux.loading import load_autoencoder, load_transformer  # noqa: PLC0415
-    from library.flux.text_encoders import FluxTextEncoders, default_t5_max_length  # noqa: PLC0415
-
     m = cfg.model
     # The transformer waits in host memory while the text encoders and the AE fill the caches on the device
     # (kohya does the same); `to_device` moves it once they are freed.
-    transformer = load_transformer(_need(m.pretrained_model_name_or_path, "pretrained_model_name_or_path"),
+    transformer = load_transformer(required_path(m.pretrained_model_name_or_path, "pretrained_model_name_or_path"),
                                    "cpu", dtypes.compute, fp8=dtypes.fp8_base)
     transformer.requires_grad_(False)
     transformer.eval()  # FLUX has no dropout/batch-norm; eval keeps that explicit
     guidance = bool(transformer.params.guidance_embed)
     t5_len = m.t5xxl_max_token_length or default_t5_max_length(guidance)
-    text = FluxTextEncoders.load(_need(m.clip_l, "clip_l"), _need(m.t5xxl, "t5xxl"), device, dtypes.text) \
+    text = FluxTextEncoders.load(required_path(m.clip_l, "clip_l"), required_path(m.t5xxl, "t5xxl"), device,
+                                 dtypes.text) \
         if need_text else None
     if text is not None:
         text.clip.requires_grad_(False)
         text.t5.requires_grad_(False)
-    ae = load_autoencoder(_need(m.ae, "ae"), device, dtypes.ae) if need_ae else None
+    ae = load_autoencoder(required_path(m.ae, "ae"), device, dtypes.ae) if need_ae else None
     if ae is not None:
         ae.requires_grad_(False)
     return Models(transformer, ae, text, guidance, t5_len)
@@ -65,10 +69,6 @@ def load_models(cfg: TrainConfig, dtypes: Dtypes, device: torch.device, need_tex
 
 def merge_base_weights(cfg: TrainConfig, models: Models) -> None:
     """--base_weights: LoRAs merged into the frozen transformer before the new LoRA is injected."""
-    from pathlib import Path  # noqa: PLC0415
-
-    from networks.lora_flux import merge_lora_into_models  # noqa: PLC0415
-
     files, mults = cfg.network.base_weights, cfg.network.base_weights_multiplier
     if not files:
         return
@@ -102,8 +102,6 @@ def network_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 def inject_lora(cfg: TrainConfig, models: Models, train_clip: bool, dtypes: Dtypes) -> tuple[Any, list[str]]:
     """Create the LoRA (fresh, or shaped like --network_weights with --dim_from_weights) and wrap the Linears."""
-    from networks import lora_flux  # noqa: PLC0415
-
     n = cfg.network
     clip = models.text.clip if (train_clip and models.text is not None) else None
     t5 = models.text.t5 if models.text is not None else None
@@ -116,8 +114,7 @@ def inject_lora(cfg: TrainConfig, models: Models, train_clip: bool, dtypes: Dtyp
     else:
         network = lora_flux.create_network(1.0, n.network_dim, n.network_alpha, models.transformer, clip, t5,
                                            neuron_dropout=n.network_dropout, **kwargs)
-    names = network.apply_to(None, models.transformer, apply_text_encoder=train_clip,
-                             apply_unet=not n.network_train_text_encoder_only)
+    names = network.apply_to(text_encoder=train_clip, transformer=not n.network_train_text_encoder_only)
     if n.network_weights and not n.dim_from_weights:
         network.load_weights(n.network_weights)
     network.to(dtype=dtypes.network)
@@ -137,8 +134,6 @@ def apply_memory_and_speed(cfg: TrainConfig, transformer: torch.nn.Module, devic
     if cfg.speed.torch_compile:
         # Regional compilation (library/flux/compile.py): one graph per block type, reused by every block;
         # checkpointing and block swap keep running between blocks. Last, after the LoRA is injected.
-        from library.flux.compile import apply_compile  # noqa: PLC0415
-
         apply_compile(transformer, backend=cfg.speed.dynamo_backend)
 
 

@@ -12,8 +12,14 @@ from pathlib import Path
 import torch
 
 from library.errors import UserError
+from library.flux.loading import load_autoencoder, load_transformer
+from library.flux.text_encoders import load_clip_l, load_t5xxl
 from library.train.config import TrainConfig
+from library.train.models import network_kwargs, required_path  # the load's "is required" message
+from library.train.optim import check_optimizer
 from library.train.precision import Dtypes
+from networks.lora_args import parse_network_args
+from networks.lora_formats import read_lora
 
 
 def check_output_folder(path: str | None, flag: str) -> None:
@@ -32,24 +38,17 @@ def check_output_folder(path: str | None, flag: str) -> None:
 
 def check_model_files(cfg: TrainConfig, dtypes: Dtypes) -> torch.nn.Module:
     """Every model file's keys and shapes from its header (nothing read); returns the meta transformer."""
-    from library.flux.loading import load_autoencoder, load_transformer  # noqa: PLC0415
-    from library.flux.text_encoders import load_clip_l, load_t5xxl  # noqa: PLC0415
-    from library.train.models import _need  # noqa: PLC0415 (the same "is required" message as the load)
-
     m = cfg.model
-    transformer = load_transformer(_need(m.pretrained_model_name_or_path, "pretrained_model_name_or_path"),
+    transformer = load_transformer(required_path(m.pretrained_model_name_or_path, "pretrained_model_name_or_path"),
                                    "meta", dtypes.compute)
-    load_clip_l(_need(m.clip_l, "clip_l"), "meta", dtypes.text)
-    load_t5xxl(_need(m.t5xxl, "t5xxl"), "meta", dtypes.text)
-    load_autoencoder(_need(m.ae, "ae"), "meta", dtypes.ae)
+    load_clip_l(required_path(m.clip_l, "clip_l"), "meta", dtypes.text)
+    load_t5xxl(required_path(m.t5xxl, "t5xxl"), "meta", dtypes.text)
+    load_autoencoder(required_path(m.ae, "ae"), "meta", dtypes.ae)
     return transformer
 
 
 def check_network_args(cfg: TrainConfig, transformer: torch.nn.Module) -> None:
     """--network_args keys and values, with the block counts of the actual transformer."""
-    from library.train.models import network_kwargs  # noqa: PLC0415
-    from networks.lora_args import parse_network_args  # noqa: PLC0415
-
     n_double = len(getattr(transformer, "double_blocks", []))
     n_single = len(getattr(transformer, "single_blocks", []))
     parse_network_args(network_kwargs(cfg), n_double, n_single)
@@ -57,8 +56,6 @@ def check_network_args(cfg: TrainConfig, transformer: torch.nn.Module) -> None:
 
 def check_lora_files(cfg: TrainConfig) -> None:
     """--network_weights and --base_weights parse as LoRA files (they are small: read them whole)."""
-    from networks.lora_formats import read_lora  # noqa: PLC0415
-
     for path in [cfg.network.network_weights, *cfg.network.base_weights]:
         if path:
             read_lora(path)
@@ -67,7 +64,7 @@ def check_lora_files(cfg: TrainConfig) -> None:
 def data_folders(cfg: TrainConfig) -> list[tuple[str, Path]]:
     """(where, folder) of every image/conditioning folder the run reads (an unreadable config: none; the data
     stage reports it)."""
-    from library.dataset_config import load_dataset_config  # noqa: PLC0415
+    from library.data.config import load_dataset_config  # noqa: PLC0415
 
     cli = dict(cfg.data.cli_values)
     out = [(f"--{k}", Path(cli[k])) for k in ("train_data_dir", "reg_data_dir") if cli.get(k)]
@@ -114,8 +111,6 @@ def check_resume(cfg: TrainConfig) -> None:
 
 
 def preflight(cfg: TrainConfig, dtypes: Dtypes) -> None:
-    from library.train.optim import check_optimizer  # noqa: PLC0415
-
     check_output_folder(cfg.save.output_dir, "output_dir")
     check_output_folder(cfg.log.logging_dir, "logging_dir")
     check_output_outside_data(cfg)

@@ -19,6 +19,7 @@ from typing import Any
 import toml
 
 from library.errors import UserError
+from library.flux.geometry import PIXEL_MULTIPLE
 
 # kohya's option letters -> our field names
 _OPTIONS = {"w": "width", "h": "height", "d": "seed", "s": "sample_steps", "g": "guidance_scale", "l": "scale",
@@ -43,7 +44,7 @@ class SamplePrompt:
 
 def _round16(v: Any, where: str) -> int:
     try:
-        return max(64, int(v) // 16 * 16)
+        return max(64, int(v) // PIXEL_MULTIPLE * PIXEL_MULTIPLE)
     except (TypeError, ValueError):
         raise UserError(f"{where}: expected an integer size, got {v!r}") from None
 

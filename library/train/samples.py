@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from library.objective import Objective
+from library.sampling import encode_control, generate_latents, latents_to_pil, sample_settings, save_png
 from library.train.prompts import SamplePrompt
 
 PAIR_SAMPLES = 2  # training pairs sampled when a control/degradation dataset has no --sample_prompts
@@ -104,9 +105,6 @@ def write_samples(prompts: list[EncodedPrompt], transformer: torch.nn.Module, ae
                   out_dir: Path, name: str, step: int, epoch: int | None, base_seed: int, guidance_embed: bool,
                   t5_max_length: int, apply_t5_attn_mask: bool, autocast: Any,
                   objective: Objective | None = None) -> list[Path]:
-    from library.sampling import (encode_control, generate_latents, latents_to_pil, sample_settings,  # noqa
-                                  save_png)
-
     paths = []
     device = next(p for p in transformer.parameters()).device
     rng = torch.get_rng_state()  # sampling draws from its own generators; keep the global stream untouched

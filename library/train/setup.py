@@ -7,64 +7,82 @@ unneeded encoders freed -> LoRA injected -> memory/speed options -> optimizer, s
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import datetime
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 import torch
 
 from library.atomic import write_text_atomic
+from library.data.config import load_dataset_config
+from library.data.dataset import BatchLoader, FluxDataset, build_datasets
 from library.errors import UserError
 from library.objective import objective_of_training
+from library.schedule import Schedule, epochs_from, make_schedule
 from library.train import models as M
-from library.train.checkpoint import Names
+from library.train.caching import Ranks, cache_before_training
+from library.train.checkpoint import Names, convert_loader_position, saved_position
+from library.train.cli import write_toml_atomic
 from library.train.config import DEFAULT_SEED, TrainConfig, config_as_dict, config_summary
-from library.train.logging import warn
+from library.train.legacy_data import write_folder_mode_config
 from library.train.memory_setup import apply_max_vram
 from library.train.optim import build_optimizer, build_scheduler, is_relative_step_adafactor
 from library.train.precision import Dtypes, resolve_dtypes
 from library.train.preflight import preflight
-from library.train.samples import EncodedPrompt, encode_prompts
+from library.train.prompts import load_prompts
+from library.train.reporting import warn
+from library.train.samples import EncodedPrompt, encode_prompts, pair_prompts
+from networks.lora_flux import LoRANetwork
+from networks.lora_metadata import build_kohya_metadata
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Run:
+    """What the loop needs, built by `setup` in order; nothing here is replaced after setup returns."""
+
     cfg: TrainConfig
-    accelerator: Any
+    accelerator: Accelerator
     dtypes: Dtypes
     seed: int
-    dataset: Any  # library.data.dataset.FluxDataset
-    loader: Any  # library.data.dataset.BatchLoader
+    dataset: FluxDataset
+    loader: BatchLoader
     models: M.Models
-    network: Any
+    network: LoRANetwork
     train_clip: bool
-    optimizer: Any
-    scheduler: Any
+    optimizer: torch.optim.Optimizer  # accelerate's AcceleratedOptimizer (a subclass)
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     names: Names
     out_dir: Path
-    total_steps: int
-    num_epochs: int
-    steps_per_epoch: int
+    schedule: Schedule
     prompts: list[EncodedPrompt]
     metadata: dict[str, str]
-    val_loader: Any = None  # BatchLoader over the validation_split images, or None
+    val_loader: BatchLoader | None = None  # over the validation_split images
     perceptual: Any = None  # library.train.perceptual.PerceptualLoss with --perceptual_loss_weight > 0
 
+    @property
+    def total_steps(self) -> int:
+        return self.schedule.total_steps
 
-def make_accelerator(cfg: TrainConfig) -> Any:
-    from accelerate import Accelerator  # noqa: PLC0415
-    from accelerate.utils import InitProcessGroupKwargs  # noqa: PLC0415
-    import datetime  # noqa: PLC0415
+    @property
+    def num_epochs(self) -> int:
+        return self.schedule.epochs
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.schedule.steps_per_epoch
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
     log_with = cfg.log.log_with or ("tensorboard" if cfg.log.logging_dir else None)
     trackers = ["tensorboard", "wandb"] if log_with == "all" else ([log_with] if log_with else None)
     if trackers and "wandb" in trackers:
@@ -81,32 +99,25 @@ def make_accelerator(cfg: TrainConfig) -> Any:
                        project_dir=cfg.log.logging_dir or cfg.save.output_dir, kwargs_handlers=kwargs)
 
 
-def _data(cfg: TrainConfig, acc: Any, seed: int) -> tuple[Any, Any, Any]:
-    from library.data.dataset import BatchLoader, build_datasets  # noqa: PLC0415
-    from library.dataset_config import load_dataset_config  # noqa: PLC0415
-
+def _data(cfg: TrainConfig, acc: Accelerator, seed: int
+          ) -> tuple[FluxDataset, BatchLoader, BatchLoader | None]:
     path = cfg.data.dataset_config
-    cli = dict(cfg.data.cli_values)
+    data = cfg.data
     if not path:
-        folder, reg = cli.pop("train_data_dir", None), cli.pop("reg_data_dir", None)
+        folder, reg = data.train_data_dir, data.reg_data_dir
         if not folder:
             raise UserError("command line: --dataset_config PATH (a kohya dataset TOML, see dataset_configs/) "
                             "or --train_data_dir with <repeats>_<class tokens> sub-folders is required")
-        from library.train.legacy_data import write_folder_mode_config  # noqa: PLC0415
-
         name = cfg.save.output_name or "last"
         target = Path(cfg.save.output_dir) / f"{name}_dataset.toml"
         path = str(write_folder_mode_config(folder, reg, target) if acc.is_main_process else target)
         acc.wait_for_everyone()
-    elif cli.get("train_data_dir") or cli.get("reg_data_dir") or cli.get("in_json"):
+    elif data.train_data_dir or data.reg_data_dir or data.in_json:
         warn("--train_data_dir/--reg_data_dir/--in_json are ignored when --dataset_config is given (as in kohya)")
-    for key in ("train_data_dir", "reg_data_dir", "in_json"):
-        cli.pop(key, None)
-    resolved = load_dataset_config(path, cli)
+    resolved = load_dataset_config(path, data.cli_values)
     if cfg.data.pair_side != resolved.pair_side:  # a differential run's stage 1 trains on the before images
         resolved = dataclasses.replace(resolved, pair_side=cfg.data.pair_side)
-    skip_bad = bool(cfg.data.cli_values.get("skip_bad_images"))
-    dataset, validation = build_datasets(resolved, seed, skip_bad, progress=acc.is_main_process)
+    dataset, validation = build_datasets(resolved, seed, data.skip_bad_images, progress=acc.is_main_process)
     # kohya caps the workers at the CPU count; --persistent_data_loader_workers keeps one pool for all epochs.
     workers = min(cfg.loop.max_data_loader_n_workers, max(0, (os.cpu_count() or 1) - 1))
     loader = BatchLoader(dataset, workers, acc.process_index, acc.num_processes,
@@ -117,56 +128,23 @@ def _data(cfg: TrainConfig, acc: Any, seed: int) -> tuple[Any, Any, Any]:
     return dataset, loader, val_loader
 
 
-def _schedule(cfg: TrainConfig, batches_per_rank: int) -> tuple[int, int, int]:
-    """(total optimizer steps, epochs, steps per epoch); --max_train_epochs overrides --max_train_steps."""
-    per_epoch = max(1, math.ceil(batches_per_rank / cfg.loop.gradient_accumulation_steps))
-    if cfg.loop.max_train_epochs:
-        return cfg.loop.max_train_epochs * per_epoch, cfg.loop.max_train_epochs, per_epoch
-    total = cfg.loop.max_train_steps
-    return total, math.ceil(total * cfg.loop.gradient_accumulation_steps / batches_per_rank), per_epoch
+def run_schedule(cfg: TrainConfig, batches_per_rank: int) -> Schedule:
+    """The run's steps and epochs (library.schedule, shared with --dry_run) for this rank's batch count."""
+    loop, save = cfg.loop, cfg.save
+    return make_schedule(batches_per_rank, loop.gradient_accumulation_steps, loop.max_train_steps,
+                         loop.max_train_epochs, save.save_every_n_epochs, save.save_n_epoch_ratio)
 
 
-def _cache(cfg: TrainConfig, acc: Any, run_models: M.Models, dataset: Any, epochs: int, dtypes: Dtypes) -> None:
-    from library.cache import ae_encode_fn, checkpoint_identity, text_encode_fn  # noqa: PLC0415
-
-    mem = cfg.memory
-    main = acc.is_main_process
-    if mem.cache_latents:
-        encode, ae_id = ae_encode_fn(run_models.ae, acc.device, dtypes.ae), checkpoint_identity(cfg.model.ae)
-        for part in _shares(dataset, acc, mem.cache_latents_to_disk):
-            part.cache_latents(encode, ae_id, mem.cache_latents_to_disk, skip_cache_check=mem.skip_cache_check,
-                               batch_size=mem.vae_batch_size, progress=main)
-    if mem.cache_text_encoder_outputs:
-        te_id = checkpoint_identity(cfg.model.clip_l) + checkpoint_identity(cfg.model.t5xxl)
-        encode = text_encode_fn(run_models.text, run_models.t5_max_length, cfg.model.apply_t5_attn_mask)
-        for part in _shares(dataset, acc, mem.cache_text_encoder_outputs_to_disk):
-            part.cache_text_outputs(encode, te_id, run_models.t5_max_length, cfg.model.apply_t5_attn_mask,
-                                    range(epochs), mem.cache_text_encoder_outputs_to_disk,
-                                    skip_cache_check=mem.skip_cache_check,
-                                    batch_size=mem.text_encoder_batch_size or 8, progress=main)
-
-
-def _shares(dataset: Any, acc: Any, to_disk: bool) -> list[Any]:
-    """Disk caching split across ranks: rank r first encodes the images with uid % N == r (a shallow view
-    of the dataset), then, after a barrier, every rank passes over the whole dataset, which now only finds
-    and indexes the files. In memory every rank needs every entry, so each encodes them all."""
-    if not to_disk or acc.num_processes == 1:
-        return [dataset]
-    share = copy.copy(dataset)
-    share.items = [[it for it in its if it.uid % acc.num_processes == acc.process_index] for its in dataset.items]
-    share._order_cache = None
-    return [share, _Barrier(acc, dataset)]
-
-
-class _Barrier:
-    """Waits for every rank, then forwards the call to the full dataset."""
-
-    def __init__(self, acc: Any, dataset: Any) -> None:
-        self.acc, self.dataset = acc, dataset
-
-    def __getattr__(self, name: str) -> Any:
-        self.acc.wait_for_everyone()
-        return getattr(self.dataset, name)
+def _resumed(cfg: TrainConfig, schedule: Schedule, batches_per_rank: int, world: int) -> Schedule:
+    """The epochs a resumed run enters: a state of another number of processes has other steps per epoch
+    (and the text-encoder cache must cover the epochs that will actually run)."""
+    if not all(Path(cfg.save.resume, f).is_file() for f in ("train_state.json", "rng.pt")):
+        return schedule  # not a whole state: trainer.resume names what is missing
+    position, saved_world, step = saved_position(cfg.save.resume)
+    position, _ = convert_loader_position(position, saved_world, world)
+    epochs = epochs_from(schedule, batches_per_rank, cfg.loop.gradient_accumulation_steps, int(position["epoch"]),
+                         int(position["index"]), step)
+    return dataclasses.replace(schedule, epochs=epochs)
 
 
 def _train_clip(cfg: TrainConfig) -> bool:
@@ -198,21 +176,23 @@ def setup(cfg: TrainConfig, after_preflight: Callable[[], None] | None = None) -
     dataset, loader, val_loader = _data(cfg, acc, seed)
     # --max_vram_gib: checkpointing / fp8 / block swap chosen from the memory model before the model loads.
     cfg, dtypes = apply_max_vram(cfg, dtypes, dataset.cfg.datasets)
-    total, epochs, per_epoch = _schedule(cfg, len(loader))
+    schedule = run_schedule(cfg, len(loader))
+    if cfg.save.resume:
+        schedule = _resumed(cfg, schedule, len(loader), acc.num_processes)
+    total, epochs = schedule.total_steps, schedule.epochs
     dataset.max_train_steps = total
     train_clip = _train_clip(cfg)
     prompts_spec = _load_prompts(cfg)
     t_load = time.perf_counter()
     models = M.load_models(cfg, dtypes, acc.device, need_text=True, need_ae=True)
     t_cache = time.perf_counter()
-    _cache(cfg, acc, models, dataset, epochs, dtypes)
+    ranks = Ranks.of(acc)
+    cache_before_training(cfg, ranks, models, dataset, epochs, dtypes, acc.device, acc.is_main_process)
     t_cached = time.perf_counter()
     if val_loader is not None:
-        _cache(cfg, acc, models, val_loader.dataset, 1, dtypes)
+        cache_before_training(cfg, ranks, models, val_loader.dataset, 1, dtypes, acc.device, acc.is_main_process)
     pairs = None
     if not prompts_spec and _wants_samples(cfg):  # a control/degradation dataset: sample its first pairs
-        from library.train.samples import pair_prompts  # noqa: PLC0415
-
         prompts_spec, pairs = pair_prompts(dataset)
     prompts = encode_prompts(prompts_spec, models.text, models.t5_max_length, cfg.model.apply_t5_attn_mask, pairs)
     if cfg.memory.cache_text_encoder_outputs and not train_clip:
@@ -247,7 +227,7 @@ def setup(cfg: TrainConfig, after_preflight: Callable[[], None] | None = None) -
     optimizer = acc.prepare(optimizer)
     ext = "." + cfg.save.save_model_as
     return Run(cfg, acc, dtypes, seed, dataset, loader, models, network, train_clip, optimizer, scheduler,
-               Names(out_dir, cfg.save.output_name, ext), out_dir, total, epochs, per_epoch, prompts,
+               Names(out_dir, cfg.save.output_name, ext), out_dir, schedule, prompts,
                _metadata(cfg, models, network, dataset, total, epochs, seed), val_loader, perceptual)
 
 
@@ -264,16 +244,12 @@ def _sync(device: torch.device) -> None:
 def _load_prompts(cfg: TrainConfig) -> list:
     if not cfg.sample.sample_prompts:
         return []
-    from library.train.prompts import load_prompts  # noqa: PLC0415
-
     return load_prompts(cfg.sample.sample_prompts)
 
 
 def _write_config(cfg: TrainConfig, out_dir: Path) -> None:
     """Save the effective configuration beside the outputs (JSON tree + re-runnable TOML) and print a
     short summary of it that names the saved file."""
-    from library.train.cli import write_toml_atomic  # noqa: PLC0415
-
     tree = config_as_dict(cfg)
     name = cfg.save.output_name or "last"
     target = write_text_atomic(out_dir / f"{name}_config.json", json.dumps(tree, indent=1))
@@ -281,10 +257,8 @@ def _write_config(cfg: TrainConfig, out_dir: Path) -> None:
     print(config_summary(cfg) + f"\n  full configuration: {target}", flush=True)
 
 
-def _metadata(cfg: TrainConfig, models: M.Models, network: Any, dataset: Any, total: int, epochs: int,
-              seed: int) -> dict[str, str]:
-    from networks.lora_metadata import build_kohya_metadata  # noqa: PLC0415
-
+def _metadata(cfg: TrainConfig, models: M.Models, network: LoRANetwork, dataset: FluxDataset, total: int,
+              epochs: int, seed: int) -> dict[str, str]:
     ds = dataset.cfg.datasets[0]
     training = {"learning_rate": cfg.optimizer.learning_rate, "unet_lr": cfg.optimizer.unet_lr,
                 "text_encoder_lr": list(cfg.optimizer.text_encoder_lr), "max_train_steps": total,

@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils import gather_object
+import toml
 import torch
+from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from library.errors import UserError
@@ -29,8 +32,8 @@ from library.train import timing
 from library.train.config import TrainConfig
 from library.train.leftovers import clean_output_folder
 from library.train.lock import output_lock
-from library.train.logging import LossRecord, draw_loss_plot, write_loss_csv
 from library.train.optim import group_lrs
+from library.train.reporting import LossRecord, draw_loss_plot, warn, write_loss_csv
 from library.train.samples import write_samples
 from library.train.setup import Run, setup
 from library.train import step as shared_step
@@ -117,7 +120,7 @@ def _train(cfg: TrainConfig, claim_output_folder: Any = None) -> None:
 
 def after_optimizer_step(run: Run, state: State, bar: Any) -> bool:
     """Step the optimizer, then log, sample and save as scheduled; True when training must stop."""
-    optimizer_step(run)
+    extra = optimizer_step(run)
     loss = _mean_over_ranks(run, state.micro_loss / state.micro)  # the loss of the whole (global) batch
     state.micro, state.micro_loss = 0, 0.0
     state.global_step += 1
@@ -127,7 +130,7 @@ def after_optimizer_step(run: Run, state: State, bar: Any) -> bool:
     now = time.perf_counter()
     step_time = now - state.last_time
     state.record.add(step, loss, step_time)
-    log_step(run, state, loss, step_time, bar)
+    log_step(run, state, loss, step_time, bar, extra)
     if cfg.sample.sample_every_n_steps and not cfg.sample.sample_every_n_epochs \
             and step % cfg.sample.sample_every_n_steps == 0:
         sample(run, step, None, state)
@@ -162,7 +165,8 @@ def forward_backward(run: Run, batch: Any, state: State) -> float:
                                         perceptual=run.perceptual)
 
 
-def optimizer_step(run: Run) -> None:
+def optimizer_step(run: Run) -> dict[str, float]:
+    """Average the gradients over ranks, clip, step; returns extra values to log (max-norm statistics)."""
     acc = run.accelerator
     params = [p for p in run.network.parameters() if p.requires_grad and p.grad is not None]
     if acc.num_processes > 1 and params:
@@ -177,8 +181,11 @@ def optimizer_step(run: Run) -> None:
     shared_step.apply_update(params, run.optimizer, run.cfg.optimizer.max_grad_norm, acc.clip_grad_norm_)
     if not acc.optimizer_step_was_skipped:
         run.scheduler.step()
-    if run.cfg.network.scale_weight_norms:  # max-norm regularization of each LoRA pair
-        run.network.apply_max_norm_regularization(run.cfg.network.scale_weight_norms)
+    if not run.cfg.network.scale_weight_norms:
+        return {}
+    # max-norm regularization of each LoRA pair; kohya's log keys
+    scaled, mean, largest = run.network.apply_max_norm_regularization(run.cfg.network.scale_weight_norms)
+    return {"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean, "max_norm/max_key_norm": largest}
 
 
 def make_inputs(run: Run, batch: Any) -> StepInputs:
@@ -220,7 +227,8 @@ def encode_live(run: Run, captions: list[str]) -> tuple[torch.Tensor, torch.Tens
     return t5, pooled, t5_mask
 
 
-def log_step(run: Run, state: State, loss: float, step_time: float, bar: Any) -> None:
+def log_step(run: Run, state: State, loss: float, step_time: float, bar: Any,
+             extra: dict[str, float] | None = None) -> None:
     if not state.first_step_logged:
         state.first_step_logged = True
         if run.accelerator.is_main_process:
@@ -233,6 +241,7 @@ def log_step(run: Run, state: State, loss: float, step_time: float, bar: Any) ->
     logs = {"loss/current": loss, "loss/average": avg, "time/step_s": step_time}
     for g, lr in zip(run.optimizer.param_groups, lrs):
         logs[f"lr/{g.get('name', 'group')}"] = lr
+    logs.update(extra or {})
     run.accelerator.log(logs, step=state.global_step)
 
 
@@ -247,7 +256,7 @@ def end_epoch(run: Run, state: State, epoch: int) -> None:
         validate(run, state)
     if cfg.sample.sample_every_n_epochs and n % cfg.sample.sample_every_n_epochs == 0:
         sample(run, state.global_step, n, state)
-    every = cfg.save.save_every_n_epochs
+    every = run.schedule.save_every_n_epochs  # --save_every_n_epochs or from --save_n_epoch_ratio
     if every and n % every == 0 and n < run.num_epochs and state.global_step < run.total_steps:
         save(run, state, run.names.epoch(n), cfg.save.save_state)
         if acc.is_main_process:
@@ -294,8 +303,6 @@ def _sample_scorer(run: Run) -> Any:
 def save(run: Run, state: State, lora_path: Any, with_state: bool) -> None:
     """Write the LoRA (and the state beside it) together; rank 0 writes, the other ranks only contribute RNG
     states. Non-finite weights are never written: training stops with the files of this run kept."""
-    from accelerate.utils import gather_object  # noqa: PLC0415
-
     acc = run.accelerator
     if _agree(run, int(not _weights_finite(run))):
         stop_non_finite(run, state, None, state.global_step)
@@ -354,7 +361,11 @@ def resume(run: Run, state: State, path: str) -> None:
     ts = loaded.train_state
     state.global_step = int(ts["global_step"])
     state.record.load_state_dict(ts["record"])
-    run.loader.load_state_dict(ts["loader"])
+    # rng.pt holds one RNG state per process of the run that wrote it: its number of processes.
+    position, note = C.convert_loader_position(ts["loader"], len(loaded.rng), run.accelerator.num_processes)
+    if note and run.accelerator.is_main_process:
+        warn(note)
+    run.loader.load_state_dict(position)
     log.info("resumed from %s at step %d (epoch %d, batch %d); kept from the state: LoRA weights, optimizer and "
              "LR schedule (learning rates included), RNG, data position, loss history; from the command line: "
              "everything else", path, state.global_step, run.loader.epoch, run.loader.index)
@@ -450,8 +461,6 @@ def _init_trackers(run: Run) -> None:
     cfg = run.cfg
     if not run.accelerator.log_with:
         return
-    import toml  # noqa: PLC0415
-
     init_kwargs = toml.load(cfg.log.log_tracker_config) if cfg.log.log_tracker_config else {}
     if cfg.log.wandb_run_name:
         init_kwargs.setdefault("wandb", {})["name"] = cfg.log.wandb_run_name
@@ -462,7 +471,5 @@ def _init_trackers(run: Run) -> None:
 
 
 def _progress(run: Run, state: State) -> Any:
-    from tqdm import tqdm  # noqa: PLC0415
-
     return tqdm(total=run.total_steps, initial=state.global_step, desc="steps", smoothing=0.1,
                 disable=not run.accelerator.is_main_process, dynamic_ncols=True)

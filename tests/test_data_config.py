@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from library.data import schema as S
+from library.data.config import DatasetConfig, SubsetConfig, format_resolved, load_dataset_config
 from library.data.degrade import DegradationConfig
-from library.dataset_config import DatasetConfig, SubsetConfig, format_resolved, load_dataset_config
 from library.errors import UserError, run_main
 
 LEVELS = (S.GENERAL, S.DATASET, S.SUBSET)
@@ -179,12 +179,12 @@ def test_precedence_chain(tmp_path, imgdir, where, expected, source):
 def test_toml_false_beats_cli_and_cli_fills_only_given(tmp_path, imgdir):
     path = _write(tmp_path, {"resolution": 512}, {"batch_size": 2},
                   [{"image_dir": str(imgdir), "flip_aug": False}, {"image_dir": str(_images(tmp_path / "b"))}])
-    cfg = load_dataset_config(path, {"flip_aug": True, "train_batch_size": 8, "caption_extention": "txt",
+    cfg = load_dataset_config(path, {"flip_aug": True, "train_batch_size": 8, "caption_extension": "txt",
                                      "resolution": "1024,768", "unrelated_flag": 3})
     ds = cfg.datasets[0]
     assert ds.batch_size == 2 and ds.resolution == (512, 512)  # TOML wins over the CLI
     assert ds.subsets[0].flip_aug is False and ds.subsets[1].flip_aug is True  # false in TOML is a value
-    assert ds.subsets[0].caption_extension == ".txt"  # legacy misspelled flag, dot added
+    assert ds.subsets[0].caption_extension == ".txt"  # a CLI extension without its dot gets one
     cfg = load_dataset_config(_write(tmp_path, {}, {}, [{"image_dir": str(imgdir)}]), {"resolution": "1024,768"})
     assert cfg.datasets[0].resolution == (1024, 768)
     assert cfg.datasets[0].subsets[0].caption_extension == ".caption"  # kohya's effective default
@@ -299,7 +299,7 @@ def test_cache_conflicts_and_caption_randomness_allowed(tmp_path, imgdir):
     path = _write(tmp_path, {"resolution": 512, "shuffle_caption": True, "caption_dropout_rate": 0.1}, {},
                   [{"image_dir": str(imgdir), "random_crop": True}])
     with pytest.raises(UserError, match="random_crop: cannot be combined with --cache_latents"):
-        load_dataset_config(path, {"cache_latents_to_disk": True})
+        load_dataset_config(path, {"cache_latents": True})
     # kohya refuses TE caching with shuffle/dropout; we do not
     load_dataset_config(path, {"cache_text_encoder_outputs": True})
 

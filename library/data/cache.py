@@ -25,14 +25,18 @@ import json
 import os
 import re
 import struct
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import torch
 from safetensors.torch import load_file
+import torch
+from tqdm import tqdm
 
 from library.atomic import parse_temporary, pid_alive, write_text_atomic
+from library.data.images import BadImageError
 from library.errors import UserError
 from library.flux.safetensors_io import read_header, save_file_atomic
 
@@ -128,6 +132,7 @@ class TensorCache:
     kind: str  # "latents" | "text"
     skip_check: bool = False
     _memory: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    written: int = 0  # entries this object has put (encoded by this process)
 
     def file(self, key: str) -> Path:
         assert self.root is not None
@@ -149,6 +154,7 @@ class TensorCache:
 
     def put(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        self.written += 1
         if self.root is None:
             self._memory[key] = tensors
         else:
@@ -169,6 +175,15 @@ class TensorCache:
             raise UserError(f"{e}; unreadable cache entry: delete it to re-encode") from None
         except Exception as e:  # noqa: BLE001 (OSError, safetensors' own error for a damaged body)
             raise UserError(f"{self.file(key)}: unreadable cache entry ({e}); delete it to re-encode") from None
+
+    def memory_entries(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The in-memory entries {key: tensors} (to share them with other ranks)."""
+        return dict(self._memory)
+
+    def add_entries(self, entries: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Take entries encoded elsewhere (another rank's share) into the in-memory store."""
+        assert self.root is None, "only an in-memory cache takes entries; on disk every rank reads the files"
+        self._memory.update(entries)
 
     def remove_stale_temporaries(self) -> int:
         """Delete `.name.tmpPID` files a killed run left behind (only our own cache files)."""
@@ -198,8 +213,6 @@ def cache_text_outputs(captions: Iterable[str], encode: TextEncodeFn, cache: Ten
                        t5_max_length: int, apply_t5_attn_mask: bool, batch_size: int = 8,
                        progress: bool = True) -> dict[str, str]:
     """Encode every distinct caption that is not cached yet; returns {caption: key} for all of them."""
-    from tqdm import tqdm
-
     keys = {c: text_key(c, te_id, t5_max_length, apply_t5_attn_mask) for c in dict.fromkeys(captions)}
     required = ("t5_out", "clip_pooled", "t5_attn_mask")
     missing = [c for c, k in keys.items() if not cache.has(k, required)]
@@ -279,8 +292,6 @@ def latent_required(job: LatentJob, has_mask: bool, has_cond: bool) -> tuple[str
 
 def _prefetch(pool: Any, fn: Callable, items: list, depth: int) -> Iterator:
     """pool.map with at most `depth` results in flight (Executor.map would decode every image up front)."""
-    from collections import deque
-
     pending: deque = deque()
     for item in items:
         pending.append(pool.submit(fn, item))
@@ -293,19 +304,15 @@ def _prefetch(pool: Any, fn: Callable, items: list, depth: int) -> Iterator:
 def cache_latents(jobs: list[LatentJob], prepare: Callable[[LatentJob], Prepared],
                   encode: Callable[[torch.Tensor], torch.Tensor], cache: TensorCache, ae_id: str,
                   required: Callable[[LatentJob], tuple[str, ...]], batch_size: int = 1,
-                  skip_bad_images: bool = False, progress: bool = True, num_threads: int = 2) -> list[Path]:
+                  skip_bad_images: bool = False, progress: bool = True, num_threads: int = 2,
+                  clean_temporaries: bool = True) -> list[Path]:
     """Encode every job whose entry is missing; returns the images skipped as unreadable.
 
     Jobs are grouped by `group` and sorted, so each AE call gets one image size; images decode in a
     small thread pool (Pillow releases the GIL) while the AE works on the previous batch.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
-
-    from library.data.images import BadImageError
-
-    cache.remove_stale_temporaries()
+    if clean_temporaries:  # not while other ranks write into the same folder (library/train/caching.py)
+        cache.remove_stale_temporaries()
     missing = sorted({j.key: j for j in jobs if not cache.has(j.key, required(j))}.values(),
                      key=lambda j: (j.group, str(j.path)))
     chunks: list[list[LatentJob]] = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any, Mapping
 
 from library.data import schema as S
 from library.data.degrade import DegradationConfig, parse_cli_degradation, parse_degradation
+from library.data.images import list_images
 from library.data.schema import (CONTROL, DATASET, DREAMBOOTH, FINETUNE, FLUX_MULTIPLE, GENERAL, SUBSET, Key,
                                  parse_value, show, unknown_key_error)
 from library.errors import UserError
@@ -121,7 +123,6 @@ def read_document(path: Path) -> dict[str, Any]:
 def _toml_position(e: tomllib.TOMLDecodeError) -> str:
     line, col = getattr(e, "lineno", None), getattr(e, "colno", None)
     if line is None:  # Python 3.11 only puts "(at line L, column C)" in the message
-        import re
         m = re.search(r"at line (\d+), column (\d+)", str(e))
         line, col = (m.group(1), m.group(2)) if m else ("?", "?")
     return f"{line}:{col}"
@@ -193,10 +194,9 @@ def _check_style(values: dict[str, Any], style: str, where: str, errors: list[st
 
 
 def _cli_level(cli_values: Mapping[str, Any], errors: list[str]) -> dict[str, Any]:
-    """The CLI level of the precedence chain: only flags the user typed, renamed to their TOML keys."""
+    """The CLI level of the precedence chain: only flags the user typed, renamed to their TOML keys (implied
+    flags and kohya's --caption_extention alias are resolved by the config builder, library/train/config.py)."""
     cli = dict(cli_values)
-    if cli.get("caption_extension") is None and cli.get("caption_extention") is not None:
-        cli["caption_extension"] = cli["caption_extention"]  # kohya's misspelled legacy alias
     out: dict[str, Any] = {}
     for key in S.KEYS:
         if key.cli is None or cli.get(key.cli) is None:
@@ -271,8 +271,6 @@ def _bucket_checks(ds: dict[str, Any], where: str, errors: list[str], warnings: 
 
 
 def _check_subset_paths(sub: SubsetConfig, style: str, where: str, errors: list[str]) -> None:
-    from library.data.images import list_images  # lists names only; opens no image
-
     for name in ("image_dir", "conditioning_data_dir", "before_dir"):
         p = getattr(sub, name)
         if p is not None and not p.is_dir():
@@ -375,7 +373,7 @@ def load_dataset_config(path: str | Path, cli_values: Mapping[str, Any] | None =
     cli_values = cli_values or {}
     doc = read_document(path)
     ctx = _Ctx(config_dir=path.parent, check_paths=check_paths,
-               cache_latents=bool(cli_values.get("cache_latents") or cli_values.get("cache_latents_to_disk")))
+               cache_latents=bool(cli_values.get("cache_latents")))
     for name in doc:
         if name not in ("general", "datasets"):
             ctx.errors.append(unknown_key_error("", name, "top"))

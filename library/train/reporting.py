@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from library.atomic import write_bytes_atomic, write_text_atomic
 from library.train.config import LogConfig
@@ -37,8 +38,6 @@ def setup_console_logging(cfg: LogConfig) -> None:
 def warn(message: str) -> None:
     """A one-line user warning on stderr (also visible when logging is redirected to a file); through
     tqdm.write, so a warning during training prints above the progress bar instead of into it."""
-    from tqdm import tqdm  # noqa: PLC0415
-
     tqdm.write(f"warning: {message}", file=sys.stderr)
     sys.stderr.flush()
 
