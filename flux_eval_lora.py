@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"report: {write_report([Path(s) for s in a.scores], _existing(a.images, '--images'), Path(a.out_dir))}")
     else:
-        from library.eval.study import run_study  # noqa: PLC0415
+        from library.study import run_study  # noqa: PLC0415
 
         print(f"study report: {run_study(Path(a.study), dry_run=a.dry_run)}")
     return 0

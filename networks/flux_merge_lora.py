@@ -73,7 +73,7 @@ def _ratios(models: list[str], ratios: list[float] | None) -> list[float]:
     return ratios
 
 
-def _deltas_by_component(files: list[tuple[Path, float]], device: str) -> dict[str, dict[str, torch.Tensor]]:
+def deltas_by_component(files: list[tuple[Path, float]], device: str) -> dict[str, dict[str, torch.Tensor]]:
     """{"unet"|"te1"|"te3": {module path: Σ ratio·ΔW}} over all files (fp32)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for path, ratio in files:
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         save_lora(weights, a.save_to, None if dtype == torch.float8_e4m3fn else dtype, md)
         log.info("%d modules (ranks %s) → %s", len(weights), ranks, a.save_to)
         return 0
-    deltas = _deltas_by_component(files, a.working_device)
+    deltas = deltas_by_component(files, a.working_device)
     n = merge_into_file(Path(a.flux_model), Path(a.save_to), deltas.get("unet", {}), dtype, "transformer",
                         a.working_device)
     log.info("%s: merged %d modules → %s", a.flux_model, n, a.save_to)

@@ -14,7 +14,7 @@ import toml
 
 from eval_helpers import tiny_clip  # noqa: F401 (fixture)
 from library.errors import UserError
-from library.eval.study import latest_state, load_study, variant_command, variant_dataset
+from library.study import latest_state, load_study, variant_command, variant_dataset
 from train_helpers import REPO, data  # noqa: F401 (data: a fixture)
 
 

@@ -35,7 +35,6 @@ Ops (applied in the order of `ops`), with the keys of a `[degradation]` table th
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import math
 import tomllib
@@ -46,7 +45,7 @@ from typing import Any, Callable, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
-from library.errors import UserError
+from library.errors import UserError, closest
 
 OPS = ("downsample", "blur", "noise", "jpeg", "color_fade", "scratches", "grayscale")
 NOISE_TYPES = ("gaussian", "poisson")
@@ -370,8 +369,8 @@ def _show(v: Any) -> str:
 
 
 def _suggest(name: str, options: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else f"; use one of {', '.join(options)}"
+    close = closest(name, options)
+    return f"; did you mean {close}?" if close else f"; use one of {', '.join(options)}"
 
 
 def _parse_ops(raw: Any, errors: list[str], spot: str) -> tuple[str, ...]:

@@ -41,7 +41,7 @@ from typing import Any
 import toml
 
 from library.atomic import write_text_atomic
-from library.errors import UserError
+from library.errors import UserError, closest
 
 REPO = Path(__file__).resolve().parents[2]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")  # no '_': names sit inside image names
@@ -90,12 +90,10 @@ def _flag_args(name: str, value: Any, where: str) -> list[str]:
 
 
 def _unknown(table: dict, known: set[str], where: str) -> None:
-    import difflib  # noqa: PLC0415
-
     for k in table:
         if k not in known:
-            close = difflib.get_close_matches(k, sorted(known), n=1)
-            raise UserError(f"{where}: unknown key {k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            close = closest(k, sorted(known))
+            raise UserError(f"{where}: unknown key {k!r}" + (f" (did you mean {close!r}?)" if close else ""))
 
 
 def load_study(path: Path) -> Study:
