@@ -34,6 +34,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from library.atomic import atomic_target, write_bytes_atomic
+from library.data.images import BadImageError, load_image
 from library.errors import UserError
 from library.flow import control_endpoint, flux_mu, time_shift
 from library.flux.geometry import AE_DOWNSAMPLE, LATENT_CHANNELS, PATCH
@@ -137,8 +138,6 @@ def control_pixels(image: Image.Image, width: int, height: int, resize: bool = T
 
 def open_control_image(path: str | os.PathLike, flag: str = "--control_image") -> Image.Image:
     """An upright 8-bit RGB PIL image (EXIF orientation applied), or a one-line error naming the file."""
-    from library.data.images import BadImageError, load_image  # noqa: PLC0415 - the data layer's decoder
-
     try:
         return Image.fromarray(load_image(Path(path)).rgb)
     except BadImageError as err:

@@ -42,6 +42,11 @@ import toml
 
 from library.atomic import write_text_atomic
 from library.errors import UserError, closest
+from library.eval.prompts import load_eval_prompts, parse_class_token_map
+from library.eval.render import RenderConfig, Renderer, find_loras, is_done, plan
+from library.eval.report import write_report
+from library.eval.score import ScoreConfig, score
+from library.train.cli import FLAG_BY_NAME, read_config_file, suggest
 
 REPO = Path(__file__).resolve().parents[2]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")  # no '_': names sit inside image names
@@ -76,8 +81,6 @@ def _rel(root: Path, value: Any, where: str) -> Path:
 
 
 def _flag_args(name: str, value: Any, where: str) -> list[str]:
-    from library.train.cli import FLAG_BY_NAME, suggest  # noqa: PLC0415
-
     if name not in FLAG_BY_NAME:
         raise UserError(f"{where}: unknown training flag or key {name!r}{suggest(name)} (dataset keys go in "
                         "variant.dataset)")
@@ -219,19 +222,12 @@ def _flag(study: Study, name: str) -> str | None:
         if a == f"--{name}":
             return args[i + 1]
     if "--config_file" in args:
-        from library.train.cli import read_config_file  # noqa: PLC0415
-
         value = read_config_file(args[args.index("--config_file") + 1]).get(name)
         return None if value is None else str(value)
     return None
 
 
 def evaluate(study: Study) -> Path:
-    from library.eval.prompts import load_eval_prompts, parse_class_token_map  # noqa: PLC0415
-    from library.eval.render import RenderConfig, Renderer, find_loras, is_done, plan  # noqa: PLC0415
-    from library.eval.report import write_report  # noqa: PLC0415
-    from library.eval.score import ScoreConfig, score  # noqa: PLC0415
-
     ev, out = study.eval, study.output_dir
     ckpt = _flag(study, "pretrained_model_name_or_path")
     models = {k: _flag(study, k) for k in ("clip_l", "t5xxl", "ae")}

@@ -28,10 +28,13 @@ import torch  # noqa: E402
 
 from library.atomic import write_text_atomic  # noqa: E402
 from library.errors import UserError, run_main  # noqa: E402
-from library.flux.safetensors_io import check_output_path  # noqa: E402
+from library.flux.model import to_fp8  # noqa: E402
+from library.flux.safetensors_io import (check_output_path, open_checkpoint, read_metadata,  # noqa: E402
+                                         save_file_atomic)
 from networks import lora_algebra as A  # noqa: E402
 from networks import lora_keys as K  # noqa: E402
 from networks.lora_checks import check_combinable, check_finite, check_numbers  # noqa: E402
+from networks.lora_flux import save_lora  # noqa: E402
 from networks.lora_formats import LoRAWeight, read_lora  # noqa: E402
 from networks.lora_metadata import NETWORK_MODULE, modelspec  # noqa: E402
 from networks.lora_svd import check_svd_args, parse_dtype  # noqa: E402
@@ -101,9 +104,6 @@ def _find_key(keys: set[str], module_path: str) -> str | None:
 def merge_into_file(base: Path, out: Path, deltas: dict[str, torch.Tensor], dtype: torch.dtype | None,
                     what: str, device: str = "cpu") -> int:
     """Stream `base`, add each delta to its weight, write `out` (BFL names kept). Returns modules merged."""
-    from library.flux.model import to_fp8
-    from library.flux.safetensors_io import open_checkpoint, read_metadata, save_file_atomic
-
     with open_checkpoint(Path(base)) as ckpt:
         keys = set(ckpt.keys())
         where = {}
@@ -163,8 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(a, flag[2:]) is not None:
             check_output_path(getattr(a, flag[2:]), flag, inputs)
     if a.flux_model is None:
-        from networks.lora_flux import save_lora
-
         if a.concat and a.new_rank:
             raise UserError("--concat and --new_rank: choose one way to combine")
         weights, energy = combine(files, a.new_rank, a.shuffle)

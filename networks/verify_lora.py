@@ -26,8 +26,12 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
 from library.errors import run_main  # noqa: E402
 from networks import lora_keys as K  # noqa: E402
+from networks.lora_algebra import effective_norm  # noqa: E402
+from networks.lora_checks import ABSURD, absurd_tensors, first_non_finite  # noqa: E402
 from networks.lora_formats import (classify_stem, load_lora_file, parse_lora,  # noqa: E402
                                    peft_metadata_alpha, split_suffix)
 
@@ -200,10 +204,6 @@ class Norms:
 
 def module_norms(path: Path) -> Norms:
     """The effective norm of every module of a LoRA file and the modules with non-finite values."""
-    import torch  # noqa: PLC0415
-
-    from networks.lora_algebra import effective_norm  # noqa: PLC0415
-
     sd, meta = load_lora_file(path)
     parsed = parse_lora(sd, meta, source=str(path))
     norm, bad = {}, []
@@ -233,8 +233,6 @@ def verify(path: Path, loaders: tuple[str, ...] = LOADERS) -> list[Report]:
 
 def value_problems(path: Path) -> list[str]:
     """Non-finite tensors (any loader's output would be NaN: black images) and absurdly large ones."""
-    from networks.lora_checks import ABSURD, absurd_tensors, first_non_finite  # noqa: PLC0415
-
     sd, _ = load_lora_file(path)
     bad = first_non_finite(sd)
     out = [f"tensor {bad[0]} holds {bad[1]} values: every loader produces NaN/black images"] if bad else []

@@ -165,5 +165,4 @@ def test_imports_are_at_the_top_except_optional_dependencies() -> None:
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 if not any(n.split(".")[0] in OPTIONAL or n in OPTIONAL for n in names):
                     inner.append(f"{path.relative_to(REPO).as_posix()}:{node.lineno} {names}")
-    allowed = {"networks/flux_merge_lora.py"}  # not yet: its owner is reworking it (LoRA algebra)
-    assert [i for i in inner if i.split(":")[0] not in allowed] == []
+    assert inner == []

@@ -36,6 +36,7 @@ Ops (applied in the order of `ops`), with the keys of a `[degradation]` table th
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -260,8 +261,6 @@ def noise(x: np.ndarray, kind: str, amount: float, seed: int) -> np.ndarray:
 
 def jpeg(x: np.ndarray, quality: int) -> np.ndarray:
     """A JPEG round trip with Pillow's encoder (4:2:0 chroma subsampling, its default)."""
-    import io
-
     buf = io.BytesIO()
     Image.fromarray(_to_u8(x)).save(buf, format="JPEG", quality=int(quality))
     buf.seek(0)

@@ -18,18 +18,20 @@ from typing import Any
 import toml
 
 from library.atomic import write_text_atomic
+from library.data.config import load_dataset_config, read_document
 from library.differential.run import Trainer, run_differential, sha256_file
 from library.differential.stages import DifferentialOptions, check_command, result_name
 from library.errors import UserError
 from library.train.cli import ParsedArgs
+from networks import lora_algebra as A
+from networks.lora_flux import save_lora
+from networks.lora_metadata import NETWORK_MODULE, modelspec
 
 log = logging.getLogger(__name__)
 
 
 def group_configs(parsed: ParsedArgs, out_dir: Path) -> list[Path]:
     """One dataset TOML per pair subset (absolute paths), written under out_dir."""
-    from library.data.config import load_dataset_config, read_document  # noqa: PLC0415
-
     path = Path(parsed.values["dataset_config"])
     resolved = load_dataset_config(path, {})
     doc = read_document(path)
@@ -55,10 +57,6 @@ def group_configs(parsed: ParsedArgs, out_dir: Path) -> list[Path]:
 
 
 def run_average(parsed: ParsedArgs, opts: DifferentialOptions, train: Trainer) -> Path:
-    from networks import lora_algebra as A  # noqa: PLC0415
-    from networks.lora_flux import save_lora  # noqa: PLC0415
-    from networks.lora_metadata import NETWORK_MODULE, modelspec  # noqa: PLC0415
-
     check_command(parsed)
     out_dir, name = Path(parsed.values["output_dir"] or "output"), result_name(parsed)
     result, record = out_dir / f"{name}.safetensors", out_dir / f"{name}_average.json"

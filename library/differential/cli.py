@@ -6,8 +6,10 @@ import argparse
 import dataclasses
 from typing import Sequence
 
+from library.differential.iterate import IterateOptions
 from library.differential.stages import DifferentialOptions
 from library.errors import UserError
+from library.train.cli import build_parser as train_parser
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,8 +73,6 @@ def split_args(argv: Sequence[str], iterate: bool = False) -> tuple[Differential
     names = {f.name for f in dataclasses.fields(DifferentialOptions)}
     opts = DifferentialOptions(**{k: v for k, v in values.items() if k in names})
     if iterate:
-        from library.differential.iterate import IterateOptions  # noqa: PLC0415
-
         pair = (opts, IterateOptions(**{k: v for k, v in values.items() if k not in names}))
     for name in ("stage1_max_train_steps", "stage1_network_dim"):
         if getattr(opts, name) is not None and getattr(opts, name) < 1:
@@ -83,8 +83,6 @@ def split_args(argv: Sequence[str], iterate: bool = False) -> tuple[Differential
 
 
 def help_text(iterate: bool = False) -> str:
-    from library.train.cli import build_parser as train_parser  # noqa: PLC0415
-
     parser = build_parser()
     if iterate:
         parser.prog, parser.description = "flux_enhance_iterate.py", (

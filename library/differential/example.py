@@ -8,7 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from library.differential.render import RenderModels, RenderSettings, render
+from library.differential.run import run_differential
+from library.differential.stages import DifferentialOptions
+from library.flux.loading import load_autoencoder
+from library.train.cli import parse_args
+from library.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[2]
 PHOTOS = REPO / "dataset_configs" / "data" / "clip_skimage_captioned"
@@ -56,8 +64,6 @@ def write_pairs(root: Path, size: int = 64, names: tuple[str, ...] = NAMES, swap
 
 
 def _encode(ae, rgb: np.ndarray):
-    import torch  # noqa: PLC0415
-
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         return ae.encode(x)[0]
@@ -70,10 +76,6 @@ def grade_axis(ae_path: Path, pairs_root: Path, resolution: int = 32):
     The tiny test AE has random weights, so its decoder does not preserve colour (a decoded image's warmth is
     about the same for graded and plain inputs); the grade is therefore read where the model works, in the
     latents the AE gives the graded and the plain photos."""
-    import torch  # noqa: PLC0415
-
-    from library.flux.loading import load_autoencoder  # noqa: PLC0415
-
     ae = load_autoencoder(ae_path, "cpu", torch.float32)
     means = {}
     for side in ("before", "after"):
@@ -95,11 +97,6 @@ def train_grade_lora(ckpts, root: Path, swap: bool, steps: int = 12, stage1_step
                      stage1_lr: float = 1e-2, stage1_dim: int = 16, seed: int = 3,
                      names: tuple[str, ...] = NAMES[:2]) -> Path:
     """Pairs (graded after / plain before, or swapped) under root, then a differential LoRA on them."""
-    from library.differential.run import run_differential  # noqa: PLC0415
-    from library.differential.stages import DifferentialOptions  # noqa: PLC0415
-    from library.train.cli import parse_args  # noqa: PLC0415
-    from library.train.trainer import train  # noqa: PLC0415
-
     toml = write_pairs(root / "pairs", size=64, names=names, swap=swap)
     argv = ["--pretrained_model_name_or_path", str(ckpts.transformer), "--clip_l", str(ckpts.clip_l),
             "--t5xxl", str(ckpts.t5xxl), "--ae", str(ckpts.ae), "--dataset_config", str(toml),
@@ -120,8 +117,6 @@ def grade_shift(ckpts, pairs_root: Path, lora: Path, seeds: tuple[int, ...] = (0
     own direction). One sampling step by default: the tiny random model's multi-step trajectories leave the
     region the LoRA was trained on (the samples of the random base are far from any photo), where its effect
     has no defined sign; the first step starts from pure noise, as training at t ~ 1 does."""
-    from library.differential.render import RenderModels, RenderSettings, render  # noqa: PLC0415
-
     origin, d = grade_axis(ckpts.ae, pairs_root)
     axis = (origin, d) if axis_sign > 0 else (origin + d, -d)
     models = RenderModels(ckpts.transformer, ckpts.ae, ckpts.clip_l, ckpts.t5xxl)

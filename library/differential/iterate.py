@@ -26,12 +26,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from library.atomic import write_text_atomic
 from library.data.images import list_images
+from library.differential.render import RenderModels, RenderSettings, render
 from library.differential.run import Trainer, fingerprint, run_differential, sha256_file
 from library.differential.stages import DifferentialOptions, result_name
 from library.errors import UserError
 from library.train.cli import ParsedArgs
+from networks import lora_algebra as A
+from networks.flux_merge_lora import deltas_by_component, merge_into_file
+from networks.lora_flux import save_lora
+from networks.lora_metadata import NETWORK_MODULE, modelspec
+from networks.lora_svd import parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +125,6 @@ def open_iter_progress(out_dir: Path, name: str, print_: str) -> IterProgress:
 
 def fuse(base: Path, loras: list[Path], out: Path, precision: str) -> Path:
     """M = base + Σ loras, written to `out` (the base is only read)."""
-    from networks.flux_merge_lora import deltas_by_component, merge_into_file  # noqa: PLC0415
-    from networks.lora_svd import parse_dtype  # noqa: PLC0415
-
     deltas = deltas_by_component([(p, 1.0) for p in loras], "cpu").get("unet", {})
     merge_into_file(base, out, deltas, parse_dtype(precision, "--fuse_precision", allow_fp8=True), "transformer")
     return out
@@ -144,11 +150,6 @@ def run_pair_command(template: str, fields: dict[str, str], out: Path) -> None:
 
 def render_pairs(o: IterateOptions, model: Path, last_lora: Path, parsed: ParsedArgs, out: Path) -> None:
     """Built-in pairs: each prompt x images_per_prompt seeds, before = model, after = model + last LoRA."""
-    import numpy as np  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
-
-    from library.differential.render import RenderModels, RenderSettings, render  # noqa: PLC0415
-
     v = parsed.values
     prompts = read_prompts(o.prompts)
     jobs = [(p, 1000 * i + j) for i, p in enumerate(prompts) for j in range(o.images_per_prompt)]
@@ -248,10 +249,6 @@ def make_pairs(parsed: ParsedArgs, o: IterateOptions, k: int, model: Path, last_
 
 def combine_rounds(loras: list[Path], o: IterateOptions, out: Path, progress: IterProgress) -> Path:
     """The rounds' sum as one LoRA (exact or SVD), with the retained energy per module for SVD."""
-    from networks import lora_algebra as A  # noqa: PLC0415
-    from networks.lora_flux import save_lora  # noqa: PLC0415
-    from networks.lora_metadata import NETWORK_MODULE, modelspec  # noqa: PLC0415
-
     if "final" in progress.done and out.is_file() and sha256_file(out) == progress.done["final"]["sha256"]:
         log.info("combined LoRA %s finished earlier, kept", out)
         return out

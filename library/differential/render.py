@@ -12,6 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from library.flux.loading import load_autoencoder, load_transformer
+from library.flux.text_encoders import FluxTextEncoders, load_clip_l, load_t5xxl
+from library.sampling import encode_prompts, generate_latents, latents_to_pil, sample_settings
+from networks.lora_flux import apply_lora_weights
+
 
 @dataclass(frozen=True)
 class RenderModels:
@@ -40,11 +45,6 @@ class Rendered:
 def render(models: RenderModels, prompts: list[str], seeds: list[int], loras: list[tuple[Path, float]],
            settings: RenderSettings = RenderSettings()) -> list[Rendered]:
     """One rendering per (prompt, seed) pair, on the CPU in float32, with `loras` merged at their multipliers."""
-    from library.flux.loading import load_autoencoder, load_transformer  # noqa: PLC0415
-    from library.flux.text_encoders import FluxTextEncoders, load_clip_l, load_t5xxl  # noqa: PLC0415
-    from library.sampling import encode_prompts, generate_latents, latents_to_pil, sample_settings  # noqa: PLC0415
-    from networks.lora_flux import apply_lora_weights  # noqa: PLC0415
-
     transformer = load_transformer(models.transformer, "cpu", torch.float32)
     text = FluxTextEncoders(load_clip_l(models.clip_l, "cpu", torch.float32), load_t5xxl(models.t5xxl, "cpu",
                                                                                           torch.float32))

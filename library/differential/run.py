@@ -9,6 +9,7 @@ finished run does nothing. Files that exist without such a record are the user's
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,11 +18,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from library.atomic import write_text_atomic
+from library.data.config import load_dataset_config
+from library.data.plan import format_plan, make_plan
 from library.differential.stages import (DifferentialOptions, Stage, check_command, plan_stage1, plan_stage2,
                                          result_name)
 from library.errors import UserError
 from library.train.cli import ParsedArgs, non_default_values
 from library.train.config import TrainConfig
+from networks import lora_keys as K
+from networks.lora_formats import read_lora
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +44,6 @@ def sha256_file(path: Path) -> str:
 
 def check_stage1_file(path: Path) -> None:
     """A given or resumed stage-1 file must be a FLUX LoRA with transformer modules (one line otherwise)."""
-    from networks import lora_keys as K  # noqa: PLC0415
-    from networks.lora_formats import read_lora  # noqa: PLC0415
-
     if not path.is_file():
         raise UserError(f"{path}: --stage1_weights: no such file")
     weights = read_lora(path).weights  # UserError naming the file for anything that is not a LoRA
@@ -124,8 +126,6 @@ def latest_state(out_dir: Path, name: str) -> Path | None:
 
 
 def _with_resume(cfg: TrainConfig, state: Path | None) -> TrainConfig:
-    import dataclasses  # noqa: PLC0415
-
     if state is None:
         return cfg
     log.info("resuming %s from %s", cfg.save.output_name, state)
@@ -170,8 +170,6 @@ def run_differential(parsed: ParsedArgs, opts: DifferentialOptions, train: Train
 
 def check_pairs(cfg: TrainConfig) -> None:
     """Every training subset must be a pair subset (before_dir); the pairs themselves are checked by the scan."""
-    from library.data.config import load_dataset_config  # noqa: PLC0415
-
     resolved = load_dataset_config(cfg.data.dataset_config, cfg.data.cli_values)
     for i, ds in enumerate(resolved.datasets):
         for j, sub in enumerate(ds.subsets):
@@ -182,11 +180,6 @@ def check_pairs(cfg: TrainConfig) -> None:
 
 def dry_run(parsed: ParsedArgs, opts: DifferentialOptions) -> str:
     """Both stages' plans (settings + the data plan of each side), without loading a model."""
-    import dataclasses  # noqa: PLC0415
-
-    from library.data.plan import format_plan, make_plan  # noqa: PLC0415
-    from library.data.config import load_dataset_config  # noqa: PLC0415
-
     check_command(parsed)
     stage1 = plan_stage1(parsed, opts)
     stage2 = plan_stage2(parsed, stage1.path, None)

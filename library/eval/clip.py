@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from transformers import CLIPModel, CLIPProcessor
 
 from library.errors import UserError
 from library.eval.models import batches, model_type, pick_device
@@ -24,9 +25,7 @@ log = logging.getLogger(__name__)
 
 class ClipScorer:
     def __init__(self, folder: str | Path, device: torch.device | None = None, batch_size: int = 32):
-        model_type(folder, "--clip_model", ("clip",))  # before the (slow) transformers import
-        from transformers import CLIPModel, CLIPProcessor  # noqa: PLC0415 - heavy, only when scoring
-
+        model_type(folder, "--clip_model", ("clip",))  # before the (slow) model load
         try:
             self.processor = CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
             self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from transformers import AutoImageProcessor, AutoModel
 
 from library.errors import UserError
 from library.eval.models import batches, model_type, pick_device
@@ -18,9 +19,7 @@ DINO_TYPES = ("dinov2", "dinov2_with_registers", "vit")
 
 class DinoEmbedder:
     def __init__(self, folder: str | Path, device: torch.device | None = None, batch_size: int = 32):
-        model_type(folder, "--dino_model", DINO_TYPES)  # before the (slow) transformers import
-        from transformers import AutoImageProcessor, AutoModel  # noqa: PLC0415 - heavy, only when scoring
-
+        model_type(folder, "--dino_model", DINO_TYPES)  # before the (slow) model load
         try:
             self.processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
             self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)

@@ -20,8 +20,15 @@ import torch
 from tqdm import tqdm
 
 from library.errors import UserError
+from library.eval.models import pick_device
 from library.eval.names import BASE, image_name, safe_name
 from library.eval.prompts import EvalPrompt
+from library.flux.loading import load_autoencoder, load_transformer
+from library.flux.safetensors_io import read_metadata
+from library.flux.text_encoders import FluxTextEncoders, load_clip_l, load_t5xxl
+from library.sampling import (encode_prompts, generate_latents, latents_to_pil, read_png_settings, sample_settings,
+                              save_png)
+from networks.lora_flux import create_network_from_weights
 
 log = logging.getLogger(__name__)
 _STEP = re.compile(r"^(?P<name>.+?)-(?:step(?P<step>\d+)|(?P<epoch>\d{6}))$")
@@ -67,8 +74,6 @@ class Job:
 
 
 def lora_info(path: Path) -> LoraFile:
-    from library.flux.safetensors_io import read_metadata  # noqa: PLC0415
-
     md = read_metadata(path)
     stem = path.name[: -len(path.suffix)]
     m = _STEP.match(stem)
@@ -123,7 +128,6 @@ def is_done(job: Job, cfg: RenderConfig) -> bool:
     same name made with another prompt, size, step count or LoRA file is an error, not silently reused."""
     if not job.path.exists():
         return False
-    from library.sampling import read_png_settings  # noqa: PLC0415
 
     try:
         md = read_png_settings(job.path)
@@ -144,10 +148,6 @@ class Renderer:
     """The loaded base model; `render(jobs)` swaps LoRAs in and out as the jobs need them."""
 
     def __init__(self, cfg: RenderConfig):
-        from library.eval.models import pick_device  # noqa: PLC0415
-        from library.flux.loading import load_autoencoder, load_transformer  # noqa: PLC0415
-        from library.flux.text_encoders import FluxTextEncoders, load_clip_l, load_t5xxl  # noqa: PLC0415
-
         self.cfg, self.device = cfg, pick_device(cfg.device)
         dtype = getattr(torch, cfg.dtype)
         self.transformer = load_transformer(cfg.ckpt_path, self.device, dtype, fp8=cfg.fp8)
@@ -158,8 +158,6 @@ class Renderer:
 
     def _encode(self, key: tuple, s) -> object:
         if key not in self._encoded:
-            from library.sampling import encode_prompts  # noqa: PLC0415
-
             self._encoded[key] = encode_prompts(self.text, s)[0]
         return self._encoded[key]
 
@@ -184,7 +182,6 @@ class Renderer:
     def _apply(self, lf: LoraFile | None):
         if lf is None:
             return None
-        from networks.lora_flux import create_network_from_weights  # noqa: PLC0415
 
         network = create_network_from_weights(1.0, lf.path, self.transformer, self.text.clip, self.text.t5,
                                               for_inference=True)
@@ -193,8 +190,6 @@ class Renderer:
         return network
 
     def _one(self, job: Job, network) -> Path:
-        from library.sampling import generate_latents, latents_to_pil, sample_settings, save_png  # noqa: PLC0415
-
         c = self.cfg
         s = sample_settings(self.dev, job.prompt.text, c.width, c.height, c.steps or (28 if self.dev else 4),
                             c.guidance, job.seed, t5_max_length=c.t5xxl_max_token_length)

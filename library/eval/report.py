@@ -14,6 +14,8 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
@@ -22,6 +24,7 @@ from library.errors import UserError
 from library.eval.names import BASE
 from library.eval.score import notes_path, spectra_path
 from library.eval.table import ID_COLUMNS, read_rows
+from library.sampling import read_png_settings
 
 THUMB = 192  # px, the longer side of grid thumbnails
 LABELS = {"clip_score": "CLIP score (100·cos, text)", "clip_i": "CLIP-I (cos to references)",
@@ -35,11 +38,7 @@ def _mean(values: list[float]) -> float:
 
 
 def _pyplot():
-    import matplotlib  # noqa: PLC0415 - heavy, only for the report
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
     return plt
 
 
@@ -80,7 +79,6 @@ def _lora_meta(images: Path | None, rows: list[dict]) -> dict[str, dict]:
     for r in rows:
         if r["lora"] in meta or r["lora"] == BASE or images is None or not (images / r["file"]).is_file():
             continue
-        from library.sampling import read_png_settings  # noqa: PLC0415 - imports transformers
 
         md = read_png_settings(images / r["file"])
         meta[r["lora"]] = {k: str(md.get(k, "")) for k in ("network_dim", "resolution", "variant")}

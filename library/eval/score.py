@@ -18,10 +18,12 @@ from library.errors import UserError
 from library.eval import frequency as F
 from library.eval.clip import ClipScorer, clip_scores, mean_reference_similarity
 from library.eval.dino import DINO_TYPES, DinoEmbedder
+from library.eval.judge import judge_rows
 from library.eval.models import batches, model_type, pick_device
 from library.eval.names import ImageId, parse_image_name
 from library.eval.prompts import apply_class_tokens, load_eval_prompts
 from library.eval.table import ID_COLUMNS, write_rows
+from library.sampling import PNG_JSON_KEY
 
 log = logging.getLogger(__name__)
 METRICS = ("clip_score", "clip_i", "dino", "hf_energy", "hf_ratio", "grid16")
@@ -68,8 +70,6 @@ def _open(path: Path) -> Image.Image:
 
 
 def _png_prompt(path: Path) -> str | None:
-    from library.sampling import PNG_JSON_KEY  # noqa: PLC0415 - pulls in the text encoders (transformers)
-
     try:
         with Image.open(path) as im:
             raw = getattr(im, "text", {}).get(PNG_JSON_KEY)
@@ -194,8 +194,6 @@ def score(cfg: ScoreConfig) -> tuple[Path, list[dict]]:
     write_rows(cfg.out, columns, rows)
     save_spectra(spectra_path(cfg.out), spectra)
     if cfg.judge is not None:
-        from library.eval.judge import judge_rows  # noqa: PLC0415 - optional
-
         columns, rows = judge_rows(cfg.judge, items, rows, columns, notes, cfg.out)
     write_text_atomic(notes_path(cfg.out), json.dumps(notes, indent=1, sort_keys=True))
     return cfg.out, rows

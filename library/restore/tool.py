@@ -12,13 +12,17 @@ import torch
 from PIL import Image
 
 from library.atomic import atomic_target
-from library.data.images import list_images
+from library.data.degrade import degrade, load_degradation_file
+from library.data.images import list_images, load_image
 from library.errors import UserError
+from library.flux.loading import load_autoencoder, load_transformer
+from library.flux.text_encoders import FluxTextEncoders
 from library.objective import Objective, resolve_objective
 from library.restore import report as R
 from library.restore.run import (RESTORE_KEY, Job, Restorer, find_reference, fit, job_settings, load_input,
                                  plan_jobs, restore_jobs, split_done)
 from library.sampling import encode_prompts, sample_settings
+from networks.lora_flux import apply_lora_weights
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +59,6 @@ class RestoreArgs:
 
 def degrade_inputs(clean: list[Path], config: Path, seed: int, out_dir: Path) -> list[Path]:
     """Degrade each clean image (variant 0, keyed by its file name) into out_dir/degraded/<stem>.png."""
-    from library.data.degrade import degrade, load_degradation_file  # noqa: PLC0415
-    from library.data.images import load_image  # noqa: PLC0415
-
     cfg = load_degradation_file(config)
     out = []
     for p in clean:
@@ -85,17 +86,12 @@ def _digest(path: Path) -> str:
 
 
 def _models(a: RestoreArgs, objective: Objective) -> Restorer:
-    from library.flux.loading import load_autoencoder, load_transformer  # noqa: PLC0415
-    from library.flux.text_encoders import FluxTextEncoders  # noqa: PLC0415
-
     dtype = getattr(torch, a.dtype)
     load_transformer(a.ckpt_path, "meta", dtype)  # header checks first: fail before anything is loaded
     load_autoencoder(a.ae, "meta", dtype)
     text = FluxTextEncoders.load(a.clip_l, a.t5xxl, a.device, dtype)
     transformer = load_transformer(a.ckpt_path, a.device, dtype, fp8=a.fp8)
     if a.lora_weights:
-        from networks.lora_flux import apply_lora_weights  # noqa: PLC0415
-
         apply_lora_weights(transformer, text.clip, list(a.lora_weights), a.merge_lora_weights, t5=text.t5)
     dev = bool(transformer.params.guidance_embed)
     s = sample_settings(dev, a.prompt, 64, 64, a.steps or (28 if dev else 4), a.guidance, a.seed,

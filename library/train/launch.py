@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import sys
 
+from accelerate.commands.launch import launch_command, launch_command_parser
+from torch.distributed.elastic.multiprocessing.api import SignalException
+
 
 def main(argv: list[str] | None = None) -> int:
-    from accelerate.commands.launch import launch_command, launch_command_parser  # noqa: PLC0415
-    from torch.distributed.elastic.multiprocessing.api import SignalException  # noqa: PLC0415
-
     args = launch_command_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         launch_command(args)

@@ -19,10 +19,11 @@ does not hide. The constants (`Calibration`) were fitted to device measurements;
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from library.flux.model import FluxParams
+import torch
+
+from library.flux.model import Flux, FluxParams
+from networks import lora_flux
 
 GiB = 2 ** 30
 CARD_SIZES_GIB = (80, 48, 24, 16, 12)
@@ -183,11 +184,6 @@ def format_prediction(p: Prediction | None, n_blocks: int) -> str:
 def workload_for(params: FluxParams, img_tokens: int, txt_tokens: int, batch: int, rank: int,
                  compiled: bool, lora_state_bytes_per_param: float = 16.0) -> Workload:
     """Count the parameters of `params`' model and of a rank-`rank` LoRA on it (meta device: no memory)."""
-    import torch  # noqa: PLC0415
-
-    from library.flux.model import Flux  # noqa: PLC0415
-    from networks import lora_flux  # noqa: PLC0415
-
     with torch.device("meta"):
         model = Flux(params)
     model.requires_grad_(False)

@@ -13,6 +13,8 @@ import logging
 from typing import Any
 
 from library.errors import UserError
+from library.flux.loading import load_transformer
+from library.flux.text_encoders import default_t5_max_length
 from library.train import memory_plan as P
 from library.train.config import TrainConfig
 from library.train.precision import Dtypes
@@ -25,9 +27,6 @@ _OPTIMIZER_STATE_BYTES = {"adamw8bit": 2.0, "pagedadamw8bit": 2.0, "lion": 4.0, 
 
 def workload(cfg: TrainConfig, datasets: Any) -> P.Workload:
     """The step's sizes: `datasets` are DatasetConfig-like (resolution (W, H), batch_size)."""
-    from library.flux.loading import load_transformer  # noqa: PLC0415
-    from library.flux.text_encoders import default_t5_max_length  # noqa: PLC0415
-
     path = cfg.model.pretrained_model_name_or_path
     if not path:
         raise UserError("command line: --max_vram_gib needs --pretrained_model_name_or_path")

@@ -11,13 +11,17 @@ from pathlib import Path
 
 import torch
 
+from library.data.config import load_dataset_config
 from library.errors import UserError
 from library.flux.loading import load_autoencoder, load_transformer
 from library.flux.text_encoders import load_clip_l, load_t5xxl
+from library.train import checkpoint as C
 from library.train.config import TrainConfig
 from library.train.models import network_kwargs, required_path  # the load's "is required" message
 from library.train.optim import check_optimizer
 from library.train.precision import Dtypes
+from library.train.resume_settings import check_optimizer_matches
+from library.vision.vgg import load_vgg16
 from networks.lora_args import parse_network_args
 from networks.lora_formats import read_lora
 
@@ -64,8 +68,6 @@ def check_lora_files(cfg: TrainConfig) -> None:
 def data_folders(cfg: TrainConfig) -> list[tuple[str, Path]]:
     """(where, folder) of every image/conditioning folder the run reads (an unreadable config: none; the data
     stage reports it)."""
-    from library.data.config import load_dataset_config  # noqa: PLC0415
-
     cli = dict(cfg.data.cli_values)
     out = [(f"--{k}", Path(cli[k])) for k in ("train_data_dir", "reg_data_dir") if cli.get(k)]
     if cfg.data.dataset_config:
@@ -102,9 +104,6 @@ def check_output_outside_data(cfg: TrainConfig) -> None:
 def check_resume(cfg: TrainConfig) -> None:
     """--resume: every file of the state folder reads (a LoRA's state is small) and it was trained with this
     optimizer, before any model is loaded."""
-    from library.train import checkpoint as C  # noqa: PLC0415
-    from library.train.resume_settings import check_optimizer_matches  # noqa: PLC0415
-
     if cfg.save.resume:
         saved = C.load_state(cfg.save.resume).train_state.get("settings")
         check_optimizer_matches(saved, cfg.optimizer.optimizer_type, cfg.save.resume)
@@ -118,7 +117,5 @@ def preflight(cfg: TrainConfig, dtypes: Dtypes) -> None:
     check_resume(cfg)
     check_lora_files(cfg)
     if cfg.objective.perceptual_loss_weight > 0:  # a file that is not VGG16: one line now, not after caching
-        from library.vision.vgg import load_vgg16  # noqa: PLC0415
-
         load_vgg16(cfg.objective.perceptual_model, "cpu")
     check_network_args(cfg, check_model_files(cfg, dtypes))

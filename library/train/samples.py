@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from library.objective import Objective
-from library.sampling import encode_control, generate_latents, latents_to_pil, sample_settings, save_png
+from library.sampling import (encode_control, generate_latents, latents_to_pil, open_control_image, sample_settings,
+                              save_png)
 from library.train.prompts import SamplePrompt
 
 PAIR_SAMPLES = 2  # training pairs sampled when a control/degradation dataset has no --sample_prompts
@@ -49,8 +50,6 @@ def _to(enc: Any, device: Any) -> Any:
 def encode_prompts(prompts: list[SamplePrompt], text: Any, t5_max_length: int, apply_t5_attn_mask: bool,
                    pairs: list[tuple[np.ndarray, np.ndarray | None]] | None = None) -> list[EncodedPrompt]:
     """Encode each prompt once; `pairs` (control, target) per prompt for training-pair samples."""
-    from library.sampling import open_control_image  # noqa: PLC0415
-
     out = []
     with torch.no_grad():
         for i, p in enumerate(prompts):

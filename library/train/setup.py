@@ -35,6 +35,7 @@ from library.train.config import DEFAULT_SEED, TrainConfig, config_as_dict, conf
 from library.train.legacy_data import write_folder_mode_config
 from library.train.memory_setup import apply_max_vram
 from library.train.optim import build_optimizer, build_scheduler, is_relative_step_adafactor
+from library.train.perceptual import build_perceptual
 from library.train.precision import Dtypes, resolve_dtypes
 from library.train.preflight import preflight
 from library.train.prompts import load_prompts
@@ -200,8 +201,6 @@ def setup(cfg: TrainConfig, after_preflight: Callable[[], None] | None = None) -
         models.text = None
     perceptual = None
     if cfg.objective.perceptual_loss_weight > 0:  # the AE stays: x̂0 and the target are decoded at the step
-        from library.train.perceptual import build_perceptual  # noqa: PLC0415
-
         perceptual = build_perceptual(cfg.objective.perceptual_model, models.ae)
     if cfg.memory.cache_latents and not prompts and perceptual is None:
         M.free(models.ae)

@@ -10,14 +10,14 @@ import math
 import statistics
 import time
 
+import psutil
 import torch
+from torch._dynamo.utils import counters
 
 
 def since_launch() -> str:
     """'N.N s after launch' (the process's start as the OS records it), or '' where that is unknown."""
     try:
-        import psutil  # noqa: PLC0415 - accelerate depends on it; optional all the same
-
         return f"{time.time() - psutil.Process().create_time():.1f} s after launch"
     except Exception:  # noqa: BLE001 - informational only
         return "time since launch unknown"
@@ -26,10 +26,6 @@ def since_launch() -> str:
 def compile_cache_counts() -> str:
     """'compile cache: A/B AOT-autograd and C/D inductor graphs from the cache' (hits / lookups), or '' when
     nothing was compiled: a second run of the same configuration should find every graph there."""
-    try:
-        from torch._dynamo.utils import counters  # noqa: PLC0415
-    except ImportError:
-        return ""
     aot, ind = counters.get("aot_autograd", {}), counters.get("inductor", {})
     a_hit, a_miss = aot.get("autograd_cache_hit", 0), aot.get("autograd_cache_miss", 0)
     i_hit, i_miss = ind.get("fxgraph_cache_hit", 0), ind.get("fxgraph_cache_miss", 0)

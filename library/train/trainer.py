@@ -25,6 +25,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from library.errors import UserError
+from library.eval.models import model_type
+from library.eval.sample_scores import make_sample_scorer
 from library.objective import objective_of_training
 from library.train import checkpoint as C
 from library.train import resume_settings as RS
@@ -72,8 +74,6 @@ def _train(cfg: TrainConfig, claim_output_folder: Any = None) -> None:
         raise UserError("--eval_clip_model / --eval_reference_dir score the --sample_prompts images; give "
                         "--sample_prompts (and --sample_every_n_epochs or --sample_every_n_steps)")
     if cfg.sample.eval_clip_model:  # a wrong folder fails now, not after the models are loaded and cached
-        from library.eval.models import model_type  # noqa: PLC0415 - optional
-
         model_type(cfg.sample.eval_clip_model, "--eval_clip_model", ("clip",))
     run = setup(cfg, claim_output_folder)
     state = State(scorer=_sample_scorer(run))
@@ -294,7 +294,6 @@ def _sample_scorer(run: Run) -> Any:
     sc = run.cfg.sample
     if not sc.eval_clip_model and not sc.eval_reference_dir or not run.accelerator.is_main_process:
         return None
-    from library.eval.sample_scores import make_sample_scorer  # noqa: PLC0415 - optional, loads transformers
 
     return make_sample_scorer(sc.eval_clip_model, sc.eval_reference_dir, sc.eval_class_token_map or (),
                               run.accelerator.device)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.errors import UserError
+from library.flux.safetensors_io import open_checkpoint
 
 CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # torchvision's vgg16().features
 POOL_AFTER = (2, 5, 9, 12)  # 1-based conv numbers followed by max-pooling (before the next conv)
@@ -69,8 +70,6 @@ def _not_vgg(path: Path, why: str) -> UserError:
 def load_vgg16(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
                ) -> VGG16Features:
     """Strictly load a VGG16 features module (frozen, eval) from a torchvision-layout safetensors file."""
-    from library.flux.safetensors_io import open_checkpoint  # noqa: PLC0415 - strict, mmap'd reading
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file (given as --perceptual_model)")
