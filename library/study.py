@@ -48,7 +48,7 @@ from library.eval.report import write_report
 from library.eval.score import ScoreConfig, score
 from library.train.cli import FLAG_BY_NAME, read_config_file, suggest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")  # no '_': names sit inside image names
 STUDY_KEYS = {"output_dir", "config_file", "args", "dataset_config", "python"}
 EVAL_KEYS = {"prompts", "strengths", "seeds", "width", "height", "steps", "guidance", "t5xxl_max_token_length",

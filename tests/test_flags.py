@@ -16,7 +16,8 @@ from library.data import schema
 from library.train.flags import FLAGS, INEFFECTIVE, Flag
 
 REPO = Path(__file__).resolve().parents[1]
-PREFIX_FAMILIES = ("metadata_",)  # config.py gathers every metadata_* flag by prefix into SaveConfig.metadata
+PREFIX_FAMILIES = ("metadata_", "degradation_")  # gathered by prefix: metadata_* into SaveConfig.metadata (config.py),
+# degradation_* into one DegradationConfig (library/data/degrade.py, CLI_PREFIX)
 
 
 def _reads() -> tuple[set[str], set[str], set[str]]:
@@ -29,6 +30,9 @@ def _reads() -> tuple[set[str], set[str], set[str]]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Attribute):
                 attrs.add(node.attr)
+            elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) \
+                    and any(isinstance(t, ast.Name) and t.id.endswith("_PREFIX") for t in node.targets):
+                prefixes.add(node.value.value)  # X_PREFIX = "degradation_", used as k.startswith(X_PREFIX)
             elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
                 keys.add(node.slice.value)
             elif isinstance(node, ast.Dict):
