@@ -44,13 +44,16 @@ GUIDANCE_SCALE="${GUIDANCE_SCALE:-1.0}"          # 1.0 is recommended for FLUX.1
 MIXED_PRECISION="${MIXED_PRECISION:-bf16}"       # bf16 on GPUs; the demo uses no (fp32 on CPU)
 MEMORY_ARGS="${MEMORY_ARGS:---fp8_base --gradient_checkpointing}"  # e.g. add --blocks_to_swap 18 on 12 GB
 NUM_PROCESSES="${NUM_PROCESSES:-1}"              # GPUs (data parallel)
-ACCELERATE="${ACCELERATE:-$( [ -x .venv/bin/accelerate ] && echo .venv/bin/accelerate || echo accelerate )}"
+PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+# The launcher: `accelerate launch` through library/train/launch.py (the same arguments; a SIGTERM, e.g. docker
+# stop, ends it with one line and exit 128+signal after the state is saved, instead of a traceback).
+# ACCELERATE=/path/to/accelerate uses that `accelerate launch` directly.
+if [ -n "${ACCELERATE:-}" ]; then LAUNCH=("$ACCELERATE" launch); else LAUNCH=("$PYTHON" -m library.train.launch); fi
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 CACHE_ARGS="${CACHE_ARGS:---cache_latents_to_disk --cache_text_encoder_outputs_to_disk}"  # files beside the images
 
 if [ -z "$FLUX_MODEL" ]; then
   # The demo: tiny models, 64 px images, fp32 on the CPU, sample images and a LoRA every 8 epochs.
-  PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
   MODELS=demo_output/tiny_models
   [ -f "$MODELS/flux1-tiny-dev.safetensors" ] || "$PYTHON" tools/make_tiny_checkpoints.py --out "$MODELS"
   FLUX_MODEL="$MODELS/flux1-tiny-dev.safetensors" CLIP_L="$MODELS/clip_l.safetensors"
@@ -69,4 +72,4 @@ SAMPLE_ARGS=()
   SAMPLE_ARGS=(--sample_prompts "$SAMPLE_PROMPTS" --sample_every_n_epochs "$SAMPLE_EVERY_N_EPOCHS")
 
 # shellcheck disable=SC2086  # MEMORY_ARGS, CACHE_ARGS and EXTRA_ARGS are word lists on purpose
-"$ACCELERATE" launch ${PARALLEL[@]+"${PARALLEL[@]}"} --num_processes "$NUM_PROCESSES" --num_machines 1 --mixed_precision "$MIXED_PRECISION" --dynamo_backend no flux_train_network.py --pretrained_model_name_or_path "$FLUX_MODEL" --clip_l "$CLIP_L" --t5xxl "$T5XXL" --ae "$AE" --dataset_config "$DATASET_CONFIG" --output_dir "$OUTPUT_DIR" --output_name "$OUTPUT_NAME" --network_module networks.lora_flux --network_dim "$NETWORK_DIM" --network_alpha "$NETWORK_ALPHA" --network_train_unet_only --optimizer_type "$OPTIMIZER" --learning_rate "$LEARNING_RATE" --lr_scheduler "$LR_SCHEDULER" --lr_warmup_steps "$LR_WARMUP_STEPS" --max_train_epochs "$MAX_TRAIN_EPOCHS" --save_every_n_epochs "$SAVE_EVERY_N_EPOCHS" --seed "$SEED" --mixed_precision "$MIXED_PRECISION" --timestep_sampling "$TIMESTEP_SAMPLING" --discrete_flow_shift "$DISCRETE_FLOW_SHIFT" --model_prediction_type raw --guidance_scale "$GUIDANCE_SCALE" $CACHE_ARGS --save_model_as safetensors --save_state_on_train_end ${SAMPLE_ARGS[@]+"${SAMPLE_ARGS[@]}"} $MEMORY_ARGS $EXTRA_ARGS "$@"
+"${LAUNCH[@]}" ${PARALLEL[@]+"${PARALLEL[@]}"} --num_processes "$NUM_PROCESSES" --num_machines 1 --mixed_precision "$MIXED_PRECISION" --dynamo_backend no flux_train_network.py --pretrained_model_name_or_path "$FLUX_MODEL" --clip_l "$CLIP_L" --t5xxl "$T5XXL" --ae "$AE" --dataset_config "$DATASET_CONFIG" --output_dir "$OUTPUT_DIR" --output_name "$OUTPUT_NAME" --network_module networks.lora_flux --network_dim "$NETWORK_DIM" --network_alpha "$NETWORK_ALPHA" --network_train_unet_only --optimizer_type "$OPTIMIZER" --learning_rate "$LEARNING_RATE" --lr_scheduler "$LR_SCHEDULER" --lr_warmup_steps "$LR_WARMUP_STEPS" --max_train_epochs "$MAX_TRAIN_EPOCHS" --save_every_n_epochs "$SAVE_EVERY_N_EPOCHS" --seed "$SEED" --mixed_precision "$MIXED_PRECISION" --timestep_sampling "$TIMESTEP_SAMPLING" --discrete_flow_shift "$DISCRETE_FLOW_SHIFT" --model_prediction_type raw --guidance_scale "$GUIDANCE_SCALE" $CACHE_ARGS --save_model_as safetensors --save_state_on_train_end ${SAMPLE_ARGS[@]+"${SAMPLE_ARGS[@]}"} $MEMORY_ARGS $EXTRA_ARGS "$@"

@@ -49,7 +49,8 @@ def test_everything_copied_exists_and_is_pinned() -> None:
 
 def test_launch_script_has_one_accelerate_line() -> None:
     text = (REPO / "launch_train.sh").read_text()
-    lines = [line for line in text.splitlines() if "launch" in line and "accelerate" in line.lower()
-             and not line.lstrip().startswith("#") and "flux_train_network.py" in line]
+    lines = [line for line in text.splitlines() if line.startswith('"${LAUNCH[@]}"')
+             and "flux_train_network.py" in line]
     assert len(lines) == 1
+    assert 'LAUNCH=("$PYTHON" -m library.train.launch)' in text  # accelerate launch, ending cleanly on SIGTERM
     assert "tools/make_tiny_checkpoints.py" in text and "demo_output" in text
