@@ -15,6 +15,12 @@ from safetensors.torch import load_file
 from train_helpers import REPO, data, base_args, train_in_process, losses  # noqa: F401 (data: a fixture)
 
 
+# SGD (Nesterov) rather than AdamW in these comparisons: the update is linear in the gradient, so summation-order
+# noise stays at ~1e-6 relative. Adam's m/sqrt(v) amplifies it on near-zero gradient elements, by an amount that
+# depends on the noise draw (seeded by the images' absolute paths, so by pytest's tmp folder): 2e-5 to 2e-3 seen.
+SGD = ("--optimizer_type", "SGDNesterov", "--learning_rate", "0.5")
+
+
 def _launch_two(argv: list[str], port: int) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes 2` of the trainer on the CPU (gloo)."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -30,7 +36,7 @@ def _launch_two(argv: list[str], port: int) -> subprocess.CompletedProcess:
 def test_two_gloo_processes_match_one_process_at_twice_the_batch(tiny_ckpts, data: Path, tmp_path: Path) -> None:
     def args(out: Path, batch: int) -> list[str]:
         a = base_args(tiny_ckpts, data, out, "--max_train_steps", "3", "--train_batch_size", str(batch),
-                      "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk")
+                      "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk", *SGD)
         a[a.index("--dataset_config") + 1] = str(data / "dog.toml")
         return a
 
@@ -42,10 +48,10 @@ def test_two_gloo_processes_match_one_process_at_twice_the_batch(tiny_ckpts, dat
     a, b = load_file(str(one / "lora.safetensors")), load_file(str(two / "lora.safetensors"))
     assert a.keys() == b.keys()
     worst = 0.0
-    for k in a:  # relative error per tensor: Adam's m/sqrt(v) amplifies summation-order noise in tiny gradients
+    for k in a:  # relative error per tensor
         if a[k].norm() > 0:
             worst = max(worst, float((b[k] - a[k]).norm() / a[k].norm()))
-    assert worst < 1e-3, worst
+    assert worst < 1e-5, worst
     assert any(a[k].abs().max() > 0 for k in a if "lora_up" in k)  # the LoRA did train
     la, lb = losses(one), losses(two)  # the logged loss is the global batch's (averaged over the ranks)
     assert lb == pytest.approx(la, rel=1e-4)
@@ -54,7 +60,7 @@ def test_two_gloo_processes_match_one_process_at_twice_the_batch(tiny_ckpts, dat
 def test_gradient_accumulation_equals_the_larger_batch(tiny_ckpts, data: Path, tmp_path: Path) -> None:
     def run(out: Path, batch: int, accum: int) -> dict:
         a = base_args(tiny_ckpts, data, out, "--max_train_steps", "3", "--train_batch_size", str(batch),
-                      "--gradient_accumulation_steps", str(accum))
+                      "--gradient_accumulation_steps", str(accum), *SGD)
         a[a.index("--dataset_config") + 1] = str(data / "dog.toml")
         train_in_process(a)
         return load_file(str(out / "lora.safetensors"))
@@ -62,7 +68,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tiny_ckpts, data: Path, t
     big, accumulated = run(tmp_path / "big", 2, 1), run(tmp_path / "acc", 1, 2)
     for k in big:
         if big[k].norm() > 0:
-            assert float((accumulated[k] - big[k]).norm() / big[k].norm()) < 1e-3, k
+            assert float((accumulated[k] - big[k]).norm() / big[k].norm()) < 1e-5, k
     assert losses(tmp_path / "acc") == pytest.approx(losses(tmp_path / "big"), rel=1e-4)
 
 
@@ -79,7 +85,7 @@ def test_two_processes_accumulating_from_memory_caches_then_resumed_by_one(tiny_
     def args(out: Path, batch: int, *extra: str) -> list[str]:
         a = base_args(tiny_ckpts, data, out, "--max_train_steps", "4", "--gradient_accumulation_steps", "2",
                       "--save_every_n_steps", "2", "--save_state", "--sample_prompts", str(data / "prompts.txt"),
-                      "--sample_every_n_steps", "2", *extra)
+                      "--sample_every_n_steps", "2", *SGD, *extra)
         a[a.index("--dataset_config") + 1] = str(tomls[batch])
         return a
 
@@ -103,7 +109,7 @@ def test_two_processes_accumulating_from_memory_caches_then_resumed_by_one(tiny_
     la, lb = load_file(str(one / "lora.safetensors")), load_file(str(two / "lora.safetensors"))
     for k in la:
         if la[k].norm() > 0:
-            assert float((lb[k] - la[k]).norm() / la[k].norm()) < 1e-3, k
+            assert float((lb[k] - la[k]).norm() / la[k].norm()) < 1e-4, k  # caches encoded in other batches
     assert losses(two) == pytest.approx(losses(one), rel=1e-4)
 
     capsys.readouterr()
