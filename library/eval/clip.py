@@ -17,23 +17,15 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
-from library.errors import UserError
-from library.eval.models import batches, model_type, pick_device
+from library.eval.models import batches, load_pretrained
 
 log = logging.getLogger(__name__)
 
 
 class ClipScorer:
     def __init__(self, folder: str | Path, device: torch.device | None = None, batch_size: int = 32):
-        model_type(folder, "--clip_model", ("clip",))  # before the (slow) model load
-        try:
-            self.processor = CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
-            self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise UserError(f"{folder}: --clip_model: cannot load a CLIP model and processor "
-                            f"({str(err).splitlines()[0][:200]})") from None
-        self.device = device or pick_device()
-        self.model = self.model.to(self.device).eval()
+        self.processor, self.model, self.device = load_pretrained(
+            folder, "--clip_model", ("clip",), "a CLIP model and processor", CLIPProcessor, CLIPModel, device)
         self.batch_size = batch_size
         self.max_tokens = int(self.model.config.text_config.max_position_embeddings)
 

@@ -11,23 +11,16 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
-from library.errors import UserError
-from library.eval.models import batches, model_type, pick_device
+from library.eval.models import batches, load_pretrained
 
 DINO_TYPES = ("dinov2", "dinov2_with_registers", "vit")
 
 
 class DinoEmbedder:
     def __init__(self, folder: str | Path, device: torch.device | None = None, batch_size: int = 32):
-        model_type(folder, "--dino_model", DINO_TYPES)  # before the (slow) model load
-        try:
-            self.processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
-            self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise UserError(f"{folder}: --dino_model: cannot load the model and its image processor "
-                            f"({str(err).splitlines()[0][:200]})") from None
-        self.device = device or pick_device()
-        self.model = self.model.to(self.device).eval()
+        self.processor, self.model, self.device = load_pretrained(
+            folder, "--dino_model", DINO_TYPES, "the model and its image processor", AutoImageProcessor, AutoModel,
+            device)
         self.batch_size = batch_size
 
     @torch.no_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,6 +38,20 @@ def model_type(folder: str | Path, flag: str, expected: tuple[str, ...]) -> str:
     if kind not in expected:
         raise UserError(f"{config}: {flag}: model_type is {kind!r}, expected {' or '.join(map(repr, expected))}")
     return kind
+
+
+def load_pretrained(folder: str | Path, flag: str, expected: tuple[str, ...], what: str, processor_cls: Any,
+                    model_cls: Any, device: torch.device | None) -> tuple[Any, torch.nn.Module, torch.device]:
+    """(processor, model in eval mode on `device` or the picked one, that device) from a transformers folder;
+    the folder's model_type is checked before the (slow) load, and a load failure is one line."""
+    model_type(folder, flag, expected)
+    try:
+        processor = processor_cls.from_pretrained(str(folder), local_files_only=True)
+        model = model_cls.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{folder}: {flag}: cannot load {what} ({str(err).splitlines()[0][:200]})") from None
+    device = device or pick_device()
+    return processor, model.to(device).eval(), device
 
 
 def batches(items: list, size: int):
