@@ -18,6 +18,7 @@ from library.differential.cli import split_args
 from library.differential.example import write_pairs
 from library.differential.stages import plan_stage2
 from library.errors import UserError
+from library.train.checkpoint import file_sha256
 from library.train.cli import parse_args
 from train_helpers import REPO, train_in_process
 
@@ -70,7 +71,7 @@ def test_stage2_trains_on_base_plus_stage1_and_keeps_only_stage2(tiny_ckpts, pai
     from library.flux.safetensors_io import read_metadata
     meta = read_metadata(result)
     assert meta["modelspec.differential_stage1"] == "grade_stage1.safetensors"
-    assert meta["modelspec.differential_stage1_sha256"] == R.sha256_file(stage1)
+    assert meta["modelspec.differential_stage1_sha256"] == file_sha256(stage1)
     # stage 2's base (through the trainer's --base_weights path) equals base + stage 1 merged by flux_merge_lora
     opts, rest, _ = split_args(args(tiny_ckpts, pairs, finished, *STEPS))
     cfg2 = plan_stage2(parse_args(rest), stage1, None).train

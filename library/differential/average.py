@@ -19,9 +19,10 @@ import toml
 
 from library.atomic import write_text_atomic
 from library.data.config import load_dataset_config, read_document
-from library.differential.run import Trainer, run_differential, sha256_file
+from library.differential.run import Trainer, run_differential
 from library.differential.stages import DifferentialOptions, check_command, result_name
 from library.errors import UserError
+from library.train.checkpoint import file_sha256
 from library.train.cli import ParsedArgs
 from networks import lora_algebra as A
 from networks.lora_flux import save_lora
@@ -69,7 +70,7 @@ def run_average(parsed: ParsedArgs, opts: DifferentialOptions, train: Trainer) -
         group = ParsedArgs(values={**parsed.values, "dataset_config": str(cfg), "output_name": f"{name}_g{k}"},
                            given=parsed.given | {"dataset_config", "output_name"})
         loras.append(run_differential(group, single, train))
-    digests = [sha256_file(p) for p in loras]
+    digests = [file_sha256(p) for p in loras]
     if record.is_file() and result.is_file() and json.loads(record.read_text())["groups"] == digests:
         return result
     combined = A.concat(A.read_terms([(p, 1.0 / len(loras)) for p in loras]))

@@ -32,9 +32,10 @@ from PIL import Image
 from library.atomic import write_text_atomic
 from library.data.images import list_images
 from library.differential.render import RenderModels, RenderSettings, render
-from library.differential.run import Trainer, fingerprint, run_differential, sha256_file
+from library.differential.run import Trainer, fingerprint, run_differential
 from library.differential.stages import DifferentialOptions, result_name
 from library.errors import UserError
+from library.train.checkpoint import file_sha256
 from library.train.cli import ParsedArgs
 from networks import lora_algebra as A
 from networks.flux_merge_lora import deltas_by_component, merge_into_file
@@ -189,7 +190,7 @@ def run_iterations(parsed: ParsedArgs, diff: DifferentialOptions, o: IterateOpti
         raise UserError(f"{base}: --pretrained_model_name_or_path: a BFL .safetensors file is needed (it is fused "
                         "into working copies)")
     out_dir, name = Path(v["output_dir"] or "output"), result_name(parsed)
-    extra = {"iterate": asdict(o), "initial_sha256": sha256_file(Path(o.initial_lora)) if o.initial_lora else None,
+    extra = {"iterate": asdict(o), "initial_sha256": file_sha256(Path(o.initial_lora)) if o.initial_lora else None,
              "prompts": read_prompts(o.prompts) if o.prompts and o.pair_command is None else None}
     progress = open_iter_progress(out_dir, name, fingerprint(parsed, diff, extra))
     loras = [round0(parsed, diff, o, out_dir, name, train, progress)]
@@ -205,7 +206,7 @@ def round0(parsed: ParsedArgs, diff: DifferentialOptions, o: IterateOptions, out
     if "r0.lora" not in progress.done:
         lora = run_differential(_round_args(parsed, output_dir=str(out_dir / "round_0"), output_name=f"{name}_r0"),
                                 diff, train)
-        progress.mark("r0.lora", {"file": str(lora), "sha256": sha256_file(lora)})
+        progress.mark("r0.lora", {"file": str(lora), "sha256": file_sha256(lora)})
     return Path(progress.done["r0.lora"]["file"])
 
 
@@ -231,7 +232,7 @@ def one_round(parsed: ParsedArgs, diff: DifferentialOptions, o: IterateOptions, 
     toml = pairs_toml(pairs, o.pair_width, o.pair_height, int(parsed.values["train_batch_size"] or 1))
     lora = run_differential(_round_args(parsed, pretrained_model_name_or_path=str(model), dataset_config=str(toml),
                                         output_dir=str(rdir), output_name=f"{name}_r{k}"), diff, train)
-    progress.mark(f"r{k}.lora", {"file": str(lora), "sha256": sha256_file(lora)})
+    progress.mark(f"r{k}.lora", {"file": str(lora), "sha256": file_sha256(lora)})
     return lora
 
 
@@ -249,7 +250,7 @@ def make_pairs(parsed: ParsedArgs, o: IterateOptions, k: int, model: Path, last_
 
 def combine_rounds(loras: list[Path], o: IterateOptions, out: Path, progress: IterProgress) -> Path:
     """The rounds' sum as one LoRA (exact or SVD), with the retained energy per module for SVD."""
-    if "final" in progress.done and out.is_file() and sha256_file(out) == progress.done["final"]["sha256"]:
+    if "final" in progress.done and out.is_file() and file_sha256(out) == progress.done["final"]["sha256"]:
         log.info("combined LoRA %s finished earlier, kept", out)
         return out
     result = A.combine(A.read_terms([(p, 1.0) for p in loras]), o.combine_rank)
@@ -257,7 +258,7 @@ def combine_rounds(loras: list[Path], o: IterateOptions, out: Path, progress: It
     md = {"ss_network_module": NETWORK_MODULE, "ss_base_model_version": "flux1", "ss_network_dim": str(max(ranks)),
           "ss_network_alpha": str(max(ranks)),
           **modelspec(out.stem, extra={"enhance_rounds": json.dumps([p.name for p in loras]),
-                                       "enhance_round_sha256": json.dumps([sha256_file(p) for p in loras]),
+                                       "enhance_round_sha256": json.dumps([file_sha256(p) for p in loras]),
                                        "enhance_combine": "exact" if o.combine_rank is None else
                                        f"svd rank {o.combine_rank}"})}
     save_lora(result.weights, out, None, md)
@@ -265,6 +266,6 @@ def combine_rounds(loras: list[Path], o: IterateOptions, out: Path, progress: It
         write_text_atomic(out.with_name(out.stem + "_energy.json"),
                           json.dumps({"combine_rank": o.combine_rank, "energy": result.energy}, indent=1))
         log.info("%s", A.energy_summary(result.energy))
-    progress.mark("final", {"file": str(out), "sha256": sha256_file(out)})
+    progress.mark("final", {"file": str(out), "sha256": file_sha256(out)})
     log.info("combined %d round(s) (ranks %s) -> %s", len(loras), ranks, out)
     return out

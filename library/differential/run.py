@@ -23,6 +23,7 @@ from library.data.plan import format_plan, make_plan
 from library.differential.stages import (DifferentialOptions, Stage, check_command, plan_stage1, plan_stage2,
                                          result_name)
 from library.errors import UserError
+from library.train.checkpoint import file_sha256
 from library.train.cli import ParsedArgs, non_default_values
 from library.train.config import TrainConfig
 from networks import lora_keys as K
@@ -32,14 +33,6 @@ log = logging.getLogger(__name__)
 
 PROGRESS_VERSION = 1
 Trainer = Callable[[TrainConfig], None]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_stage1_file(path: Path) -> None:
@@ -68,13 +61,13 @@ class Progress:
         rec = self.stages.get(str(stage.index))
         if rec is None:
             return False
-        if not stage.path.is_file() or sha256_file(stage.path) != rec["sha256"]:
+        if not stage.path.is_file() or file_sha256(stage.path) != rec["sha256"]:
             raise UserError(f"{stage.path}: changed or removed since stage {stage.index} finished (recorded in "
                             f"{self.path}); restore it, or delete {self.path} and the run's files to start over")
         return True
 
     def finish(self, stage: Stage) -> str:
-        digest = sha256_file(stage.path)
+        digest = file_sha256(stage.path)
         self.stages[str(stage.index)] = {"file": stage.path.name, "sha256": digest}
         self.save()
         return digest
@@ -152,12 +145,12 @@ def run_differential(parsed: ParsedArgs, opts: DifferentialOptions, train: Train
     stage1 = plan_stage1(parsed, opts)
     check_pairs(stage1.train or plan_stage2(parsed, stage1.path, None).train)
     owned = [out_dir / f"{name}.safetensors"] + ([] if opts.stage1_weights else [stage1.path])
-    extra = {"stage1_weights_sha256": sha256_file(Path(opts.stage1_weights))} if opts.stage1_weights and \
+    extra = {"stage1_weights_sha256": file_sha256(Path(opts.stage1_weights))} if opts.stage1_weights and \
         Path(opts.stage1_weights).is_file() else None
     progress = open_progress(out_dir, name, fingerprint(parsed, opts, extra), owned)
     if stage1.train is None:
         check_stage1_file(stage1.path)
-        digest = sha256_file(stage1.path)
+        digest = file_sha256(stage1.path)
     else:
         progress.save()  # claims the output names before the first file is written
         digest = run_stage(stage1, progress, train)
