@@ -223,15 +223,9 @@ def _output_path(args: InferenceArgs, seed: int) -> Path:
 
 def _device(name: str | None):
     """--device as a torch.device, or a one-line error (an unknown name, CUDA asked for but absent)."""
-    import torch  # noqa: PLC0415
+    from library.eval.models import pick_device  # noqa: PLC0415 - keep --help fast (imports torch)
 
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: not a device (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available in this PyTorch build or machine; use --device cpu")
-    return device
+    return pick_device(name)
 
 
 @dataclass
