@@ -40,10 +40,11 @@ $PY flux_train_network.py --pretrained_model_name_or_path "$WORK/ckpt/flux1-tiny
   --model_prediction_type raw --timestep_sampling shift --cache_latents --cache_text_encoder_outputs \
   --t5xxl_max_token_length 16 --max_data_loader_n_workers 0 --max_train_steps 30 --gradient_accumulation_steps 2 \
   --save_every_n_steps 10 --save_state --max_grad_norm 1.0 >"$WORK/train.log" 2>&1 || { tail -20 "$WORK/train.log"; exit 1; }
-# Whole files where a file is reproducible; the LoRAs without modelspec.date (the wall clock) and rng.pt
-# without Python's and numpy's global states (never seeded by the trainer, so they differ run to run).
-(cd "$WORK/out" && find . -type f \( -name '*.pt' -o -name '*.json' -o -name '*.csv' \) ! -name 'rng.pt' \
-  ! -name '*_config.json' | sort | xargs sha256sum)
+# Whole files where a file is reproducible; the LoRAs without modelspec.date (the wall clock), rng.pt
+# without Python's and numpy's global states (never seeded by the trainer, so they differ run to run), and
+# the wall-clock step times left out of the loss CSV (step_time_s) and of train_state.json (record.times;
+# lora.sha256, the whole LoRA file's hash, date included).
+(cd "$WORK/out" && find . -type f -name '*.pt' ! -name 'rng.pt' | sort | xargs sha256sum)
 $PY - "$WORK/out" <<'PYEOF'
 import hashlib, json, sys
 from pathlib import Path
@@ -60,6 +61,17 @@ for p in sorted(out.rglob("*.safetensors")):
     h.update(t.digest())
     print(f"{h.hexdigest()}  ./{p.relative_to(out)} (tensors + metadata without modelspec.date)")
     print(f"{t.hexdigest()}  ./{p.relative_to(out)} (tensors only)")
+for p in sorted(out.rglob("train_state.json")):
+    state = json.loads(p.read_text())
+    state.get("record", {}).pop("times", None)
+    state.get("lora", {}).pop("sha256", None)  # of the whole LoRA file, modelspec.date included
+    h = hashlib.sha256(json.dumps(state, sort_keys=True).encode())
+    print(f"{h.hexdigest()}  ./{p.relative_to(out)} (without record.times, lora.sha256)")
+for p in sorted(out.rglob("*.csv")):
+    rows = [line.split(",") for line in p.read_text().splitlines()]
+    drop = rows[0].index("step_time_s") if rows and "step_time_s" in rows[0] else None
+    kept = "\n".join(",".join(c for i, c in enumerate(r) if i != drop) for r in rows)
+    print(f"{hashlib.sha256(kept.encode()).hexdigest()}  ./{p.relative_to(out)} (without step_time_s)")
 for p in sorted(out.rglob("rng.pt")):
     states = torch.load(p, weights_only=False)
     h = hashlib.sha256(b"".join(s["torch"].numpy().tobytes() for s in states))
