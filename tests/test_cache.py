@@ -20,7 +20,7 @@ from PIL import Image
 
 from library.data.cache import TensorCache, checkpoint_identity
 from library.data.dataset import BatchLoader, build_datasets
-from library.data.config import load_dataset_config
+from library.data.config import dataset_flags, load_dataset_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def config(tmp_path: Path, body: str, name: str = "c.toml"):
 
 
 def dataset(path: Path, seed: int = 0, **cli):
-    train, _ = build_datasets(load_dataset_config(path, cli), seed=seed, progress=False)
+    train, _ = build_datasets(load_dataset_config(path, dataset_flags(cli)), seed=seed, progress=False)
     return train
 
 
@@ -188,7 +188,7 @@ KILL_SCRIPT = """
 import sys, time, torch, torch.nn.functional as F
 sys.path.insert(0, {root!r})
 from library.data.dataset import build_datasets
-from library.data.config import load_dataset_config
+from library.data.config import dataset_flags, load_dataset_config
 def slow(x):
     time.sleep(0.3)
     return F.avg_pool2d(x, 8).repeat(1, 6, 1, 1)[:, :16]

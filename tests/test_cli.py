@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import toml
 
+from library.data.config import DatasetFlags
 from library.errors import UserError
 from library.train.cli import parse_args
 from library.train.config import build_config, config_as_dict
@@ -69,14 +70,14 @@ def test_a_full_kohya_command_line_builds_a_config() -> None:
     assert cfg.optimizer.optimizer_type == "adamw8bit" and cfg.optimizer.optimizer_args == ("relative_step=False",)
     assert cfg.objective.discrete_flow_shift == pytest.approx(3.1582)
     assert cfg.loop.max_train_epochs == 16 and cfg.save.output_name == "flux-lora"
-    assert cfg.data.cli_values == {"cache_latents": True}  # implied by --cache_latents_to_disk, resolved once
+    assert cfg.data.flags == DatasetFlags(cache_latents=True)  # implied by --cache_latents_to_disk, resolved once
     assert any("--sdpa" in w for w in cfg.warnings) and any("--highvram" in w for w in cfg.warnings)
     assert config_as_dict(cfg)["objective"]["model_prediction_type"] == "raw"
 
 
-def test_cli_values_hold_only_given_dataset_flags() -> None:
+def test_dataset_flags_hold_only_given_dataset_flags_typed() -> None:
     cfg = build_config(parse_args(["--resolution", "512,768", "--train_batch_size", "2", "--learning_rate", "1"]))
-    assert cfg.data.cli_values == {"resolution": "512,768", "train_batch_size": 2}
+    assert cfg.data.flags == DatasetFlags((("resolution", (512, 768)), ("batch_size", 2)))
     assert {"resolution", "train_batch_size", "flip_aug", "caption_extension"} <= DATASET_FLAGS
 
 
@@ -87,10 +88,10 @@ def test_implied_settings_and_aliases() -> None:
     assert cfg.optimizer.optimizer_type == "Lion"
     assert any("split_mode" in w for w in cfg.warnings)
     # the alias is resolved once, here: the dataset layer receives caption_extension only
-    assert cfg.data.cli_values == {"caption_extension": ".txt"}
+    assert cfg.data.flags.level == (("caption_extension", ".txt"),)
     both = build_config(parse_args(["--caption_extention", ".a", "--caption_extension", ".b", "--train_data_dir", "d",
                                     "--skip_bad_images"]))
-    assert both.data.cli_values == {"caption_extension": ".b"}  # the correct spelling wins, as in kohya
+    assert both.data.flags.level == (("caption_extension", ".b"),)  # the correct spelling wins, as in kohya
     assert both.data.train_data_dir == "d" and both.data.skip_bad_images
 
 

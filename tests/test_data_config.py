@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from library.data import schema as S
-from library.data.config import DatasetConfig, SubsetConfig, format_resolved, load_dataset_config
+from library.data.config import DatasetConfig, SubsetConfig, dataset_flags, format_resolved, load_dataset_config
 from library.data.degrade import DegradationConfig
 from library.errors import UserError, run_main
 
@@ -171,7 +172,7 @@ def test_precedence_chain(tmp_path, imgdir, where, expected, source):
     dataset = {"num_repeats": 4} if "dataset" in present else {}
     sub = {"image_dir": str(imgdir), **({"num_repeats": 5} if "subset" in present else {})}
     cli = {"dataset_repeats": 2} if "cli" in present else {}
-    cfg = load_dataset_config(_write(tmp_path, general, dataset, [sub]), cli)
+    cfg = load_dataset_config(_write(tmp_path, general, dataset, [sub]), dataset_flags(cli))
     assert cfg.datasets[0].subsets[0].num_repeats == expected
     assert cfg.sources["datasets[0].subsets[0].num_repeats"] == source
 
@@ -179,13 +180,14 @@ def test_precedence_chain(tmp_path, imgdir, where, expected, source):
 def test_toml_false_beats_cli_and_cli_fills_only_given(tmp_path, imgdir):
     path = _write(tmp_path, {"resolution": 512}, {"batch_size": 2},
                   [{"image_dir": str(imgdir), "flip_aug": False}, {"image_dir": str(_images(tmp_path / "b"))}])
-    cfg = load_dataset_config(path, {"flip_aug": True, "train_batch_size": 8, "caption_extension": "txt",
-                                     "resolution": "1024,768", "unrelated_flag": 3})
+    cfg = load_dataset_config(path, dataset_flags({"flip_aug": True, "train_batch_size": 8, "caption_extension": "txt",
+                                     "resolution": "1024,768", "unrelated_flag": 3}))
     ds = cfg.datasets[0]
     assert ds.batch_size == 2 and ds.resolution == (512, 512)  # TOML wins over the CLI
     assert ds.subsets[0].flip_aug is False and ds.subsets[1].flip_aug is True  # false in TOML is a value
     assert ds.subsets[0].caption_extension == ".txt"  # a CLI extension without its dot gets one
-    cfg = load_dataset_config(_write(tmp_path, {}, {}, [{"image_dir": str(imgdir)}]), {"resolution": "1024,768"})
+    cfg = load_dataset_config(_write(tmp_path, {}, {}, [{"image_dir": str(imgdir)}]),
+                              dataset_flags({"resolution": "1024,768"}))
     assert cfg.datasets[0].resolution == (1024, 768)
     assert cfg.datasets[0].subsets[0].caption_extension == ".caption"  # kohya's effective default
 
@@ -281,7 +283,7 @@ def test_top_level_and_cli_only_keys(tmp_path, imgdir):
     p.write_text(f'resolution = 512\n[general]\nprior_loss_weight = 1.0\ntrain_batch_size = 2\n'
                  f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{imgdir}"\n')
     with pytest.raises(UserError) as e:
-        load_dataset_config(p, {"resolution": 512})
+        load_dataset_config(p, dataset_flags({"resolution": 512}))
     msg = str(e.value)
     assert "resolution: not allowed in the top level; set it in [general] or [[datasets]]" in msg
     assert "general.prior_loss_weight: only settable on the command line (--prior_loss_weight)" in msg
@@ -290,7 +292,8 @@ def test_top_level_and_cli_only_keys(tmp_path, imgdir):
     with pytest.raises(UserError, match="no \\[\\[datasets\\]\\] defined"):
         load_dataset_config(p)
     with pytest.raises(UserError, match="--resolution: expected N"):
-        load_dataset_config(_write(tmp_path, {}, {}, [{"image_dir": str(imgdir)}]), {"resolution": "a,b"})
+        load_dataset_config(_write(tmp_path, {}, {}, [{"image_dir": str(imgdir)}]),
+                            dataset_flags({"resolution": "a,b"}))
     with pytest.raises(UserError, match="dataset config not found"):
         load_dataset_config(tmp_path / "nope.toml")
 
@@ -299,9 +302,9 @@ def test_cache_conflicts_and_caption_randomness_allowed(tmp_path, imgdir):
     path = _write(tmp_path, {"resolution": 512, "shuffle_caption": True, "caption_dropout_rate": 0.1}, {},
                   [{"image_dir": str(imgdir), "random_crop": True}])
     with pytest.raises(UserError, match="random_crop: cannot be combined with --cache_latents"):
-        load_dataset_config(path, {"cache_latents": True})
+        load_dataset_config(path, dataset_flags({"cache_latents": True}))
     # kohya refuses TE caching with shuffle/dropout; we do not
-    load_dataset_config(path, {"cache_text_encoder_outputs": True})
+    load_dataset_config(path, dataset_flags({"cache_text_encoder_outputs": True}))
 
 
 def test_run_main_prints_errors_and_exits_2(tmp_path, imgdir, capsys):
@@ -325,7 +328,7 @@ def test_warnings_duplicates_zero_repeats_and_rounding(tmp_path, imgdir):
 
 def test_format_resolved_lists_every_value(tmp_path, imgdir):
     cfg = load_dataset_config(_write(tmp_path, {"resolution": 512, "flip_aug": True}, {"batch_size": 2},
-                                     [{"image_dir": str(imgdir), "num_repeats": 3}]), {"keep_tokens": 1})
+                                     [{"image_dir": str(imgdir), "num_repeats": 3}]), dataset_flags({"keep_tokens": 1}))
     text = format_resolved(cfg)
     for f in list(DatasetConfig.__dataclass_fields__) + list(SubsetConfig.__dataclass_fields__):
         if f not in ("subsets", "style", "metadata_file", "conditioning_data_dir"):
@@ -418,3 +421,56 @@ def test_kohya_config_readme_example(tmp_path):
     assert [s.is_reg for s in db.subsets] == [False, False, True]
     assert all(s.shuffle_caption and s.caption_extension == ".txt" for s in db.subsets)
     assert (db.resolution, db.batch_size, ft.resolution, ft.batch_size) == ((512, 512), 4, (768, 768), 2)
+
+
+# ---------------------------------------------------------------------------------------------- the CLI level
+
+def test_dataset_flags_are_typed_once_by_the_config_builder():
+    from library.train.cli import parse_args
+    from library.train.config import build_config
+
+    cfg = build_config(parse_args(["--resolution", "512,768", "--train_batch_size", "2", "--caption_extension", "txt",
+                                   "--cache_latents_to_disk", "--degradation_types", "blur"]))
+    flags = cfg.data.flags
+    assert dict(flags.level) == {"resolution": (512, 768), "batch_size": 2, "caption_extension": ".txt"}
+    assert flags.cache_latents and flags.degradation is not None and flags.degradation.ops == ("blur",)
+    # a bad value is one error naming the flag, at the build (before any dataset file is read)
+    with pytest.raises(UserError, match=r"^--resolution: expected N") as e:
+        build_config(parse_args(["--resolution", "a,b", "--dataset_config", "/nonexistent.toml"]))
+    assert len(str(e.value).splitlines()) == 1
+    # the data layer resolves no alias: --caption_extention is the config builder's (once, in _resolve)
+    assert dataset_flags({"caption_extention": ".a"}).level == ()
+    assert build_config(parse_args(["--caption_extention", ".a"])).data.flags.level == (("caption_extension", ".a"),)
+
+
+_BUILDER = "library/train/config.py"  # the one module that turns raw CLI values into DatasetFlags
+
+
+def raw_cli_reads(path: str, source: str) -> list[str]:
+    """Where a module passes raw command-line values to the data layer: a `cli_values` attribute, a call of
+    `dataset_flags` outside the config builder, or a dict given to `load_dataset_config` as its flags."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr == "cli_values":
+            out.append(f"{path}:{node.lineno}: .cli_values")
+        elif isinstance(node, ast.Call):
+            name = getattr(node.func, "id", getattr(node.func, "attr", None))
+            if name == "dataset_flags" and path != _BUILDER:
+                out.append(f"{path}:{node.lineno}: dataset_flags() outside {_BUILDER}")
+            flags = node.args[1:2] or [k.value for k in node.keywords if k.arg == "flags"]
+            if name == "load_dataset_config" and flags and (isinstance(flags[0], ast.Dict) or (
+                    isinstance(flags[0], ast.Call) and getattr(flags[0].func, "id", None) == "dict")):
+                out.append(f"{path}:{node.lineno}: raw values given to load_dataset_config")
+    return out
+
+
+def test_no_module_past_the_config_builder_reads_raw_cli_values():
+    root = Path(__file__).resolve().parents[1]
+    files = [*root.glob("library/**/*.py"), *root.glob("networks/**/*.py"), *root.glob("*.py")]
+    found = [hit for f in files for hit in raw_cli_reads(str(f.relative_to(root)), f.read_text(encoding="utf-8"))]
+    assert found == []
+    # the negative control: each way raw values travelled before (library/train/preflight.py, setup.py, ...)
+    bad = ("load_dataset_config(p, cfg.data.cli_values)\nload_dataset_config(p, {'resolution': 1})\n"
+           "load_dataset_config(p, flags=dict(cli))\ndataset_flags({})\n")
+    assert len(raw_cli_reads("library/train/setup.py", bad)) == 4
+    assert raw_cli_reads(_BUILDER, "dataset_flags({})") == []

@@ -16,7 +16,7 @@ from PIL import Image
 from library.data.cache import ae_encode_fn, checkpoint_identity, text_encode_fn
 from library.data.dataset import BatchLoader, build_datasets
 from library.data.plan import build_plan, format_plan
-from library.data.config import load_dataset_config
+from library.data.config import dataset_flags, load_dataset_config
 from library.errors import UserError
 
 DATA = Path(__file__).resolve().parents[1] / "dataset_configs" / "data"
@@ -66,7 +66,7 @@ def test_real_sets_through_tiny_model_stack(tmp_path, tiny_ckpts):
 
     ae = load_autoencoder(tiny_ckpts.ae, "cpu", torch.float32)
     te = FluxTextEncoders.load(tiny_ckpts.clip_l, tiny_ckpts.t5xxl, "cpu", torch.float32)
-    cfg = load_dataset_config(real_config(tmp_path), {"cache_latents_to_disk": True})
+    cfg = load_dataset_config(real_config(tmp_path), dataset_flags({"cache_latents_to_disk": True}))
     train, _ = build_datasets(cfg, seed=0, progress=False)
     cache_dir = tmp_path / "cache"
     ae_id = checkpoint_identity(tiny_ckpts.ae)
@@ -227,7 +227,7 @@ def test_masked_loss_uses_conditioning_image_as_mask(tmp_path):
           [[datasets.subsets]]
           image_dir = "{tgt}"
           conditioning_data_dir = "{masks}"
-        """), {"masked_loss": True})
+        """), dataset_flags({"masked_loss": True}))
     b = build_datasets(cfg, seed=0, progress=False)[0].load_batch(0, 0)
     assert b.cond_images is None and b.loss_mask.shape == (1, 1, 8, 8)
     assert torch.equal(b.loss_mask[0, 0, :, :4], torch.ones(8, 4)) and b.loss_mask[0, 0, :, 4:].sum() == 0

@@ -18,7 +18,7 @@ from PIL import Image
 import flux_train_network
 from library.data.dataset import BatchLoader, _to_tensor, build_datasets
 from library.data.degrade import apply_params
-from library.data.config import load_dataset_config
+from library.data.config import dataset_flags, load_dataset_config
 from library.errors import run_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,8 +218,8 @@ def test_mixed_subsets_and_cli_shorthand(tmp_path, capsys):
     code, err = cli(["--dataset_config", str(mixed), "--validate_config"], capsys)
     assert code == 2 and "datasets[0]: subsets with a degradation table and subsets without cannot be mixed" in err
     # --degradation_types fills every clean subset without its own table (a table of its own wins)
-    cfg = load_dataset_config(mixed, {"degradation_types": "downsample,noise", "degradation_noise_sigma": "0.02,0.1",
-                                      "degradation_variants": 2})
+    cfg = load_dataset_config(mixed, dataset_flags({"degradation_types": "downsample,noise",
+                                                    "degradation_noise_sigma": "0.02,0.1", "degradation_variants": 2}))
     subs = cfg.datasets[0].subsets
     assert subs[0].degradation.ops == ("blur",)
     assert subs[1].degradation.ops == ("downsample", "noise") and subs[1].degradation.noise_sigma == (0.02, 0.1)
@@ -271,12 +271,13 @@ def test_cli_shorthand_without_a_clean_subset_warns(tmp_path):
     tgt, ctl = images(tmp_path / "t", 1), images(tmp_path / "c", 1)
     cfg_path = write(tmp_path, f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = "{tgt}"\n'
                                f'conditioning_data_dir = "{ctl}"\n')
-    cfg = load_dataset_config(cfg_path, {"degradation_types": "blur"})
+    cfg = load_dataset_config(cfg_path, dataset_flags({"degradation_types": "blur"}))
     assert cfg.datasets[0].subsets[0].degradation is None
     assert any(w.startswith("--degradation_types: no subset takes it") for w in cfg.warnings)
     plain = write(tmp_path, f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = "{tgt}"\n', "p.toml")
-    assert not load_dataset_config(plain, {"degradation_types": "blur"}).warnings
-    assert load_dataset_config(two_subsets(tmp_path), {"degradation_types": "blur"}).warnings  # own tables win
+    assert not load_dataset_config(plain, dataset_flags({"degradation_types": "blur"})).warnings
+    own = load_dataset_config(two_subsets(tmp_path), dataset_flags({"degradation_types": "blur"}))
+    assert own.warnings  # own tables win
 
 
 def test_validation_split_keeps_the_variants_of_an_image_together(tmp_path):

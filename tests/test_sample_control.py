@@ -40,7 +40,7 @@ def test_training_pairs_are_sampled_side_by_side(tiny_ckpts, data: Path, tmp_pat
     middle panel is the base model's Kontext edit of the pair's control, as inference makes it; a --ci prompt
     file gives control | output."""
     from library.data.dataset import build_datasets
-    from library.data.config import load_dataset_config
+    from library.data.config import dataset_flags, load_dataset_config
     from library.flux.loading import load_autoencoder, load_transformer
     from library.flux.text_encoders import FluxTextEncoders
     from library.sampling import generate_image, read_png_settings
@@ -61,7 +61,7 @@ def test_training_pairs_are_sampled_side_by_side(tiny_ckpts, data: Path, tmp_pat
     meta = read_png_settings(files[0])
     assert (meta["control_image"], meta["objective"], meta["step"]) == ("training pair", "noise", 0)
 
-    dataset, _ = build_datasets(load_dataset_config(str(toml), {}), 3, progress=False)
+    dataset, _ = build_datasets(load_dataset_config(str(toml), dataset_flags({})), 3, progress=False)
     it = dataset.items[0][0]
     target, control = dataset.pair(it)
     panels = [sheet.crop((i * 32, 0, (i + 1) * 32, 32)) for i in range(3)]

@@ -1,12 +1,14 @@
 """Dataset TOML/JSON config: schema check, kohya's precedence, and the resolved frozen config.
 
-`load_dataset_config(path, cli_values)` reads a kohya-style `data.toml` and returns a
+`load_dataset_config(path, flags)` reads a kohya-style `data.toml` and returns a
 `ResolvedDatasetConfig`, or raises one `UserError` listing every problem found, one line each
 ("<file>: datasets[0].subsets[1].num_repeat: unknown key; did you mean num_repeats?").
 
 Precedence for every value (kohya's BlueprintGenerator): subset -> dataset -> general -> CLI -> default,
-where the CLI level holds only the flags the user actually typed (`cli_values` must contain nothing else),
-so an argparse default never masks a TOML value and a TOML `false`/`0` always wins over the CLI.
+where the CLI level (`DatasetFlags.level`) holds only the flags the user actually typed, so an argparse
+default never masks a TOML value and a TOML `false`/`0` always wins over the CLI. `DatasetFlags` is built
+once, by the config builder (library/train/config.py) through `dataset_flags`; nothing past it sees a
+raw command-line value.
 
 Nothing here opens an image or a model: path checks only stat and list directories, which is what
 `--validate_config` needs.
@@ -193,20 +195,38 @@ def _check_style(values: dict[str, Any], style: str, where: str, errors: list[st
                 errors.append(f"{where}: {key.name} is required in a {style} subset")
 
 
-def _cli_level(cli_values: Mapping[str, Any], errors: list[str]) -> dict[str, Any]:
-    """The CLI level of the precedence chain: only flags the user typed, renamed to their TOML keys (implied
-    flags and kohya's --caption_extention alias are resolved by the config builder, library/train/config.py)."""
-    cli = dict(cli_values)
-    out: dict[str, Any] = {}
+@dataclass(frozen=True)
+class DatasetFlags:
+    """The command line's part of the dataset config, parsed and typed (see `dataset_flags`)."""
+
+    # The CLI level of the precedence chain: schema key -> value checked by its `Key` (only the flags the user
+    # typed, under their TOML names: --train_batch_size fills "batch_size"), e.g. (("resolution", (512, 768)),).
+    level: tuple[tuple[str, Any], ...] = ()
+    cache_latents: bool = False  # --cache_latents (or implied by --cache_latents_to_disk): fixed crop and colours
+    masked_loss: bool = False  # --masked_loss: conditioning images are loss masks, not Kontext references
+    degradation: DegradationConfig | None = None  # --degradation_*: the control image of every clean subset
+
+
+def dataset_flags(given: Mapping[str, Any]) -> DatasetFlags:
+    """The dataset flags the user gave {kohya flag name: value}, implied ones already resolved by the config
+    builder (--caption_extention filled caption_extension, --cache_latents_to_disk set cache_latents), checked
+    and typed once; raises one UserError naming every bad flag ("--resolution: expected ...")."""
+    errors: list[str] = []
+    level: dict[str, Any] = {}
     for key in S.KEYS:
-        if key.cli is None or cli.get(key.cli) is None:
+        if key.cli is None or given.get(key.cli) is None:
             continue
-        value, err = parse_value(key, cli[key.cli], from_cli=True)
+        value, err = parse_value(key, given[key.cli], from_cli=True)
         if err:
             errors.append(f"--{key.cli}: {err}")
         else:
-            out[key.name] = value
-    return out
+            level[key.name] = value
+    degradation, errs = parse_cli_degradation(dict(given))
+    errors.extend(errs)
+    if errors:
+        raise UserError("\n".join(errors))
+    return DatasetFlags(tuple(level.items()), bool(given.get("cache_latents")), bool(given.get("masked_loss")),
+                        degradation)
 
 
 def _resolve_path(raw: str, config_dir: Path) -> Path:
@@ -361,26 +381,23 @@ class _Ctx:
     sources: dict[str, str] = field(default_factory=dict)
 
 
-def load_dataset_config(path: str | Path, cli_values: Mapping[str, Any] | None = None,
+def load_dataset_config(path: str | Path, flags: DatasetFlags | None = None,
                         check_paths: bool = True) -> ResolvedDatasetConfig:
     """Read, check and resolve a dataset config; raises one UserError listing every problem.
 
-    `cli_values` holds only the command-line flags the user actually gave (kohya names, e.g.
-    {"resolution": "1024,768", "train_batch_size": 2, "cache_latents": True}); other keys are ignored.
+    `flags` is the command line's part (`dataset_flags`; none given: TOML and defaults only).
     `check_paths` stats directories and lists their files (no image is opened).
     """
     path = Path(path)
-    cli_values = cli_values or {}
+    flags = flags or DatasetFlags()
     doc = read_document(path)
-    ctx = _Ctx(config_dir=path.parent, check_paths=check_paths,
-               cache_latents=bool(cli_values.get("cache_latents")))
+    ctx = _Ctx(config_dir=path.parent, check_paths=check_paths, cache_latents=flags.cache_latents,
+               cli_degradation=flags.degradation)
     for name in doc:
         if name not in ("general", "datasets"):
             ctx.errors.append(unknown_key_error("", name, "top"))
     general = _parse_table(doc.get("general", {}), GENERAL, "general", ctx.errors)
-    cli = _cli_level(cli_values, ctx.errors)
-    ctx.cli_degradation, errs = parse_cli_degradation(dict(cli_values))
-    ctx.errors.extend(errs)
+    cli = dict(flags.level)
     raw_datasets = doc.get("datasets", [])
     if not isinstance(raw_datasets, list):
         ctx.errors.append(f"datasets: expected [[datasets]] tables, got {show(raw_datasets)}")
@@ -402,7 +419,7 @@ def load_dataset_config(path: str | Path, cli_values: Mapping[str, Any] | None =
     for w in ctx.warnings:
         log.warning("%s: %s", path, w)
     return ResolvedDatasetConfig(path=path, datasets=tuple(d for d in datasets if d is not None),
-                                 masked_loss=bool(cli_values.get("masked_loss")), sources=ctx.sources,
+                                 masked_loss=flags.masked_loss, sources=ctx.sources,
                                  warnings=tuple(ctx.warnings))
 
 

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 def group_configs(parsed: ParsedArgs, out_dir: Path) -> list[Path]:
     """One dataset TOML per pair subset (absolute paths), written under out_dir."""
     path = Path(parsed.values["dataset_config"])
-    resolved = load_dataset_config(path, {})
+    resolved = load_dataset_config(path)
     doc = read_document(path)
     groups: list[tuple[int, int]] = [(i, j) for i, ds in enumerate(resolved.datasets)
                                      for j, s in enumerate(ds.subsets) if s.before_dir is not None]

@@ -163,7 +163,7 @@ def run_differential(parsed: ParsedArgs, opts: DifferentialOptions, train: Train
 
 def check_pairs(cfg: TrainConfig) -> None:
     """Every training subset must be a pair subset (before_dir); the pairs themselves are checked by the scan."""
-    resolved = load_dataset_config(cfg.data.dataset_config, cfg.data.cli_values)
+    resolved = load_dataset_config(cfg.data.dataset_config, cfg.data.flags)
     for i, ds in enumerate(resolved.datasets):
         for j, sub in enumerate(ds.subsets):
             if sub.before_dir is None and not sub.is_reg:
@@ -195,12 +195,12 @@ def dry_run(parsed: ParsedArgs, opts: DifferentialOptions) -> str:
         lines.append(f"  base weights: {', '.join(c.network.base_weights) or 'none'}")
         lines.append("  images: " + ("each subset's before_dir (captions from image_dir)" if st.index == 1 else
                                      "each subset's image_dir (the after images)"))
-        resolved = dataclasses.replace(load_dataset_config(c.data.dataset_config, c.data.cli_values),
+        resolved = dataclasses.replace(load_dataset_config(c.data.dataset_config, c.data.flags),
                                        pair_side=c.data.pair_side)
         seed = c.loop.seed if c.loop.seed is not None else 42
         plan = make_plan(resolved, seed=seed, max_train_steps=c.loop.max_train_steps,
                          max_train_epochs=c.loop.max_train_epochs,
                          gradient_accumulation_steps=c.loop.gradient_accumulation_steps,
-                         skip_bad_images=bool(c.data.cli_values.get("skip_bad_images")), progress=False)
+                         skip_bad_images=c.data.skip_bad_images, progress=False)
         lines += ["  " + ln for ln in format_plan(plan).splitlines()]
     return "\n".join(lines)

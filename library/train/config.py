@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from library.data.config import DatasetFlags, dataset_flags
 from library.errors import UserError
 from library.train.cli import ParsedArgs, non_default_values
 from library.train.flags import DATASET_FLAGS, FLAG_BY_NAME_DEFAULTS, INEFFECTIVE
@@ -213,10 +214,9 @@ class ValidationConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dataset_config: str | None  # the dataset TOML/JSON (or None: kohya's folder mode)
-    # The CLI level of the dataset layer's precedence chain: only the dataset flags the user gave, under their
-    # kohya names, with the implied ones already resolved here (--caption_extention fills caption_extension,
-    # --cache_latents_to_disk sets cache_latents); the dataset schema checks each value.
-    cli_values: Mapping[str, Any]
+    # The dataset flags the user gave, typed once by `_data_config` (the implied ones resolved there:
+    # --caption_extention fills caption_extension, --cache_latents_to_disk sets cache_latents).
+    flags: DatasetFlags
     train_data_dir: str | None  # kohya's folder mode: <repeats>_<class tokens> sub-folders
     reg_data_dir: str | None
     in_json: str | None  # accepted and ignored with --dataset_config, as in kohya
@@ -325,7 +325,8 @@ _FOLDER_FLAGS = ("train_data_dir", "reg_data_dir", "in_json", "skip_bad_images")
 
 
 def _data_config(v: Mapping[str, Any], given: frozenset[str]) -> DataConfig:
-    """The data part of the tree from resolved values (`_resolve`): the only place implied flags are resolved."""
+    """The data part of the tree from resolved values (`_resolve`): the only place implied flags are resolved
+    and the only place the dataset flags' raw values are read (library.data.config.dataset_flags types them)."""
     names = set(given & DATASET_FLAGS) - set(_FOLDER_FLAGS)
     if "caption_extention" in names:
         names.discard("caption_extention")
@@ -333,7 +334,7 @@ def _data_config(v: Mapping[str, Any], given: frozenset[str]) -> DataConfig:
     if "cache_latents_to_disk" in names:
         names.discard("cache_latents_to_disk")
         names.add("cache_latents")
-    return DataConfig(dataset_config=v["dataset_config"], cli_values={k: v[k] for k in sorted(names)},
+    return DataConfig(dataset_config=v["dataset_config"], flags=dataset_flags({k: v[k] for k in sorted(names)}),
                       train_data_dir=v["train_data_dir"], reg_data_dir=v["reg_data_dir"], in_json=v["in_json"],
                       skip_bad_images=bool(v["skip_bad_images"]), validate_config=v["validate_config"],
                       dry_run=v["dry_run"])

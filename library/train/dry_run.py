@@ -1,7 +1,7 @@
 """--validate_config and --dry_run: look at the data without loading a model or training.
 
 The dataset layer owns what is printed (library.data.config.format_resolved and the data plan); this
-module only routes the flags there with the CLI values the user gave.
+module only routes the flags there with the typed dataset flags of the config (`cfg.data.flags`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def inspect_data(cfg: TrainConfig) -> int:
     flag = "--validate_config" if cfg.data.validate_config else "--dry_run"
     if not cfg.data.dataset_config:
         raise UserError(f"command line: {flag} needs --dataset_config PATH")
-    resolved = load_dataset_config(cfg.data.dataset_config, cfg.data.cli_values)
+    resolved = load_dataset_config(cfg.data.dataset_config, cfg.data.flags)
     if cfg.data.validate_config:
         print(format_resolved(resolved))
         return 0

@@ -68,15 +68,14 @@ def check_lora_files(cfg: TrainConfig) -> None:
 def data_folders(cfg: TrainConfig) -> list[tuple[str, Path]]:
     """(where, folder) of every image/conditioning folder the run reads (an unreadable config: none; the data
     stage reports it)."""
-    cli = dict(cfg.data.cli_values)
-    out = [(f"--{k}", Path(cli[k])) for k in ("train_data_dir", "reg_data_dir") if cli.get(k)]
-    if cfg.data.dataset_config:
-        for k in ("train_data_dir", "reg_data_dir", "in_json"):
-            cli.pop(k, None)
+    data = cfg.data
+    out = [(f"--{k}", Path(folder)) for k, folder in (("train_data_dir", data.train_data_dir),
+                                                       ("reg_data_dir", data.reg_data_dir)) if folder]
+    if data.dataset_config:
         quiet = logging.getLogger(load_dataset_config.__module__)  # its warnings print once, at the data stage
         quiet.disabled, was = True, quiet.disabled
         try:
-            resolved = load_dataset_config(cfg.data.dataset_config, cli, check_paths=False)
+            resolved = load_dataset_config(data.dataset_config, data.flags, check_paths=False)
         except UserError:
             return out
         finally:

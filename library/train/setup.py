@@ -115,7 +115,7 @@ def _data(cfg: TrainConfig, acc: Accelerator, seed: int
         acc.wait_for_everyone()
     elif data.train_data_dir or data.reg_data_dir or data.in_json:
         warn("--train_data_dir/--reg_data_dir/--in_json are ignored when --dataset_config is given (as in kohya)")
-    resolved = load_dataset_config(path, data.cli_values)
+    resolved = load_dataset_config(path, data.flags)
     if cfg.data.pair_side != resolved.pair_side:  # a differential run's stage 1 trains on the before images
         resolved = dataclasses.replace(resolved, pair_side=cfg.data.pair_side)
     dataset, validation = build_datasets(resolved, seed, data.skip_bad_images, progress=acc.is_main_process)
