@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from library.data.cache import TensorCache, checkpoint_identity
-from library.data.dataset import BatchLoader, build_datasets
 from library.data.config import dataset_flags, load_dataset_config
+from library.data.dataset import BatchLoader, build_datasets
+from library.train.caching import encode_latents, encode_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +90,7 @@ def basic(tmp_path: Path, n: int = 4, extra: str = "", res: int = 64) -> Path:
 
 def cache(ds, ae, ae_id="ae-1", **kw):
     kw.setdefault("to_disk", True)
-    ds.cache_latents(ae, ae_id, progress=False, **kw)
+    return encode_latents(ds, ae, ae_id, progress=False, **kw)[0]
 
 
 def test_disk_reuse_and_content_invalidation(tmp_path):
@@ -119,7 +120,7 @@ def test_cached_batches_equal_encoding_the_images(tmp_path):
     live = dataset(cfg)
     cached = dataset(cfg)
     ae = FakeAE()
-    cache(cached, ae)
+    cached = cache(cached, ae)
     for i in range(len(live.batches(0))):
         a, b = live.load_batch(0, i), cached.load_batch(0, i)
         assert a.paths == b.paths and a.captions == b.captions and b.images is None
@@ -188,12 +189,13 @@ KILL_SCRIPT = """
 import sys, time, torch, torch.nn.functional as F
 sys.path.insert(0, {root!r})
 from library.data.dataset import build_datasets
-from library.data.config import dataset_flags, load_dataset_config
+from library.data.config import load_dataset_config
+from library.train.caching import encode_latents
 def slow(x):
     time.sleep(0.3)
     return F.avg_pool2d(x, 8).repeat(1, 6, 1, 1)[:, :16]
 train, _ = build_datasets(load_dataset_config({cfg!r}), seed=0, progress=False)
-train.cache_latents(slow, "ae-1", to_disk=True, batch_size=1, progress=False)
+train, _ = encode_latents(train, slow, "ae-1", to_disk=True, batch_size=1, progress=False)
 """
 
 
@@ -234,9 +236,9 @@ def test_flip_and_alpha_cached_together(tmp_path):
         """)
     live, cached = dataset(cfg), dataset(cfg)
     ae = FakeAE()
-    cache(cached, ae, batch_size=2)
+    cached = cache(cached, ae, batch_size=2)
     assert ae.calls == 2 and ae.images == 4  # one AE batch of both images, in each orientation
-    unflipped = {str(it.path): cached._latent_caches[it.uid].get(cached.latent_keys[it.uid])["latents"]
+    unflipped = {str(it.path): cached.latents.stores[it.uid].get(cached.latents.keys[it.uid])["latents"]
                  for it in cached.items[0]}
     flips = 0
     for i in range(len(live.batches(0))):
@@ -249,14 +251,13 @@ def test_flip_and_alpha_cached_together(tmp_path):
     cfg.write_text(cfg.read_text().replace("alpha_mask = true", "alpha_mask = false"))
     again = FakeAE()
     plain = dataset(cfg)
-    cache(plain, again)
+    plain = cache(plain, again)
     assert again.images > 0 and plain.load_batch(0, 0).loss_mask is None
 
 
 def test_memory_cache_and_workers(tmp_path):
     cfg = basic(tmp_path)
-    ds = dataset(cfg)
-    cache(ds, FakeAE(), to_disk=False)
+    ds = cache(dataset(cfg), FakeAE(), to_disk=False)
     assert not (tmp_path / "imgs" / ".flux_cache").exists()
     serial = [b.latents for b in BatchLoader(ds).iter_epoch(0)]
     forked = [b.latents for b in BatchLoader(ds, num_workers=1).iter_epoch(0)]
@@ -265,8 +266,7 @@ def test_memory_cache_and_workers(tmp_path):
 
 def test_persistent_workers_serve_every_epoch_like_the_main_process(tmp_path):
     cfg = basic(tmp_path)
-    ds = dataset(cfg)
-    cache(ds, FakeAE(), to_disk=False)
+    ds = cache(dataset(cfg), FakeAE(), to_disk=False)
     serial = BatchLoader(ds)
     persistent = BatchLoader(ds, num_workers=1, persistent_workers=True)
     pools = set()
@@ -288,7 +288,7 @@ def test_text_cache_covers_dropout_and_shuffle(tmp_path):
     cfg = te_config(tmp_path)
     ds = dataset(cfg, seed=5)
     te = FakeTE()
-    n = ds.cache_text_outputs(te, "te-1", 6, False, epochs=range(4), to_disk=True, progress=False)
+    ds, n = encode_text(ds, te, "te-1", 6, False, epochs=range(4), to_disk=True, progress=False)
     assert "" in te.encoded and len(set(te.encoded)) == n == len(te.encoded)
     assert n > 4  # shuffled variants, not just one caption per image
     seen_empty = False
@@ -300,14 +300,14 @@ def test_text_cache_covers_dropout_and_shuffle(tmp_path):
             seen_empty |= "" in b.captions
     assert seen_empty  # dropout happened and was served from the cache
     again = FakeTE()
-    dataset(cfg, seed=5).cache_text_outputs(again, "te-1", 6, False, epochs=range(4), to_disk=True, progress=False)
+    encode_text(dataset(cfg, seed=5), again, "te-1", 6, False, epochs=range(4), to_disk=True, progress=False)
     assert again.encoded == []  # all variants reused
     longer = FakeTE()
-    dataset(cfg, seed=5).cache_text_outputs(longer, "te-1", 7, False, epochs=range(4), to_disk=True,
+    encode_text(dataset(cfg, seed=5), longer, "te-1", 7, False, epochs=range(4), to_disk=True,
                                             progress=False)
     assert len(longer.encoded) == n  # another T5 length: everything again
     masked = FakeTE()
-    dataset(cfg, seed=5).cache_text_outputs(masked, "te-1", 6, True, epochs=range(4), to_disk=True, progress=False)
+    encode_text(dataset(cfg, seed=5), masked, "te-1", 6, True, epochs=range(4), to_disk=True, progress=False)
     assert len(masked.encoded) == n
 
 
@@ -315,20 +315,20 @@ def test_text_cache_edited_caption_and_more_epochs(tmp_path):
     cfg = basic(tmp_path, n=3)
     ds = dataset(cfg)
     te = FakeTE()
-    ds.cache_text_outputs(te, "te-1", 6, False, epochs=range(1), to_disk=True, progress=False)
+    ds, _ = encode_text(ds, te, "te-1", 6, False, epochs=range(1), to_disk=True, progress=False)
     assert sorted(te.encoded) == ["tag0, red, blue, green", "tag1, red, blue, green", "tag2, red, blue, green"]
     (tmp_path / "imgs" / "img1.txt").write_text("an edited caption")
     te2 = FakeTE()
-    dataset(cfg).cache_text_outputs(te2, "te-1", 6, False, epochs=range(1), to_disk=True, progress=False)
+    encode_text(dataset(cfg), te2, "te-1", 6, False, epochs=range(1), to_disk=True, progress=False)
     assert te2.encoded == ["an edited caption"]
     te3 = FakeTE()
-    dataset(cfg).cache_text_outputs(te3, "te-2", 6, False, epochs=range(1), to_disk=True, progress=False)
+    encode_text(dataset(cfg), te3, "te-2", 6, False, epochs=range(1), to_disk=True, progress=False)
     assert len(te3.encoded) == 3  # another encoder
 
 
 def test_uncached_variant_is_left_to_the_trainer(tmp_path, caplog):
     ds = dataset(te_config(tmp_path), seed=1)
-    ds.cache_text_outputs(FakeTE(), "te-1", 6, False, epochs=range(1), to_disk=False, progress=False)
+    ds, _ = encode_text(ds, FakeTE(), "te-1", 6, False, epochs=range(1), to_disk=False, progress=False)
     later = [b for e in range(1, 6) for b in BatchLoader(ds).iter_epoch(e)]
     assert any(b.t5_out is None for b in later)  # epochs not covered: the trainer must encode live
 
@@ -365,10 +365,9 @@ def test_bad_image_while_caching(tmp_path, caplog):
     with pytest.raises(BadImageError, match="cut.jpg"):
         cache(dataset(cfg), FakeAE())
     train, _ = build_datasets(load_dataset_config(cfg), seed=0, skip_bad_images=True, progress=False)
-    train.skip_bad_images = True
     ae = FakeAE()
     with caplog.at_level(logging.WARNING):
-        cache(train, ae)
+        train = cache(train, ae)
     assert "cut.jpg" in caplog.text and ae.images == 3
     paths = [p for b in BatchLoader(train).iter_epoch(0) for p in b.paths]
     assert len(paths) == 3 and not any(p.endswith("cut.jpg") for p in paths)

@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from library.data.cache import ae_encode_fn, checkpoint_identity, text_encode_fn
+from library.data.cache import checkpoint_identity
+from library.data.config import dataset_flags, load_dataset_config
 from library.data.dataset import BatchLoader, build_datasets
 from library.data.plan import build_plan, format_plan
-from library.data.config import dataset_flags, load_dataset_config
+from library.train.caching import ae_encode_fn, encode_latents, encode_text, text_encode_fn
 from library.errors import UserError
 
 DATA = Path(__file__).resolve().parents[1] / "dataset_configs" / "data"
@@ -70,10 +71,10 @@ def test_real_sets_through_tiny_model_stack(tmp_path, tiny_ckpts):
     train, _ = build_datasets(cfg, seed=0, progress=False)
     cache_dir = tmp_path / "cache"
     ae_id = checkpoint_identity(tiny_ckpts.ae)
-    train.cache_latents(ae_encode_fn(ae, "cpu", torch.float32), ae_id, to_disk=True, cache_dir=cache_dir,
-                        batch_size=4, progress=False)
-    n_text = train.cache_text_outputs(text_encode_fn(te, 16, True), checkpoint_identity(tiny_ckpts.t5xxl), 16, True,
-                                      epochs=range(2), to_disk=True, cache_dir=cache_dir, progress=False)
+    train, _ = encode_latents(train, ae_encode_fn(ae, "cpu", torch.float32), ae_id, to_disk=True,
+                              cache_dir=cache_dir, batch_size=4, progress=False)
+    train, n_text = encode_text(train, text_encode_fn(te, 16, True), checkpoint_identity(tiny_ckpts.t5xxl), 16,
+                                True, epochs=range(2), to_disk=True, cache_dir=cache_dir, progress=False)
     assert len(list((cache_dir / "latents").rglob("*.safetensors"))) == 11
     # 6 captions (no commas to shuffle) + "sks dog" + "" for dropout
     assert n_text == len(list((cache_dir / "text").rglob("*.safetensors"))) == 8
@@ -94,7 +95,8 @@ def test_real_sets_through_tiny_model_stack(tmp_path, tiny_ckpts):
     # a second run reuses everything
     calls = []
     again, _ = build_datasets(cfg, seed=0, progress=False)
-    again.cache_latents(lambda x: calls.append(x) or x, ae_id, to_disk=True, cache_dir=cache_dir, progress=False)
+    again, _ = encode_latents(again, lambda x: calls.append(x) or x, ae_id, to_disk=True, cache_dir=cache_dir,
+                              progress=False)
     assert calls == []
 
 
@@ -203,7 +205,7 @@ def test_kontext_pairs_cached_and_live(tmp_path):
     assert b.cond_images.shape == b.images.shape and b.loss_mask is None
     cached, _ = build_datasets(cfg, seed=0, progress=False)
     enc = lambda x: torch.nn.functional.avg_pool2d(x, 8).repeat(1, 6, 1, 1)[:, :16]  # noqa: E731
-    cached.cache_latents(enc, "ae", to_disk=False, progress=False)
+    cached, _ = encode_latents(cached, enc, "ae", to_disk=False, progress=False)
     for i in range(len(live.batches(0))):
         a, c = live.load_batch(0, i), cached.load_batch(0, i)
         assert torch.allclose(enc(a.cond_images), c.cond_latents, atol=1e-6)
@@ -320,8 +322,8 @@ def test_progress_bars_for_scanning_and_caching(tmp_path, capsys):
           image_dir = "{d}"
         """))
     train, _ = build_datasets(cfg, seed=0, progress=True)
-    train.cache_latents(lambda x: x[:, :1].repeat(1, 16, 1, 1)[..., ::8, ::8], "ae", to_disk=False)
-    train.cache_text_outputs(lambda p: (torch.zeros(len(p), 4, 8), torch.zeros(len(p), 4),
+    train, _ = encode_latents(train, lambda x: x[:, :1].repeat(1, 16, 1, 1)[..., ::8, ::8], "ae", to_disk=False)
+    train, _ = encode_text(train, lambda p: (torch.zeros(len(p), 4, 8), torch.zeros(len(p), 4),
                                         torch.ones(len(p), 4)), "te", 4, False, range(1), to_disk=False)
     err = capsys.readouterr().err
     for bar in ("scanning images", "caching latents", "caching text-encoder outputs"):
@@ -340,3 +342,43 @@ def test_empty_metadata_is_an_error(tmp_path):
         """))
     with pytest.raises(UserError, match="datasets\\[0\\].subsets\\[0\\]: no images"):
         build_datasets(cfg, seed=0, progress=False)
+
+
+def _warmup_config(tmp_path: Path) -> Path:
+    d = images(tmp_path / "w", 2)
+    return cfg_file(tmp_path, f"""
+        [general]
+        resolution = 64
+        caption_extension = ".txt"
+        [[datasets]]
+          [[datasets.subsets]]
+          image_dir = "{d}"
+          token_warmup_min = 1
+          token_warmup_step = 0.5
+        """)
+
+
+def test_dataset_is_immutable_once_built(tmp_path):
+    """Before, the trainer set `max_train_steps` and caching attached `latent_cache` / `text_cache` on the built
+    dataset; now each is a constructor argument and `replace` makes the changed dataset."""
+    train, _ = build_datasets(load_dataset_config(_warmup_config(tmp_path)), seed=0, progress=False)
+    for name, value in (("max_train_steps", 10), ("latent_cache", None), ("bad", frozenset({0}))):
+        with pytest.raises(AttributeError, match="immutable once built"):
+            setattr(train, name, value)
+    assert train.max_train_steps is None and not hasattr(train, "latent_cache") and train.bad == frozenset()
+    # fractional token_warmup_step is a share of the run's steps: at step 0 of 10 only token_warmup_min tags
+    run = train.replace(max_train_steps=10)
+    assert run.max_train_steps == 10 and train.max_train_steps is None
+    assert run.caption(0, 0, 0, 0) == "img 0" and train.caption(0, 0, 0, 0) == "img 0, a, b, c"
+    assert [r.samples for r in run.batches(0)] == [r.samples for r in train.batches(0)]
+
+
+def test_caching_returns_the_dataset_that_reads_the_cache(tmp_path):
+    train, _ = build_datasets(load_dataset_config(_warmup_config(tmp_path)), seed=0, progress=False)
+    enc = lambda x: torch.nn.functional.avg_pool2d(x, 8).repeat(1, 6, 1, 1)[:, :16]  # noqa: E731
+    cached, n = encode_latents(train, enc, "ae", to_disk=False, progress=False)
+    assert n == 2 and train.latents is None and cached.latents is not None
+    live, read = train.load_batch(0, 0), cached.load_batch(0, 0)
+    assert read.images is None and torch.allclose(read.latents, enc(live.images))
+    with pytest.raises(AttributeError):
+        read.latents = None  # a Batch is frozen too

@@ -17,6 +17,7 @@ from PIL import Image
 
 import flux_train_network
 from library.data.dataset import BatchLoader, _to_tensor, build_datasets
+from library.train.caching import encode_latents
 from library.data.degrade import apply_params
 from library.data.config import dataset_flags, load_dataset_config
 from library.errors import run_main
@@ -105,9 +106,9 @@ class Counting:
 def cache_once(cfg_path: Path, cache_dir: Path) -> tuple[int, dict[tuple[str, int], str]]:
     ds, _ = build_datasets(load_dataset_config(cfg_path), seed=1, progress=False)
     counter = Counting()
-    ds.cache_latents(counter, "ae", to_disk=True, cache_dir=cache_dir, progress=False)
-    keys = {(ds.by_uid[u].image_key, ds.by_uid[u].variant): k for u, k in ds.control_keys.items()}
-    assert len(set(ds.latent_keys.values())) == 4  # one target entry per image, shared by its variants
+    ds, _ = encode_latents(ds, counter, "ae", to_disk=True, cache_dir=cache_dir, progress=False)
+    keys = {(ds.by_uid[u].image_key, ds.by_uid[u].variant): k for u, k in ds.latents.control_keys.items()}
+    assert len(set(ds.latents.keys.values())) == 4  # one target entry per image, shared by its variants
     return counter.images, keys
 
 
@@ -127,7 +128,7 @@ def test_control_latents_cached_and_exactly_the_affected_entries_reencode(tmp_pa
                            progress=False)
     live, _ = build_datasets(load_dataset_config(two_subsets(tmp_path, variants=3, blur_b="[2.0, 3.0]")), seed=1,
                              progress=False)
-    ds.cache_latents(enc, "ae", to_disk=True, cache_dir=cache, progress=False)
+    ds, _ = encode_latents(ds, enc, "ae", to_disk=True, cache_dir=cache, progress=False)
     for i in range(len(ds.batches(0))):
         c, a = ds.load_batch(0, i), live.load_batch(0, i)
         assert torch.allclose(c.cond_latents, enc(a.cond_images), atol=1e-6)
@@ -310,6 +311,6 @@ def test_a_degraded_and_a_plain_dataset_cache_together(tmp_path):
           image_dir = "{b}"
         """))
     ds, _ = build_datasets(cfg, seed=0, progress=False)
-    ds.cache_latents(enc, "ae", to_disk=False, progress=False)  # one in-memory cache for both datasets
+    ds, _ = encode_latents(ds, enc, "ae", to_disk=False, progress=False)  # one in-memory cache for both datasets
     batches = [ds.load_batch(0, i) for i in range(len(ds.batches(0)))]
     assert sorted(b.cond_latents is not None for b in batches) == [False, False, True, True, True, True]

@@ -70,9 +70,9 @@ def _worker(rank: int, world: int, tmp: str, to_disk: bool) -> None:
         ranks = Ranks(rank, world, dist.barrier, all_gather_object) if world > 1 else Ranks()
         dataset, _ = build_datasets(load_dataset_config(_config_path(tmp)), seed=1, progress=False)
         images, captions = [], []
-        lat = cache_latents(dataset, _latent_encoder(images), "ae", to_disk, ranks, progress=False)
-        txt = cache_text(dataset, _text_encoder(captions), "te", 4, False, range(EPOCHS), to_disk, ranks,
-                         progress=False)
+        dataset, lat = cache_latents(dataset, _latent_encoder(images), "ae", to_disk, ranks, progress=False)
+        dataset, txt = cache_text(dataset, _text_encoder(captions), "te", 4, False, range(EPOCHS), to_disk, ranks,
+                                  progress=False)
         complete = all(b is not None and b.latents is not None and b.t5_out is not None
                        for e in range(EPOCHS) for b in (dataset.load_batch(e, i) for i in range(len(dataset))))
         Path(tmp, f"rank{rank}.json").write_text(json.dumps({
@@ -110,7 +110,7 @@ def test_two_ranks_encode_each_item_once_and_both_see_everything(tmp_path: Path,
 def test_one_process_encodes_everything(tmp_path: Path) -> None:  # the split's reference (no process group)
     dataset, _ = build_datasets(load_dataset_config(_config(tmp_path)), seed=1, progress=False)
     images: list[int] = []
-    report = cache_latents(dataset, _latent_encoder(images), "ae", False, Ranks(), progress=False)
+    _, report = cache_latents(dataset, _latent_encoder(images), "ae", False, Ranks(), progress=False)
     assert sum(images) == 5 and (report.encoded, report.entries) == (5, 5)
 
 

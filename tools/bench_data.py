@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from library.data.cache import ae_encode_fn  # noqa: E402
 from library.data.dataset import BatchLoader, build_datasets  # noqa: E402
+from library.train.caching import ae_encode_fn, encode_latents, encode_text  # noqa: E402
 from library.data.config import load_dataset_config  # noqa: E402
 
 
@@ -88,8 +88,8 @@ def bench_caching(a: argparse.Namespace) -> None:
         for bs in a.batch:
             train, _ = build_datasets(load_dataset_config(write_config(root, a.res, 1)), seed=0, progress=False)
             t = time.perf_counter()
-            train.cache_latents(encode, "bench-ae", to_disk=True, cache_dir=root / f"cache{bs}", batch_size=bs,
-                                progress=False, num_threads=a.threads)
+            train, _ = encode_latents(train, encode, "bench-ae", to_disk=True, cache_dir=root / f"cache{bs}",
+                                      batch_size=bs, progress=False, num_threads=a.threads)
             sync(a.device)
             dt = time.perf_counter() - t
             print(json.dumps({"what": "cache_latents_end_to_end", "n": a.n, "res": a.res, "vae_batch_size": bs,
@@ -115,8 +115,8 @@ def bench_loader(a: argparse.Namespace) -> None:
         root = Path(tmp)
         make_images(root / "imgs", a.n, 256)  # upscaled to the 1024^2 bucket when cached; size is irrelevant here
         train, _ = build_datasets(load_dataset_config(write_config(root, a.res, a.batch)), seed=0, progress=False)
-        train.cache_latents(fake_ae, "fake", to_disk=True, cache_dir=root / "cache", progress=False)
-        train.cache_text_outputs(fake_te, "fake", 512, False, range(1), to_disk=True, cache_dir=root / "cache",
+        train, _ = encode_latents(train, fake_ae, "fake", to_disk=True, cache_dir=root / "cache", progress=False)
+        train, _ = encode_text(train, fake_te, "fake", 512, False, range(1), to_disk=True, cache_dir=root / "cache",
                                  progress=False)
         for workers in a.workers:
             loader = BatchLoader(train, num_workers=workers)

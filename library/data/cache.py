@@ -12,6 +12,9 @@ subsets, datasets or runs that produce the same thing. Because text entries are 
 string, caption dropout, shuffling and wildcards work with cached outputs: the caller enumerates the
 caption variants the run will actually use (plus "" for dropout) and caches each once.
 
+This module is the store only (keys, entries, identities); library/train/caching.py runs the encoders over
+a dataset's items and puts the entries here.
+
 On disk an entry is one safetensors file `<root>/<kind>/<key[:2]>/<key>.safetensors`, written to a
 temporary name and renamed, so a killed caching run leaves only whole entries and the next run encodes
 just what is missing. --skip_cache_check trusts an existing file without reading its header, and trusts
@@ -25,18 +28,14 @@ import json
 import os
 import re
 import struct
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable
 
 from safetensors.torch import load_file
 import torch
-from tqdm import tqdm
 
 from library.atomic import parse_temporary, pid_alive, write_text_atomic
-from library.data.images import BadImageError
 from library.errors import UserError
 from library.flux.safetensors_io import read_header, save_file_atomic
 
@@ -200,54 +199,6 @@ class TensorCache:
         return n
 
 
-def batched(seq: list, n: int) -> Iterator[list]:
-    for i in range(0, len(seq), n):
-        yield seq[i:i + n]
-
-
-# A text-encoder callable: captions -> (t5_out [B,S,4096], clip_pooled [B,768], t5_attn_mask [B,S]).
-TextEncodeFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def cache_text_outputs(captions: Iterable[str], encode: TextEncodeFn, cache: TensorCache, te_id: str,
-                       t5_max_length: int, apply_t5_attn_mask: bool, batch_size: int = 8,
-                       progress: bool = True) -> dict[str, str]:
-    """Encode every distinct caption that is not cached yet; returns {caption: key} for all of them."""
-    keys = {c: text_key(c, te_id, t5_max_length, apply_t5_attn_mask) for c in dict.fromkeys(captions)}
-    required = ("t5_out", "clip_pooled", "t5_attn_mask")
-    missing = [c for c, k in keys.items() if not cache.has(k, required)]
-    with tqdm(total=len(missing), desc="caching text-encoder outputs", unit="caption",
-              disable=not progress or not missing) as bar:
-        for chunk in batched(missing, batch_size):
-            t5, pooled, mask = encode(chunk)
-            for i, c in enumerate(chunk):
-                cache.put(keys[c], {"t5_out": t5[i], "clip_pooled": pooled[i], "t5_attn_mask": mask[i]},
-                          meta={"caption": c[:2000], "te_id": te_id})
-            bar.update(len(chunk))
-    return keys
-
-
-def text_encode_fn(encoders: Any, t5_max_length: int, apply_t5_attn_mask: bool) -> TextEncodeFn:
-    """Adapter for `library.flux.text_encoders.FluxTextEncoders.encode`."""
-
-    def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            out = encoders.encode(prompts, t5_max_length, apply_t5_attn_mask)
-        return out.t5_out, out.clip_pooled, out.t5_attn_mask
-
-    return encode
-
-
-def ae_encode_fn(ae: Any, device: torch.device | str, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Adapter for `AutoEncoder.encode`: float [-1, 1] images on CPU -> latents on CPU (deterministic mean)."""
-
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return ae.encode(x.to(device, dtype), sample=False).to("cpu")
-
-    return encode
-
-
 @dataclass(frozen=True)
 class Prepared:
     """One image ready for the AE: [-1, 1] float tensors, plus what is stored beside its latents."""
@@ -259,89 +210,20 @@ class Prepared:
 
 @dataclass(frozen=True)
 class LatentJob:
+    """One latent entry to make: its key, and what the encoding loop needs to know without the dataset."""
+
     key: str
     path: Path  # the image, for messages and --skip_bad_images
     group: tuple  # jobs with equal groups (bucket size, flip, cond) are encoded in one AE batch
     flip_aug: bool
+    required: tuple[str, ...]  # the tensors a whole entry has (`latent_required`)
+    uid: int  # the dataset item it is for
+    control: bool = False  # the entry of a degraded item's control image (not of the image itself)
 
 
-def _encode_group(jobs: list[LatentJob], prepared: list[Prepared], encode: Callable[[torch.Tensor], torch.Tensor],
-                  cache: TensorCache, ae_id: str) -> None:
-    x = torch.stack([p.image for p in prepared])
-    out = {"latents": encode(x)}
-    if jobs[0].flip_aug:  # the AE is not flip-equivariant: encode the mirrored images too
-        out["latents_flipped"] = encode(torch.flip(x, dims=[3]))
-    if prepared[0].cond is not None:
-        c = torch.stack([p.cond for p in prepared])
-        out["cond_latents"] = encode(c)
-        if jobs[0].flip_aug:
-            out["cond_latents_flipped"] = encode(torch.flip(c, dims=[3]))
-    for i, (job, prep) in enumerate(zip(jobs, prepared)):
-        entry = {k: v[i] for k, v in out.items()}
-        if prep.loss_mask is not None:
-            entry["loss_mask"] = prep.loss_mask
-        cache.put(job.key, entry, meta={"image": str(job.path), "ae_id": ae_id})
-
-
-def latent_required(job: LatentJob, has_mask: bool, has_cond: bool) -> tuple[str, ...]:
-    names = ["latents"] + (["latents_flipped"] if job.flip_aug else [])
+def latent_required(flip_aug: bool, has_mask: bool, has_cond: bool) -> tuple[str, ...]:
+    """The tensor names of a whole latent entry."""
+    names = ["latents"] + (["latents_flipped"] if flip_aug else [])
     names += ["loss_mask"] if has_mask else []
-    names += (["cond_latents"] + (["cond_latents_flipped"] if job.flip_aug else [])) if has_cond else []
+    names += (["cond_latents"] + (["cond_latents_flipped"] if flip_aug else [])) if has_cond else []
     return tuple(names)
-
-
-def _prefetch(pool: Any, fn: Callable, items: list, depth: int) -> Iterator:
-    """pool.map with at most `depth` results in flight (Executor.map would decode every image up front)."""
-    pending: deque = deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= depth:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
-def cache_latents(jobs: list[LatentJob], prepare: Callable[[LatentJob], Prepared],
-                  encode: Callable[[torch.Tensor], torch.Tensor], cache: TensorCache, ae_id: str,
-                  required: Callable[[LatentJob], tuple[str, ...]], batch_size: int = 1,
-                  skip_bad_images: bool = False, progress: bool = True, num_threads: int = 2,
-                  clean_temporaries: bool = True) -> list[Path]:
-    """Encode every job whose entry is missing; returns the images skipped as unreadable.
-
-    Jobs are grouped by `group` and sorted, so each AE call gets one image size; images decode in a
-    small thread pool (Pillow releases the GIL) while the AE works on the previous batch.
-    """
-    if clean_temporaries:  # not while other ranks write into the same folder (library/train/caching.py)
-        cache.remove_stale_temporaries()
-    missing = sorted({j.key: j for j in jobs if not cache.has(j.key, required(j))}.values(),
-                     key=lambda j: (j.group, str(j.path)))
-    chunks: list[list[LatentJob]] = []
-    for j in missing:
-        if chunks and chunks[-1][0].group == j.group and len(chunks[-1]) < batch_size:
-            chunks[-1].append(j)
-        else:
-            chunks.append([j])
-    bad: list[Path] = []
-
-    def load(chunk: list[LatentJob]) -> list[Prepared | BadImageError]:
-        out: list[Prepared | BadImageError] = []
-        for j in chunk:
-            try:
-                out.append(prepare(j))
-            except BadImageError as e:
-                out.append(e)
-        return out
-
-    with ThreadPoolExecutor(max_workers=num_threads) as pool, \
-            tqdm(total=len(missing), desc="caching latents", unit="img", disable=not progress or not missing) as bar:
-        for chunk, loaded in zip(chunks, _prefetch(pool, load, chunks, depth=2 * num_threads)):
-            good = [(j, p) for j, p in zip(chunk, loaded) if isinstance(p, Prepared)]
-            for j, p in zip(chunk, loaded):
-                if isinstance(p, BadImageError):
-                    if not skip_bad_images:
-                        raise p
-                    bad.append(j.path)
-            if good:
-                _encode_group([j for j, _ in good], [p for _, p in good], encode, cache, ae_id)
-            bar.update(len(chunk))
-    return bad

@@ -6,27 +6,28 @@ Order and augmentation are pure functions of (seed, epoch, position): epoch e's 
 the batches, captions and flips the interrupted run would have seen, and text-encoder caching can
 enumerate the caption variants of every epoch in advance. Epochs are 0-based here; caption processing
 gets epoch + 1, as kohya counts for caption_dropout_every_n_epochs.
+
+A dataset is immutable once built: what caching learns (where each entry is, which images are unreadable) and
+the run's step count come in through the constructor, and `replace` makes the dataset that has them
+(library/train/caching.py runs the encoders and returns it). It only reads the caches, never fills them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from library.data.buckets import crop_ltrb, make_batches
-from library.data.cache import (DigestIndex, LatentJob, Prepared, TensorCache, cache_latents, cache_text_outputs,
-                           latent_key, latent_required, text_key, TextEncodeFn)
+from library.data.cache import DigestIndex, LatentJob, Prepared, TensorCache, latent_key, latent_required, text_key
 from library.data.captions import CaptionSpec, process_caption
 from library.data.config import ResolvedDatasetConfig
 from library.data.degrade import DegradationParams, apply_params, sample_params
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 LATENT_DOWNSCALE = AE_DOWNSAMPLE  # the loss mask is pooled to the latent grid
 
 
-@dataclass
+@dataclass(frozen=True)
 class Batch:
     """One training batch; every tensor is on CPU and every sample has the same bucket size."""
 
@@ -61,10 +62,43 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class Sample:
+    """One sample of a batch: a cached or a freshly read image (one of latents / images is set)."""
+
+    path: str
+    caption: str
+    is_reg: bool
+    latents: torch.Tensor | None = None  # [16, H/8, W/8] from the latent cache
+    cond_latents: torch.Tensor | None = None  # [16, H/8, W/8] Kontext reference or degraded control (cached)
+    images: torch.Tensor | None = None  # [3, H, W] in [-1, 1]
+    cond_images: torch.Tensor | None = None  # [3, H, W] in [-1, 1]
+    loss_mask: torch.Tensor | None = None  # [1, H/8, W/8] in [0, 1]
+
+
+@dataclass(frozen=True)
 class BatchRef:
     dataset: int
     bucket: tuple[int, int]
     samples: tuple[tuple[int, int], ...]  # (image uid, repeat index)
+
+
+@dataclass(frozen=True)
+class LatentEntries:
+    """Where each item's cached latents are (library/train/caching.py builds it after encoding)."""
+
+    stores: Mapping[int, TensorCache]  # item uid -> the store holding its entries
+    keys: Mapping[int, str]  # item uid -> its latents' entry (the variants of a degraded image share it)
+    control_keys: Mapping[int, str]  # degraded item uid -> its control image's own entry
+
+
+@dataclass(frozen=True)
+class TextEntries:
+    """The text-encoder cache and the settings its entries were keyed with (library.data.cache.text_key)."""
+
+    store: TensorCache
+    te_id: str
+    t5_max_length: int
+    apply_t5_attn_mask: bool
 
 
 def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
@@ -86,30 +120,43 @@ def _color_aug(rgb: np.ndarray, rng: random.Random) -> np.ndarray:
 
 
 class FluxDataset:
-    """Items of every [[datasets]], their per-epoch batches, and the caches they read from."""
+    """Items of every [[datasets]], their per-epoch batches, and the caches they read from; immutable."""
 
-    def __init__(self, cfg: ResolvedDatasetConfig, items: list[list[Item]], seed: int,
-                 validation: bool = False) -> None:
+    def __init__(self, cfg: ResolvedDatasetConfig, items: list[list[Item]], seed: int, validation: bool = False, *,
+                 max_train_steps: int | None = None, skip_bad_images: bool = False, bad: frozenset[int] = frozenset(),
+                 latents: LatentEntries | None = None, text: TextEntries | None = None) -> None:
         self.cfg, self.seed, self.validation = cfg, seed, validation
-        self.items = items
+        self.items = tuple(tuple(its) for its in items)
+        self.max_train_steps = max_train_steps  # the run's steps, for fractional token_warmup_step
+        self.skip_bad_images = skip_bad_images  # skip unreadable images with a warning instead of stopping
+        self.bad = frozenset(bad)  # uids found unreadable (at caching, under --skip_bad_images): never batched
+        self.latents, self.text = latents, text  # the caches batches read from (None: read images / encode live)
+        # (plain dicts, read only: a mappingproxy would not pickle into spawned loader workers)
         self.by_uid = {it.uid: it for its in items for it in its}
         self.specs = {(i, j): self._spec(sub) for i, ds in enumerate(cfg.datasets) for j, sub in enumerate(ds.subsets)}
-        self.max_train_steps: int | None = None  # for fractional token_warmup_step
-        self.latent_cache: TensorCache | None = None
-        self.text_cache: TensorCache | None = None
-        self.latent_keys: dict[int, str] = {}
-        self.control_keys: dict[int, str] = {}  # degraded items: the entry of the control image's latents
-        self.text_keys: dict[str, str] = {}
-        self.bad: set[int] = set()  # uids found unreadable under --skip_bad_images
-        self.skip_bad_images = False
-        self._order_cache: tuple[int, list[BatchRef]] | None = None
+        self._orders: dict[int, list[BatchRef]] = {}  # memo of `batches` (one epoch), a pure function
+        self._built = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_built", False):
+            raise AttributeError(f"FluxDataset is immutable once built (tried to set {name!r}); make the changed "
+                                 "dataset with .replace(...)")
+        object.__setattr__(self, name, value)
+
+    def replace(self, **changes: Any) -> "FluxDataset":
+        """A new dataset with some constructor arguments changed (max_train_steps, bad, latents, text, ...)."""
+        args = dict(cfg=self.cfg, items=self.items, seed=self.seed, validation=self.validation,
+                    max_train_steps=self.max_train_steps, skip_bad_images=self.skip_bad_images, bad=self.bad,
+                    latents=self.latents, text=self.text)
+        return FluxDataset(**{**args, **changes})
 
     def share(self, rank: int, world: int) -> "FluxDataset":
         """This rank's share of the images (uid % world == rank), for caching split across ranks."""
-        items = [[it for it in its if it.uid % world == rank] for its in self.items]
-        part = FluxDataset(self.cfg, items, self.seed, self.validation)
-        part.max_train_steps, part.skip_bad_images, part.bad = self.max_train_steps, self.skip_bad_images, self.bad
-        return part
+        return self.replace(items=[[it for it in its if it.uid % world == rank] for its in self.items])
+
+    def usable(self) -> list[Item]:
+        """Every item that is not known to be unreadable, in dataset order."""
+        return [it for its in self.items for it in its if it.uid not in self.bad]
 
     def _spec(self, sub) -> CaptionSpec:
         spec = CaptionSpec.from_subset(sub)
@@ -121,8 +168,8 @@ class FluxDataset:
 
     # ------------------------------------------------------------------------------------------ order
     def batches(self, epoch: int) -> list[BatchRef]:
-        if self._order_cache and self._order_cache[0] == epoch:
-            return self._order_cache[1]
+        if epoch in self._orders:
+            return self._orders[epoch]
         rng = random.Random(f"order:{self.seed}:{0 if self.validation else epoch}")
         refs: list[BatchRef] = []
         for i, its in enumerate(self.items):
@@ -133,7 +180,8 @@ class FluxDataset:
             for batch in make_batches(by_bucket, self.cfg.datasets[i].batch_size, rng):
                 refs.append(BatchRef(i, self.by_uid[batch[0][0]].assignment.bucket, tuple(batch)))
         rng.shuffle(refs)  # datasets interleave, as kohya's shuffled DataLoader over its ConcatDataset
-        self._order_cache = (epoch, refs)
+        self._orders.clear()
+        self._orders[epoch] = refs
         return refs
 
     def __len__(self) -> int:
@@ -146,6 +194,15 @@ class FluxDataset:
         it = self.by_uid[uid]
         return process_caption(list(it.captions), self.specs[it.dataset, it.subset],
                                self._rng("caption", epoch, uid, rep), epoch + 1, step, self.max_train_steps)
+
+    def captions_to_cache(self, epochs: range) -> list[str]:
+        """What text-encoder caching must cover: every caption variant of `epochs`, and "" when captions
+        can drop out (kohya refuses TE caching with dropout / shuffle / wildcards; caching each variant keeps
+        them working)."""
+        captions = self.caption_variants(epochs)
+        if any(s.caption_dropout_rate > 0 or s.caption_dropout_every_n_epochs > 0 for s in self.specs.values()):
+            captions.append("")
+        return captions
 
     def caption_variants(self, epochs: range) -> list[str]:
         """Every caption the given epochs will draw, in first-use order (what TE caching must cover)."""
@@ -202,54 +259,19 @@ class FluxDataset:
         rgb, _, cond = self._pixels(it, None)
         return rgb, cond
 
-    # ------------------------------------------------------------------------------------------ caching
-    def _cache_root(self, it: Item, cache_dir: Path | None) -> Path:
+    # ------------------------------------------------------------------------------------------ cache entries
+    def cache_root(self, it: Item, cache_dir: Path | None) -> Path:
+        """The on-disk cache folder of an item: `cache_dir`, or `<image_dir>/.flux_cache/` (kohya also writes
+        beside the images)."""
         if cache_dir is not None:
             return cache_dir
         sub = self.cfg.datasets[it.dataset].subsets[it.subset]
         return (sub.image_dir or sub.metadata_file.parent) / ".flux_cache"
 
-    def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], ae_id: str, to_disk: bool,
-                      cache_dir: Path | None = None, skip_cache_check: bool = False, batch_size: int = 1,
-                      progress: bool = True, num_threads: int | None = None,
-                      memory: TensorCache | None = None, clean_temporaries: bool = True) -> int:
-        """Encode (or reuse) the latents of every image; later batches read `latents` from the cache.
-
-        On disk the entries go to `cache_dir`, or `<image_dir>/.flux_cache/` per subset (kohya also writes
-        beside the images); in memory they live in `memory` (a new store if None) held by this object
-        (forked loader workers share them). Returns the number of entries encoded now (the rest were cached).
-        """
-        items = [it for its in self.items for it in its if it.uid not in self.bad]
-        roots = {self._cache_root(it, cache_dir) for it in items} if to_disk else {None}
-        caches = {r: TensorCache(r, "latents", skip_cache_check) if r is not None or memory is None else memory
-                  for r in roots}
-        written = sum(c.written for c in caches.values())
-        digests = {r: DigestIndex(r / "digests.json" if r else None, skip_cache_check) for r in roots}
-        jobs_by_root: dict[Path | None, list[LatentJob]] = {r: [] for r in roots}
-        self._job_items: dict[str, Item] = {}
-        for it in tqdm_items(items, "hashing images", progress):
-            root = self._cache_root(it, cache_dir) if to_disk else None
-            job = self._latent_job(it, digests[root], ae_id)
-            jobs_by_root[root].append(job)
-            self._job_items[job.key] = it
-            self.latent_keys[it.uid] = job.key
-            if it.variant is not None:  # the variants share the target's entry; each control has its own
-                control = self._latent_job(it, digests[root], ae_id, control=True)
-                jobs_by_root[root].append(control)
-                self._job_items[control.key] = it
-                self.control_keys[it.uid] = control.key
-        for root, jobs in jobs_by_root.items():
-            bad = cache_latents(jobs, self._prepare, encode, caches[root], ae_id, self._required, batch_size,
-                                self.skip_bad_images, progress, num_threads or min(8, os.cpu_count() or 1),
-                                clean_temporaries)
-            for p in bad:
-                log.warning("skipping unreadable image %s", p)
-                self.bad |= {it.uid for it in items if it.path == p}
-            digests[root].save()
-        self._latent_caches = {it.uid: caches[self._cache_root(it, cache_dir) if to_disk else None] for it in items}
-        self.latent_cache = next(iter(caches.values()))
-        self._order_cache = None
-        return sum(c.written for c in caches.values()) - written
+    def latent_jobs(self, it: Item, digests: DigestIndex, ae_id: str) -> list[LatentJob]:
+        """The latent entries an item needs: its own, and a degraded item's control image (its own entry)."""
+        return [self._latent_job(it, digests, ae_id)] + \
+            ([self._latent_job(it, digests, ae_id, control=True)] if it.variant is not None else [])
 
     def _latent_job(self, it: Item, digests: DigestIndex, ae_id: str, control: bool = False) -> LatentJob:
         ds, sub = self.cfg.datasets[it.dataset], self.cfg.datasets[it.dataset].subsets[it.subset]
@@ -261,131 +283,85 @@ class FluxDataset:
         key = latent_key(digests.digest(it.path), a.bucket, a.resized, crop_ltrb(a.resized, a.bucket, False),
                          sub.flip_aug, sub.alpha_mask, sub.resize_interpolation or ds.resize_interpolation, ae_id,
                          cond_digest, cond_role)
-        return LatentJob(key, it.path, (a.bucket, sub.flip_aug, cond_role or ""), sub.flip_aug)  # "": sortable
+        has_mask = not control and (sub.alpha_mask or (it.cond_path is not None and self.cfg.masked_loss))
+        has_cond = not control and it.cond_path is not None and not self.cfg.masked_loss
+        return LatentJob(key, it.path, (a.bucket, sub.flip_aug, cond_role or ""), sub.flip_aug,  # "": sortable
+                         latent_required(sub.flip_aug, has_mask, has_cond), it.uid, control)
 
-    def _required(self, job: LatentJob) -> tuple[str, ...]:
-        it = self._job_items[job.key]
-        if self.control_keys.get(it.uid) == job.key:
-            return latent_required(job, False, False)
-        has_mask = self.cfg.datasets[it.dataset].subsets[it.subset].alpha_mask or \
-            (it.cond_path is not None and self.cfg.masked_loss)
-        return latent_required(job, has_mask, it.cond_path is not None and not self.cfg.masked_loss)
-
-    def _prepare(self, job: LatentJob) -> Prepared:
-        it = self._job_items[job.key]
+    def latent_input(self, job: LatentJob) -> Prepared:
+        """The AE's input for one of `latent_jobs`: the image at its bucket (centre crop, no flip) with its loss
+        mask and conditioning image, or a degraded item's control image."""
+        it = self.by_uid[job.uid]
         rgb, mask, cond = self._pixels(it, None)
-        if it.variant is not None:  # a degraded item has two entries: the control image's, the target's
-            return Prepared(_to_tensor(cond)) if self.control_keys[it.uid] == job.key else \
-                Prepared(_to_tensor(rgb), None if mask is None else _mask_tensor(mask))
+        if job.control:
+            return Prepared(_to_tensor(cond))
+        if it.variant is not None:  # the target of a degraded item: the control is its own entry
+            return Prepared(_to_tensor(rgb), None if mask is None else _mask_tensor(mask))
         return Prepared(_to_tensor(rgb), None if mask is None else _mask_tensor(mask),
                         None if cond is None else _to_tensor(cond))
-
-    def cache_text_outputs(self, encode: TextEncodeFn, te_id: str, t5_max_length: int, apply_t5_attn_mask: bool,
-                           epochs: range, to_disk: bool, cache_dir: Path | None = None,
-                           skip_cache_check: bool = False, batch_size: int = 8, progress: bool = True,
-                           memory: TensorCache | None = None, shard: tuple[int, int] | None = None,
-                           clean_temporaries: bool = True) -> int:
-        """Encode every caption variant the given epochs use (and "" when captions can drop out).
-
-        kohya refuses TE caching with caption dropout / shuffle / wildcards; caching each variant keeps
-        them working. In memory the entries go to `memory` (a new store if None); `shard=(rank, world)`
-        encodes only every world-th caption from rank (the caching split across ranks). Returns the number of
-        distinct captions covered.
-        """
-        captions = self.caption_variants(epochs)
-        if any(s.caption_dropout_rate > 0 or s.caption_dropout_every_n_epochs > 0 for s in self.specs.values()):
-            captions.append("")
-        if shard is not None:
-            captions = captions[shard[0]::shard[1]]
-        n_images = len(self.by_uid)
-        if len(captions) > 4 * n_images:  # shuffling makes nearly every (sample, epoch) a new caption
-            log.warning("caching %d caption variants for %d images over %d epochs (about %.1f GiB at FLUX-dev's "
-                        "512x4096 bf16 T5 output); fewer epochs, or no --cache_text_encoder_outputs with "
-                        "shuffle_caption, keeps this small", len(captions), n_images, len(epochs),
-                        len(captions) * 512 * 4096 * 2 / 2**30)
-        first = next(it for its in self.items for it in its)
-        root = (cache_dir or self._cache_root(first, None)) if to_disk else None
-        self.text_cache = TensorCache(root, "text", skip_cache_check) if to_disk or memory is None else memory
-        if clean_temporaries:
-            self.text_cache.remove_stale_temporaries()
-        keys = cache_text_outputs(captions, encode, self.text_cache, te_id, t5_max_length, apply_t5_attn_mask,
-                                  batch_size, progress)
-        self.text_keys.update(keys)
-        self._text_params = (te_id, t5_max_length, apply_t5_attn_mask)
-        return len(keys)
 
     # ------------------------------------------------------------------------------------------ batches
     def load_batch(self, epoch: int, index: int) -> Batch | None:
         """Batch `index` of `epoch`; None if every image in it turned out unreadable (--skip_bad_images)."""
         ref = self.batches(epoch)[index]
         step = epoch * len(self.batches(epoch)) + index
-        samples = [s for s in ref.samples if s[0] not in self.bad]
-        rows = [r for r in (self._sample(uid, rep, epoch, step) for uid, rep in samples) if r is not None]
+        rows = [r for r in (self._sample(uid, rep, epoch, step) for uid, rep in ref.samples if uid not in self.bad)
+                if r is not None]
         if not rows:
             return None
         ds = self.cfg.datasets[ref.dataset]
-        batch = Batch(epoch, index, ref.bucket, [r["path"] for r in rows], [r["caption"] for r in rows],
-                      torch.tensor([r["is_reg"] for r in rows]),
-                      torch.full((len(rows),), ds.network_multiplier))
-        for name in ("latents", "images", "cond_latents", "cond_images"):
-            if rows[0].get(name) is not None:
-                setattr(batch, name, torch.stack([r[name] for r in rows]))
-        if any(r.get("loss_mask") is not None for r in rows):
+        stacked = {name: torch.stack([getattr(r, name) for r in rows]) if getattr(rows[0], name) is not None
+                   else None for name in ("latents", "images", "cond_latents", "cond_images")}
+        loss_mask = None
+        if any(r.loss_mask is not None for r in rows):
             shape = (1, ref.bucket[1] // LATENT_DOWNSCALE, ref.bucket[0] // LATENT_DOWNSCALE)
-            batch.loss_mask = torch.stack([r["loss_mask"] if r.get("loss_mask") is not None
-                                           else torch.ones(shape) for r in rows]).float()
-        self._attach_text(batch)
-        return batch
+            loss_mask = torch.stack([r.loss_mask if r.loss_mask is not None else torch.ones(shape)
+                                     for r in rows]).float()
+        captions = [r.caption for r in rows]
+        return Batch(epoch, index, ref.bucket, [r.path for r in rows], captions, torch.tensor([r.is_reg for r in rows]),
+                     torch.full((len(rows),), ds.network_multiplier), loss_mask=loss_mask, **stacked,
+                     **self._text_outputs(captions))
 
-    def _sample(self, uid: int, rep: int, epoch: int, step: int) -> dict | None:
+    def _sample(self, uid: int, rep: int, epoch: int, step: int) -> Sample | None:
         it = self.by_uid[uid]
         sub = self.cfg.datasets[it.dataset].subsets[it.subset]
         rng = self._rng("aug", epoch, uid, rep)
         flip = sub.flip_aug and not self.validation and rng.random() < 0.5
-        row: dict = {"path": str(it.path), "caption": self.caption(uid, rep, epoch, step), "is_reg": it.is_reg}
-        if self.latent_cache is not None:
-            entry = self._latent_caches[uid].get(self.latent_keys[uid])
-            sfx = "_flipped" if flip else ""
-            row["latents"] = entry["latents" + sfx]
-            row["cond_latents"] = entry.get("cond_latents" + sfx)
-            if uid in self.control_keys:  # a degraded control image: its own entry
-                row["cond_latents"] = self._latent_caches[uid].get(self.control_keys[uid])["latents" + sfx]
+        path, caption = str(it.path), self.caption(uid, rep, epoch, step)
+        if self.latents is not None:
+            store, sfx = self.latents.stores[uid], "_flipped" if flip else ""
+            entry = store.get(self.latents.keys[uid])
+            cond = entry.get("cond_latents" + sfx)
+            if uid in self.latents.control_keys:  # a degraded control image: its own entry
+                cond = store.get(self.latents.control_keys[uid])["latents" + sfx]
             mask = entry.get("loss_mask")
-            row["loss_mask"] = None if mask is None else (mask.flip(-1) if flip else mask)
-            return row
+            return Sample(path, caption, it.is_reg, latents=entry["latents" + sfx], cond_latents=cond,
+                          loss_mask=None if mask is None else (mask.flip(-1) if flip else mask))
         try:
             rgb, mask, cond = self._pixels(it, None if self.validation else rng)
         except BadImageError as e:
             if not self.skip_bad_images:
                 raise
-            log.warning("%s", e.skipped())
-            self.bad.add(uid)
+            log.warning("%s", e.skipped())  # skipped wherever it is met (the order stays a function of the seed)
             return None
         if flip:
             rgb, mask, cond = (None if a is None else np.ascontiguousarray(a[:, ::-1]) for a in (rgb, mask, cond))
-        row["images"] = _to_tensor(rgb)
-        row["loss_mask"] = None if mask is None else _mask_tensor(mask)
-        row["cond_images"] = None if cond is None else _to_tensor(cond)
-        return row
+        return Sample(path, caption, it.is_reg, images=_to_tensor(rgb),
+                      cond_images=None if cond is None else _to_tensor(cond),
+                      loss_mask=None if mask is None else _mask_tensor(mask))
 
-    def _attach_text(self, batch: Batch) -> None:
-        """Cached T5/CLIP outputs for the batch's captions; left None (encode live) if any is missing."""
-        if self.text_cache is None:
-            return
-        entries = []
-        for c in batch.captions:
-            key = text_key(c, *self._text_params)
-            if not self.text_cache.has(key):
+    def _text_outputs(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Cached T5/CLIP outputs for the batch's captions; none (encode live) if any is missing."""
+        if self.text is None:
+            return {}
+        t, entries = self.text, []
+        for c in captions:
+            key = text_key(c, t.te_id, t.t5_max_length, t.apply_t5_attn_mask)
+            if not t.store.has(key):
                 log.warning("caption not in the text-encoder cache, left to the trainer to encode: %r", c[:80])
-                return
-            entries.append(self.text_cache.get(key))
-        batch.t5_out = torch.stack([e["t5_out"] for e in entries])
-        batch.clip_pooled = torch.stack([e["clip_pooled"] for e in entries])
-        batch.t5_attn_mask = torch.stack([e["t5_attn_mask"] for e in entries])
-
-
-def tqdm_items(items: list, desc: str, progress: bool):
-    return tqdm(items, desc=desc, unit="img", disable=not progress or len(items) < 2)
+                return {}
+            entries.append(t.store.get(key))
+        return {name: torch.stack([e[name] for e in entries]) for name in ("t5_out", "clip_pooled", "t5_attn_mask")}
 
 
 def build_datasets(cfg: ResolvedDatasetConfig, seed: int, skip_bad_images: bool = False, progress: bool = True
@@ -399,13 +375,10 @@ def build_datasets(cfg: ResolvedDatasetConfig, seed: int, skip_bad_images: bool 
         train, val = split_validation(items, ds.validation_split, val_seed)
         train_items.append(balance_reg(train))
         val_items.append(val)
-    train_ds = FluxDataset(cfg, train_items, seed)
-    train_ds.skip_bad_images = skip_bad_images
+    train_ds = FluxDataset(cfg, train_items, seed, skip_bad_images=skip_bad_images)
     if not any(val_items):
         return train_ds, None
-    val_ds = FluxDataset(cfg, val_items, seed, validation=True)
-    val_ds.skip_bad_images = skip_bad_images
-    return train_ds, val_ds
+    return train_ds, FluxDataset(cfg, val_items, seed, validation=True, skip_bad_images=skip_bad_images)
 
 
 class BatchLoader:

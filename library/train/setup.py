@@ -100,8 +100,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
                        project_dir=cfg.log.logging_dir or cfg.save.output_dir, kwargs_handlers=kwargs)
 
 
-def _data(cfg: TrainConfig, acc: Accelerator, seed: int
-          ) -> tuple[FluxDataset, BatchLoader, BatchLoader | None]:
+def _data(cfg: TrainConfig, acc: Accelerator, seed: int) -> tuple[FluxDataset, FluxDataset | None]:
     path = cfg.data.dataset_config
     data = cfg.data
     if not path:
@@ -119,14 +118,16 @@ def _data(cfg: TrainConfig, acc: Accelerator, seed: int
     if cfg.data.pair_side != resolved.pair_side:  # a differential run's stage 1 trains on the before images
         resolved = dataclasses.replace(resolved, pair_side=cfg.data.pair_side)
     dataset, validation = build_datasets(resolved, seed, data.skip_bad_images, progress=acc.is_main_process)
+    if len(_loader(cfg, acc, dataset)) == 0:
+        raise UserError(f"{cfg.data.dataset_config}: no images found in any subset")
+    return dataset, validation
+
+
+def _loader(cfg: TrainConfig, acc: Accelerator, dataset: FluxDataset) -> BatchLoader:
     # kohya caps the workers at the CPU count; --persistent_data_loader_workers keeps one pool for all epochs.
     workers = min(cfg.loop.max_data_loader_n_workers, max(0, (os.cpu_count() or 1) - 1))
-    loader = BatchLoader(dataset, workers, acc.process_index, acc.num_processes,
-                         persistent_workers=cfg.loop.persistent_data_loader_workers)
-    if len(loader) == 0:
-        raise UserError(f"{cfg.data.dataset_config}: no images found in any subset")
-    val_loader = BatchLoader(validation, 0, acc.process_index, acc.num_processes) if validation else None
-    return dataset, loader, val_loader
+    return BatchLoader(dataset, workers, acc.process_index, acc.num_processes,
+                       persistent_workers=cfg.loop.persistent_data_loader_workers)
 
 
 def run_schedule(cfg: TrainConfig, batches_per_rank: int) -> Schedule:
@@ -174,24 +175,29 @@ def setup(cfg: TrainConfig, after_preflight: Callable[[], None] | None = None) -
     out_dir = Path(cfg.save.output_dir)
     if acc.is_main_process:
         _write_config(cfg, out_dir)
-    dataset, loader, val_loader = _data(cfg, acc, seed)
+    dataset, validation = _data(cfg, acc, seed)
     # --max_vram_gib: checkpointing / fp8 / block swap chosen from the memory model before the model loads.
     cfg, dtypes = apply_max_vram(cfg, dtypes, dataset.cfg.datasets)
-    schedule = run_schedule(cfg, len(loader))
+    batches_per_rank = len(_loader(cfg, acc, dataset))
+    schedule = run_schedule(cfg, batches_per_rank)
     if cfg.save.resume:
-        schedule = _resumed(cfg, schedule, len(loader), acc.num_processes)
+        schedule = _resumed(cfg, schedule, batches_per_rank, acc.num_processes)
     total, epochs = schedule.total_steps, schedule.epochs
-    dataset.max_train_steps = total
+    dataset = dataset.replace(max_train_steps=total)  # captions' fractional token_warmup_step
     train_clip = _train_clip(cfg)
     prompts_spec = _load_prompts(cfg)
     t_load = time.perf_counter()
     models = M.load_models(cfg, dtypes, acc.device, need_text=True, need_ae=True)
     t_cache = time.perf_counter()
     ranks = Ranks.of(acc)
-    cache_before_training(cfg, ranks, models, dataset, epochs, dtypes, acc.device, acc.is_main_process)
+    dataset, _ = cache_before_training(cfg, ranks, models, dataset, epochs, dtypes, acc.device, acc.is_main_process)
     t_cached = time.perf_counter()
-    if val_loader is not None:
-        cache_before_training(cfg, ranks, models, val_loader.dataset, 1, dtypes, acc.device, acc.is_main_process)
+    loader = _loader(cfg, acc, dataset)  # over the cached dataset (and without the images caching skipped)
+    val_loader = None
+    if validation is not None:
+        validation, _ = cache_before_training(cfg, ranks, models, validation, 1, dtypes, acc.device,
+                                              acc.is_main_process)
+        val_loader = BatchLoader(validation, 0, acc.process_index, acc.num_processes)
     pairs = None
     if not prompts_spec and _wants_samples(cfg):  # a control/degradation dataset: sample its first pairs
         prompts_spec, pairs = pair_prompts(dataset)
