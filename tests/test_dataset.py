@@ -382,3 +382,28 @@ def test_caching_returns_the_dataset_that_reads_the_cache(tmp_path):
     assert read.images is None and torch.allclose(read.latents, enc(live.images))
     with pytest.raises(AttributeError):
         read.latents = None  # a Batch is frozen too
+
+
+def test_an_image_unreadable_at_batch_time_does_not_change_the_order(tmp_path, caplog):
+    """Before, the main process added such an image to the dataset's `bad` set (worker processes could not), so
+    later epochs' batch order depended on which process had met it; now it is skipped wherever it is met."""
+    import io
+
+    d = images(tmp_path / "imgs", 3)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (d / "cut.jpg").write_bytes(buf.getvalue()[:-2000])  # header intact: passes the scan, fails decoding
+    cfg = load_dataset_config(cfg_file(tmp_path, f"""
+        [general]
+        resolution = 64
+        caption_extension = ".txt"
+        [[datasets]]
+          [[datasets.subsets]]
+          image_dir = "{d}"
+        """))
+    train, _ = build_datasets(cfg, seed=0, skip_bad_images=True, progress=False)
+    order = [[r.samples for r in train.batches(e)] for e in range(3)]
+    loader = BatchLoader(train)
+    served = [sum(len(b.paths) for b in loader.iter_epoch(e)) for e in range(3)]
+    assert served == [3, 3, 3] and "cut.jpg" in caplog.text
+    assert [[r.samples for r in train.batches(e)] for e in range(3)] == order and train.bad == frozenset()
