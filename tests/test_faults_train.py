@@ -228,3 +228,49 @@ def test_sigterm_to_a_two_process_launch_saves_and_exits_without_a_traceback(tin
     states = [p for p in out.iterdir() if p.name.endswith("-state")]
     assert len(states) == 1 and C.load_state(states[0]).train_state["global_step"] >= 1
     assert not (out / ".lock").exists() and _temporaries(out) == []
+
+
+_RANK0_FULL = """
+import errno, os, sys
+sys.path.insert(0, {repo!r})
+from library import atomic
+if os.environ.get("RANK") == "0":  # the disk fills up on rank 0 only, at the first write of a {what!r} file
+    real = atomic._write
+    def write(f, data):
+        if {what!r} in f.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, data)
+    atomic._write = write
+import flux_train_network
+from library.errors import run_main
+run_main(flux_train_network.main)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what, previous", [("lora-step", "lora-step00000001.safetensors"),
+                                            ("sample", "sample/lora_000001_00_a_photo_of_sks_dog.png")])
+def test_disk_full_on_rank_0_stops_every_rank_with_its_line(tiny_ckpts, data: Path, tmp_path: Path, what: str,
+                                                            previous: str) -> None:
+    """Before rank 0 told the others how its write ended, rank 1 waited at the next collective and died with
+    gloo's 'Connection closed by peer' traceback when rank 0 exited; the launch ended 1 with torchrun's
+    ChildFailedError traceback."""
+    out = tmp_path / "out"
+    (out / previous).parent.mkdir(parents=True)
+    (out / previous).write_bytes(b"the user's earlier file")
+    script = tmp_path / "rank0_full.py"
+    script.write_text(_RANK0_FULL.format(repo=str(REPO), what=what))
+    args = base_args(tiny_ckpts, data, out, "--max_train_steps", "2", "--save_every_n_steps", "1", "--save_state",
+                     "--sample_prompts", str(data / "prompts.txt"), "--sample_every_n_steps", "1")
+    args[args.index("--dataset_config") + 1] = str(data / "dog.toml")
+    port = 29541 if what == "sample" else 29543
+    proc = subprocess.run([sys.executable, "-m", "library.train.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(port), str(script), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    errors = {line for line in proc.stderr.splitlines() if line.startswith("error:")}
+    assert len(errors) == 1 and "disk full" in next(iter(errors)), proc.stderr[-4000:]  # one line, the same
+    assert (out / previous).read_bytes() == b"the user's earlier file"  # nothing of the user's replaced
+    assert _temporaries(out) == [] and not (out / ".lock").exists()
+    assert not list(out.glob("lora-step*-state")) and not (out / "lora.safetensors").exists()  # stopped there
