@@ -274,3 +274,58 @@ def test_disk_full_on_rank_0_stops_every_rank_with_its_line(tiny_ckpts, data: Pa
     assert (out / previous).read_bytes() == b"the user's earlier file"  # nothing of the user's replaced
     assert _temporaries(out) == [] and not (out / ".lock").exists()
     assert not list(out.glob("lora-step*-state")) and not (out / "lora.safetensors").exists()  # stopped there
+
+
+def _older_state(trained: Path, folder: Path, with_lora: bool = True) -> Path:
+    """A copy of the step-1 state as an older version wrote it: no 'settings', no manifest."""
+    import shutil
+
+    state = folder / "lora-step00000001-state"
+    shutil.copytree(trained / state.name, state)
+    if with_lora:
+        shutil.copy(trained / "lora-step00000001.safetensors", folder)
+    ts = json.loads((state / "train_state.json").read_text())
+    del ts["settings"], ts["lora"]
+    (state / "train_state.json").write_text(json.dumps(ts))
+    return state
+
+
+def test_an_older_state_is_compared_by_its_loras_metadata(tiny_ckpts, data: Path, trained: Path, tmp_path: Path,
+                                                          capfd) -> None:
+    """Before, a state without 'settings' resumed without any comparison: no warning, no note."""
+    state, out = _older_state(trained, tmp_path), tmp_path / "out"
+    train_in_process(base_args(tiny_ckpts, data, out, "--max_train_steps", "2", "--learning_rate", "1e-5",
+                               "--network_alpha", "2", "--seed", "5", "--resume", str(state)))
+    text = " ".join(capfd.readouterr().err.split())
+    assert "--learning_rate is 1e-05 now, 0.002 in the state; the state's value is used" in text
+    assert "--network_alpha is 2.0 now, 4.0 in the state; the new value is used" in text
+    assert "--seed is 5 now, 3 in the state; the new value is used" in text
+    assert "--lr_scheduler is" not in text  # unchanged settings are not reported
+    assert f"{state}: --resume: this state was written by an older version" in text
+    assert "read from the metadata of lora-step00000001.safetensors" in text
+    assert "could not be compared: --optimizer_args, --network_args, --train_batch_size, " \
+           "--gradient_accumulation_steps, --dataset_config, number of images" in text
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_learning_rate"] == "0.002"  # records the rate the optimizer kept
+
+
+def test_an_older_state_without_its_lora_is_a_note_of_nothing_compared(trained: Path, tmp_path: Path) -> None:
+    from library.train import resume_settings as RS
+
+    state = _older_state(trained, tmp_path, with_lora=False)
+    found, note = RS.reconstruct_settings(state, C.read_train_state(state))
+    assert found == {} and "no LoRA with kohya metadata beside it: nothing; could not be compared: " \
+                                     "--learning_rate, --unet_lr" in note
+    with_lora = _older_state(trained, tmp_path / "b")  # the control: the LoRA beside it is read
+    found, _ = RS.reconstruct_settings(with_lora, C.read_train_state(with_lora))
+    assert found["optimizer_type"] == "AdamW" and found["learning_rate"] == 2e-3 and found["unet_lr"] is None
+
+
+def test_an_older_state_with_another_optimizer_is_refused_by_its_metadata(tiny_ckpts, data: Path, trained: Path,
+                                                                          tmp_path: Path) -> None:
+    import flux_train_network
+
+    state = _older_state(trained, tmp_path)
+    with pytest.raises(UserError, match="trained with --optimizer_type AdamW, this run asks for Lion"):
+        flux_train_network.main(base_args(tiny_ckpts, data, tmp_path / "out", "--optimizer_type", "Lion",
+                                          "--resume", str(state)))

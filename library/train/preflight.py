@@ -20,7 +20,7 @@ from library.train.config import TrainConfig
 from library.train.models import network_kwargs, required_path  # the load's "is required" message
 from library.train.optim import check_optimizer
 from library.train.precision import Dtypes
-from library.train.resume_settings import check_optimizer_matches
+from library.train.resume_settings import check_optimizer_matches, reconstruct_settings
 from library.vision.vgg import load_vgg16
 from networks.lora_args import parse_network_args
 from networks.lora_formats import read_lora
@@ -105,7 +105,8 @@ def check_resume(cfg: TrainConfig) -> None:
     """--resume: every file of the state folder reads (a LoRA's state is small) and it was trained with this
     optimizer, before any model is loaded."""
     if cfg.save.resume:
-        saved = C.load_state(cfg.save.resume).train_state.get("settings")
+        ts = C.load_state(cfg.save.resume).train_state
+        saved = ts.get("settings") or reconstruct_settings(cfg.save.resume, ts)[0]
         check_optimizer_matches(saved, cfg.optimizer.optimizer_type, cfg.save.resume)
 
 

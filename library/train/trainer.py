@@ -369,9 +369,13 @@ def resume(run: Run, state: State, path: str) -> None:
     """Continue from a state: what is kept from it and what the command line sets is in resume_settings.py;
     each difference is a warning naming both values (another optimizer is refused)."""
     loaded = C.load_state(path)
-    saved = loaded.train_state.get("settings")
+    saved, recorded = loaded.train_state.get("settings"), bool(loaded.train_state.get("settings"))
+    if not recorded:  # an older state: its LoRA's metadata and its optimizer tell what they can
+        saved, note = RS.reconstruct_settings(path, loaded.train_state)
+        if run.accelerator.is_main_process:
+            warn(note)
     RS.check_optimizer_matches(saved, run.cfg.optimizer.optimizer_type, path)
-    if not saved:  # an older state without recorded settings: the optimizer's hyper-parameter names tell
+    if not recorded:
         RS.check_param_groups(loaded.optimizer.get("param_groups", []), run.optimizer.state_dict()["param_groups"],
                               path)
     try:
