@@ -255,6 +255,10 @@ class Generator:
 
         self.args, self.torch = args, torch
         self.device = _device(args.device)
+        from networks.lora_formats import read_lora  # noqa: PLC0415
+
+        for path, _ in args.lora_weights:  # a hostile or nan LoRA: one line now, before the models load
+            read_lora(path)
         from library.objective import resolve_objective  # noqa: PLC0415
 
         self.objective = resolve_objective(args.objective, [p for p, _ in args.lora_weights], args.control_noise_std,
@@ -343,8 +347,10 @@ def parse_interactive_line(line: str, last: Request) -> Request:
             setattr(req, name, kind(value.strip()) if key != "n" or value.strip() != "-" else "")
         except ValueError:
             raise UserError(f"--{key} {value.strip()!r}: not {'an integer' if kind is int else 'a number'}") from None
-    step = SIZE_STEP
-    req.width, req.height = max(step, req.width // step * step), max(step, req.height // step * step)
+    from library.sampling import check_sample_values  # noqa: PLC0415 - torch is loaded by now
+
+    check_sample_values("prompt line", req.width, req.height, req.steps, req.guidance, req.cfg_scale, req.seed)
+    req.width, req.height = req.width // SIZE_STEP * SIZE_STEP, req.height // SIZE_STEP * SIZE_STEP
     return req
 
 

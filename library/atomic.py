@@ -99,6 +99,11 @@ def write_chunks(path: Path, chunks: Iterable[bytes | memoryview], fsync: bool =
             os.fsync(f.fileno())
 
 
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_dir(folder: Path) -> None:
     """Make renames inside `folder` survive a power loss (no-op where folders cannot be opened)."""
     try:
@@ -124,13 +129,18 @@ def remove_path(path: Path) -> None:
 def atomic_target(path: str | os.PathLike, needed: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path` (its folder is created); when the block ends without an error
     the temporary file replaces `path`, otherwise it is removed. A full disk becomes a `UserError` naming
-    `path` and `needed` bytes (when known)."""
+    `path` and `needed` bytes (when known).
+
+    Power loss: the file is flushed to the disk before the rename and the folder after it, so once this
+    returns `path` survives a power cut with its new content, and before that it keeps the old one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     try:
         yield tmp
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except UserError:
         raise
     except Exception as err:
@@ -143,13 +153,13 @@ def atomic_target(path: str | os.PathLike, needed: int | None = None) -> Iterato
 
 
 def write_bytes_atomic(path: str | os.PathLike, chunks: Iterable[bytes | memoryview] | bytes,
-                       needed: int | None = None, fsync: bool = False) -> Path:
+                       needed: int | None = None) -> Path:
     if isinstance(chunks, (bytes, bytearray, memoryview)):
         needed, chunks = len(chunks), [chunks]
     if needed:
         check_free_space(path, needed)
     with atomic_target(path, needed) as tmp:
-        write_chunks(tmp, chunks, fsync)
+        write_chunks(tmp, chunks)  # flushed to the disk by atomic_target
     return Path(path)
 
 

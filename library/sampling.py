@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from library.atomic import atomic_target, write_bytes_atomic
 from library.data.images import BadImageError, load_image
 from library.errors import UserError
 from library.flow import control_endpoint, flux_mu, time_shift
-from library.flux.geometry import AE_DOWNSAMPLE, LATENT_CHANNELS, PATCH
+from library.flux.geometry import AE_DOWNSAMPLE, LATENT_CHANNELS, PATCH, PIXEL_MULTIPLE
 from library.flux.math import make_img_ids, make_txt_ids, pack_latents, unpack_latents
 from library.flux.text_encoders import FluxTextEncoders, TextEncoding, default_t5_max_length
 from library.objective import Objective
@@ -240,6 +241,25 @@ def encode_prompts(text_encoders: FluxTextEncoders, settings: SampleSettings) ->
             neg = text_encoders.encode([settings.negative_prompt], settings.t5_max_length,
                                        settings.apply_t5_attn_mask)
     return cond, neg
+
+
+# A 16k-pixel side or 10k steps is a typo, not a request (and would run out of memory or time much later).
+MAX_SIDE, MAX_STEPS = 16384, 10000
+
+
+def check_sample_values(where: str, width: int, height: int, steps: int | None, guidance: float,
+                        cfg_scale: float, seed: int | None = None) -> None:
+    """One line naming `where` for a size, step count, scale or seed no image can be made with."""
+    for name, v in (("width (--w)", width), ("height (--h)", height)):
+        if not PIXEL_MULTIPLE <= v <= MAX_SIDE:
+            raise UserError(f"{where}: {name} {v} must be in [{PIXEL_MULTIPLE}, {MAX_SIDE}] pixels")
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        raise UserError(f"{where}: steps (--s) {steps} must be in [1, {MAX_STEPS}]")
+    for name, v in (("guidance (--g)", guidance), ("CFG scale (--l / --c)", cfg_scale)):
+        if not math.isfinite(v):
+            raise UserError(f"{where}: {name} {v} must be a finite number")
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise UserError(f"{where}: seed (--d) {seed} is out of range (torch seeds are 64-bit: 0 .. 2**64-1)")
 
 
 def sample_settings(guidance_embed: bool, prompt: str, width: int, height: int, steps: int, guidance: float,

@@ -135,6 +135,62 @@ def test_torch_and_safetensors_disk_full_texts_are_recognised() -> None:
     assert not atomic.is_disk_full(RuntimeError("shape mismatch"))
 
 
+# -- power loss: flushed before the rename, the folder after it ---------------------------------------------
+
+def _record_syncs(monkeypatch) -> list[tuple[str, ...]]:
+    """os.fsync (as the path its descriptor names), os.replace and os.rename calls, in order."""
+    ops: list[tuple[str, ...]] = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd: int) -> None:
+        ops.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def renamer(real):
+        def rename(src, dst, **kw) -> None:
+            ops.append(("rename", os.path.realpath(src), os.path.realpath(dst)))
+            real(src, dst, **kw)
+        return rename
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", renamer(real_replace))
+    monkeypatch.setattr(os, "rename", renamer(real_rename))
+    return ops
+
+
+def _check_durable(ops: list[tuple[str, ...]]) -> int:
+    """Every rename onto a visible name follows an fsync of what it publishes (the file; a folder's files and
+    the folder) and precedes an fsync of the folder it lands in; returns the number of such publishes."""
+    publishes = [i for i, op in enumerate(ops) if op[0] == "rename" and not atomic.parse_temporary(Path(op[2]).name)]
+    for i in publishes:
+        src, dst = Path(ops[i][1]), Path(ops[i][2])
+        synced = {op[1] for op in ops[:i] if op[0] == "fsync"}
+        wanted = {str(src)} | ({str(src / f.name) for f in dst.iterdir()} if dst.is_dir() else set())
+        assert wanted <= synced, (dst, sorted(wanted - synced))
+        nxt = next((j for j in range(i + 1, len(ops)) if ops[j][0] == "rename"), len(ops))
+        assert ("fsync", str(dst.parent)) in ops[i + 1: nxt], (dst, "folder not flushed after the rename")
+    return len(publishes)
+
+
+def test_every_publish_is_flushed_before_and_its_folder_after(tmp_path: Path, monkeypatch) -> None:
+    """Before atomic_target flushed, a cache entry (and every other atomic_target write: samples, the loss plot,
+    configs) was renamed into place unflushed: after a power loss its name could hold a zero-length file."""
+    from library.data.cache import TensorCache
+
+    out = tmp_path.resolve() / "out"
+    _save(out, 1)  # the LoRA and a new state folder
+    ops = _record_syncs(monkeypatch)
+    _save(out, 2)  # the LoRA and a state folder replacing the first
+    assert _check_durable(ops) == 2 and _consistent(out) == 2
+    ops.clear()
+    save_file_atomic({"a": torch.zeros(3)}, out / "plain.safetensors")
+    assert _check_durable(ops) == 1
+    ops.clear()
+    TensorCache(out / "cache", "latents").put("ab" * 8, {"latents": torch.zeros(4, 2, 2)})
+    assert _check_durable(ops) >= 1 and any(p.endswith(".safetensors") for _, _, p in
+                                            [op for op in ops if op[0] == "rename"])
+
+
 # -- kill between the renames ------------------------------------------------------------------------------
 
 _KILL = textwrap.dedent("""

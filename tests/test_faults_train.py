@@ -228,3 +228,104 @@ def test_sigterm_to_a_two_process_launch_saves_and_exits_without_a_traceback(tin
     states = [p for p in out.iterdir() if p.name.endswith("-state")]
     assert len(states) == 1 and C.load_state(states[0]).train_state["global_step"] >= 1
     assert not (out / ".lock").exists() and _temporaries(out) == []
+
+
+_RANK0_FULL = """
+import errno, os, sys
+sys.path.insert(0, {repo!r})
+from library import atomic
+if os.environ.get("RANK") == "0":  # the disk fills up on rank 0 only, at the first write of a {what!r} file
+    real = atomic._write
+    def write(f, data):
+        if {what!r} in f.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, data)
+    atomic._write = write
+import flux_train_network
+from library.errors import run_main
+run_main(flux_train_network.main)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what, previous", [("lora-step", "lora-step00000001.safetensors"),
+                                            ("sample", "sample/lora_000001_00_a_photo_of_sks_dog.png")])
+def test_disk_full_on_rank_0_stops_every_rank_with_its_line(tiny_ckpts, data: Path, tmp_path: Path, what: str,
+                                                            previous: str) -> None:
+    """Before rank 0 told the others how its write ended, rank 1 waited at the next collective and died with
+    gloo's 'Connection closed by peer' traceback when rank 0 exited; the launch ended 1 with torchrun's
+    ChildFailedError traceback."""
+    out = tmp_path / "out"
+    (out / previous).parent.mkdir(parents=True)
+    (out / previous).write_bytes(b"the user's earlier file")
+    script = tmp_path / "rank0_full.py"
+    script.write_text(_RANK0_FULL.format(repo=str(REPO), what=what))
+    args = base_args(tiny_ckpts, data, out, "--max_train_steps", "2", "--save_every_n_steps", "1", "--save_state",
+                     "--sample_prompts", str(data / "prompts.txt"), "--sample_every_n_steps", "1")
+    args[args.index("--dataset_config") + 1] = str(data / "dog.toml")
+    port = 29541 if what == "sample" else 29543
+    proc = subprocess.run([sys.executable, "-m", "library.train.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(port), str(script), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    errors = {line for line in proc.stderr.splitlines() if line.startswith("error:")}
+    assert len(errors) == 1 and "disk full" in next(iter(errors)), proc.stderr[-4000:]  # one line, the same
+    assert (out / previous).read_bytes() == b"the user's earlier file"  # nothing of the user's replaced
+    assert _temporaries(out) == [] and not (out / ".lock").exists()
+    assert not list(out.glob("lora-step*-state")) and not (out / "lora.safetensors").exists()  # stopped there
+
+
+def _older_state(trained: Path, folder: Path, with_lora: bool = True) -> Path:
+    """A copy of the step-1 state as an older version wrote it: no 'settings', no manifest."""
+    import shutil
+
+    state = folder / "lora-step00000001-state"
+    shutil.copytree(trained / state.name, state)
+    if with_lora:
+        shutil.copy(trained / "lora-step00000001.safetensors", folder)
+    ts = json.loads((state / "train_state.json").read_text())
+    del ts["settings"], ts["lora"]
+    (state / "train_state.json").write_text(json.dumps(ts))
+    return state
+
+
+def test_an_older_state_is_compared_by_its_loras_metadata(tiny_ckpts, data: Path, trained: Path, tmp_path: Path,
+                                                          capfd) -> None:
+    """Before, a state without 'settings' resumed without any comparison: no warning, no note."""
+    state, out = _older_state(trained, tmp_path), tmp_path / "out"
+    train_in_process(base_args(tiny_ckpts, data, out, "--max_train_steps", "2", "--learning_rate", "1e-5",
+                               "--network_alpha", "2", "--seed", "5", "--resume", str(state)))
+    text = " ".join(capfd.readouterr().err.split())
+    assert "--learning_rate is 1e-05 now, 0.002 in the state; the state's value is used" in text
+    assert "--network_alpha is 2.0 now, 4.0 in the state; the new value is used" in text
+    assert "--seed is 5 now, 3 in the state; the new value is used" in text
+    assert "--lr_scheduler is" not in text  # unchanged settings are not reported
+    assert f"{state}: --resume: this state was written by an older version" in text
+    assert "read from the metadata of lora-step00000001.safetensors" in text
+    assert "could not be compared: --optimizer_args, --network_args, --train_batch_size, " \
+           "--gradient_accumulation_steps, --dataset_config, number of images" in text
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_learning_rate"] == "0.002"  # records the rate the optimizer kept
+
+
+def test_an_older_state_without_its_lora_is_a_note_of_nothing_compared(trained: Path, tmp_path: Path) -> None:
+    from library.train import resume_settings as RS
+
+    state = _older_state(trained, tmp_path, with_lora=False)
+    found, note = RS.reconstruct_settings(state, C.read_train_state(state))
+    assert found == {} and "no LoRA with kohya metadata beside it: nothing; could not be compared: " \
+                                     "--learning_rate, --unet_lr" in note
+    with_lora = _older_state(trained, tmp_path / "b")  # the control: the LoRA beside it is read
+    found, _ = RS.reconstruct_settings(with_lora, C.read_train_state(with_lora))
+    assert found["optimizer_type"] == "AdamW" and found["learning_rate"] == 2e-3 and found["unet_lr"] is None
+
+
+def test_an_older_state_with_another_optimizer_is_refused_by_its_metadata(tiny_ckpts, data: Path, trained: Path,
+                                                                          tmp_path: Path) -> None:
+    import flux_train_network
+
+    state = _older_state(trained, tmp_path)
+    with pytest.raises(UserError, match="trained with --optimizer_type AdamW, this run asks for Lion"):
+        flux_train_network.main(base_args(tiny_ckpts, data, tmp_path / "out", "--optimizer_type", "Lion",
+                                          "--resume", str(state)))

@@ -30,7 +30,7 @@ def test_prompt_files_take_a_control_image(tmp_path) -> None:
     (tmp_path / "p.json").write_text(json.dumps([{"prompt": "x", "control_image": "refs/old.png"}]))
     assert Path(load_prompts(tmp_path / "p.json")[0].control_image) == tmp_path / "refs" / "old.png"
     txt.write_text("restore --ci refs/missing.png\n")
-    with pytest.raises(UserError, match="p.txt: prompt 1: control image refs/missing.png not found"):
+    with pytest.raises(UserError, match="p.txt:1: control image refs/missing.png not found"):
         load_prompts(txt)
 
 

@@ -227,7 +227,7 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None 
 
 
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None, fsync: bool = False) -> int:
+                     metadata: dict[str, str] | None = None) -> int:
     """Write a safetensors file to a temporary name beside `path`, then rename it into place; returns its size.
     A full disk is a one-line `UserError` naming `path` and the space needed (checked before writing)."""
     path = Path(path)
@@ -235,5 +235,5 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         raise UserError(f"{path}: is a directory, expected a .safetensors file name to write")
     size, chunks = serialize(tensors, metadata)
     # mkdir's OSError names the folder; callers / run_main report it
-    write_bytes_atomic(path, chunks, needed=size, fsync=fsync)
+    write_bytes_atomic(path, chunks, needed=size)
     return size

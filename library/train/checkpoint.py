@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from library.atomic import (check_free_space, disk_full_error, fsync_dir, is_disk_full, parse_temporary,
-                            remove_path, temp_name, write_chunks)
+from library.atomic import (check_free_space, disk_full_error, fsync_dir, fsync_file, is_disk_full,
+                            parse_temporary, remove_path, temp_name, write_chunks)
 from library.errors import UserError
 from library.flux.safetensors_io import read_header, serialize
 
@@ -132,11 +132,6 @@ def _swap_dir(stage: Path, path: Path) -> None:
     else:
         _rename(stage, path)
         fsync_dir(path.parent)
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def file_sha256(path: Path) -> str:

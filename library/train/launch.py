@@ -12,6 +12,9 @@ import sys
 
 from accelerate.commands.launch import launch_command, launch_command_parser
 from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from library.errors import EXIT_USER_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{err.sigval.name}: the training processes were stopped after saving a state (its --resume path "
               "is in the log above)", file=sys.stderr)
         return 128 + int(err.sigval)
+    except ChildFailedError as err:
+        if err.get_first_failure()[1].exitcode != EXIT_USER_ERROR:
+            raise  # a crash: torchrun's report of it is the useful part
+        return EXIT_USER_ERROR  # the processes printed the `error:` line
     return 0
 
 

@@ -20,7 +20,8 @@ from library.train.config import TrainConfig
 from library.train.models import network_kwargs, required_path  # the load's "is required" message
 from library.train.optim import check_optimizer
 from library.train.precision import Dtypes
-from library.train.resume_settings import check_optimizer_matches
+from library.train.prompts import load_prompts
+from library.train.resume_settings import check_optimizer_matches, reconstruct_settings
 from library.vision.vgg import load_vgg16
 from networks.lora_args import parse_network_args
 from networks.lora_formats import read_lora
@@ -62,7 +63,13 @@ def check_lora_files(cfg: TrainConfig) -> None:
     """--network_weights and --base_weights parse as LoRA files (they are small: read them whole)."""
     for path in [cfg.network.network_weights, *cfg.network.base_weights]:
         if path:
-            read_lora(path)
+            read_lora(path)  # nan/inf tensors included
+
+
+def check_sample_prompts(cfg: TrainConfig) -> None:
+    """--sample_prompts: every line's values and --ci images are checked now, not at the first sampling."""
+    if cfg.sample.sample_prompts:
+        load_prompts(cfg.sample.sample_prompts)
 
 
 def data_folders(cfg: TrainConfig) -> list[tuple[str, Path]]:
@@ -104,7 +111,8 @@ def check_resume(cfg: TrainConfig) -> None:
     """--resume: every file of the state folder reads (a LoRA's state is small) and it was trained with this
     optimizer, before any model is loaded."""
     if cfg.save.resume:
-        saved = C.load_state(cfg.save.resume).train_state.get("settings")
+        ts = C.load_state(cfg.save.resume).train_state
+        saved = ts.get("settings") or reconstruct_settings(cfg.save.resume, ts)[0]
         check_optimizer_matches(saved, cfg.optimizer.optimizer_type, cfg.save.resume)
 
 
@@ -115,6 +123,7 @@ def preflight(cfg: TrainConfig, dtypes: Dtypes) -> None:
     check_optimizer(cfg.optimizer)  # cheapest first: no file is opened
     check_resume(cfg)
     check_lora_files(cfg)
+    check_sample_prompts(cfg)
     if cfg.objective.perceptual_loss_weight > 0:  # a file that is not VGG16: one line now, not after caching
         load_vgg16(cfg.objective.perceptual_model, "cpu")
     check_network_args(cfg, check_model_files(cfg, dtypes))

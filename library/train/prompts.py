@@ -7,6 +7,9 @@
 guidance_scale, scale, negative_prompt).
 A reference image (FLUX.1 Kontext edits / restoration) per prompt: `--ci PATH` in .txt, `control_image` in .toml
 and .json; a relative path is taken from the current folder, else from the prompt file's folder.
+Every value is checked when the file is read (the trainer reads it before anything is written): a size outside
+[16, 16384], steps outside [1, 10000], a nan/inf guidance or scale, a seed beyond 64 bits or a --ci file that
+is not a whole image is one line naming the file and line.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import toml
 
 from library.errors import UserError
 from library.flux.geometry import PIXEL_MULTIPLE
+from library.sampling import check_sample_values, open_control_image
 
 # kohya's option letters -> our field names
 _OPTIONS = {"w": "width", "h": "height", "d": "seed", "s": "sample_steps", "g": "guidance_scale", "l": "scale",
@@ -43,10 +47,12 @@ class SamplePrompt:
 
 
 def _round16(v: Any, where: str) -> int:
+    """A side floored to 16 pixels (sides from 16 up to 63 become 64, kohya's smallest sample)."""
     try:
-        return max(64, int(v) // PIXEL_MULTIPLE * PIXEL_MULTIPLE)
+        v = int(v)
     except (TypeError, ValueError):
         raise UserError(f"{where}: expected an integer size, got {v!r}") from None
+    return max(64, v // PIXEL_MULTIPLE * PIXEL_MULTIPLE) if v >= PIXEL_MULTIPLE else v
 
 
 def _control_path(value: Any, base: Path | None, where: str) -> str | None:
@@ -57,6 +63,7 @@ def _control_path(value: Any, base: Path | None, where: str) -> str | None:
         p = base / p
     if not p.is_file():
         raise UserError(f"{where}: control image {value} not found (--ci / control_image)")
+    open_control_image(p, f"--ci in {where}")  # a truncated or hostile file: one line now, not at sampling
     return str(p)
 
 
@@ -65,16 +72,17 @@ def _make(index: int, d: dict[str, Any], where: str, base: Path | None = None) -
         raise UserError(f"{where}: no prompt text")
     control = _control_path(d.get("control_image"), base, where)
     try:
-        return SamplePrompt(
-            index=index, prompt=str(d["prompt"]).strip(),
-            width=_round16(d.get("width", 512), where), height=_round16(d.get("height", 512), where),
-            seed=None if d.get("seed") is None else int(d["seed"]),
-            sample_steps=min(1000, max(1, int(d.get("sample_steps", 20)))),
-            guidance_scale=float(d.get("guidance_scale", 3.5)), scale=float(d.get("scale", 1.0)),
-            negative_prompt=str(d.get("negative_prompt", "") or ""), control_image=control,
-        )
+        width, height = _round16(d.get("width", 512), where), _round16(d.get("height", 512), where)
+        seed = None if d.get("seed") is None else int(d["seed"])
+        steps, guidance, scale = int(d.get("sample_steps", 20)), float(d.get("guidance_scale", 3.5)), \
+            float(d.get("scale", 1.0))
     except (TypeError, ValueError) as err:
         raise UserError(f"{where}: bad option value ({err})") from None
+    check_sample_values(where, width, height, steps, guidance, scale, seed)
+    return SamplePrompt(index=index, prompt=str(d["prompt"]).strip(), width=width, height=height, seed=seed,
+                        sample_steps=min(1000, steps),  # kohya's cap for previews
+                        guidance_scale=guidance, scale=scale,
+                        negative_prompt=str(d.get("negative_prompt", "") or ""), control_image=control)
 
 
 def parse_line(line: str, where: str) -> dict[str, Any]:
@@ -113,7 +121,8 @@ def load_prompts(path: str | Path) -> list[SamplePrompt]:
         entries = [{"prompt": e} if isinstance(e, str) else dict(e) for e in doc]
     else:
         lines = path.read_text(encoding="utf-8").splitlines()
-        entries = [parse_line(line.strip(), f"{path}:{i + 1}") for i, line in enumerate(lines)
-                   if line.strip() and not line.strip().startswith("#")]
+        numbered = [(f"{path}:{i + 1}", line.strip()) for i, line in enumerate(lines)
+                    if line.strip() and not line.strip().startswith("#")]
+        return [_make(i, parse_line(line, where), where, path.parent) for i, (where, line) in enumerate(numbered)]
     return [_make(i, e, f"{path}: prompt {i + 1}", path.parent) for i, e in enumerate(entries)]
 

@@ -10,14 +10,21 @@ A state records the settings it was trained with (`settings` in train_state.json
 with the new run's and prints one warning per difference naming both values and which one is used, or
 refuses where continuing cannot work (another optimizer: its state has other slots). The LoRA metadata then
 records the values actually used (`ss_learning_rate` is the state's when the state's rate is kept).
+
+A state of an older version has no `settings`: what can be known is read back from the kohya `ss_*` metadata
+of the LoRA saved with it (`<name>.safetensors` beside `<name>-state`, or the one its manifest names) and
+compared the same way; a note names the settings that could not be compared.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from library.errors import UserError
+from library.flux.safetensors_io import read_metadata
+from library.train.checkpoint import file_sha256
 from library.train.config import TrainConfig
 
 # setting -> (kept from the state?, what the difference means)
@@ -39,6 +46,14 @@ POLICY: dict[str, tuple[bool, str]] = {
 _METADATA = {"learning_rate": "ss_learning_rate", "unet_lr": "ss_unet_lr", "text_encoder_lr": "ss_text_encoder_lr"}
 
 
+# setting -> (the LoRA metadata key that records it, its parser): what an older state can be compared by
+_FROM_METADATA: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "optimizer_type": ("ss_optimizer", str), "learning_rate": ("ss_learning_rate", float),
+    "unet_lr": ("ss_unet_lr", float), "text_encoder_lr": ("ss_text_encoder_lr", json.loads),
+    "network_dim": ("ss_network_dim", int), "network_alpha": ("ss_network_alpha", float),
+    "lr_scheduler": ("ss_lr_scheduler", str), "seed": ("ss_seed", int)}
+
+
 def settings_of(cfg: TrainConfig, n_images: int) -> dict[str, Any]:
     """The settings a state records (JSON values)."""
     o, n, loop = cfg.optimizer, cfg.network, cfg.loop
@@ -48,6 +63,48 @@ def settings_of(cfg: TrainConfig, n_images: int) -> dict[str, Any]:
             "lr_scheduler": cfg.scheduler.lr_scheduler, "train_batch_size": loop.train_batch_size,
             "gradient_accumulation_steps": loop.gradient_accumulation_steps, "seed": loop.seed,
             "dataset_config": cfg.data.dataset_config, "images": n_images}
+
+
+def lora_of_state(state_dir: Path, train_state: dict[str, Any]) -> Path | None:
+    """The .safetensors LoRA saved together with a state: the manifest's (when its sha256 still matches), else
+    `<name>.safetensors` beside `<name>-state`; None when there is none."""
+    manifest = train_state.get("lora") if isinstance(train_state.get("lora"), dict) else {}
+    name = manifest.get("file") or (state_dir.name[: -len("-state")] + ".safetensors"
+                                    if state_dir.name.endswith("-state") else "")
+    lora = state_dir.parent / name
+    if not name.endswith(".safetensors") or not lora.is_file():
+        return None
+    if manifest.get("sha256") and file_sha256(lora) != manifest["sha256"]:
+        return None  # replaced by a later save of the same name
+    return lora
+
+
+def reconstruct_settings(state_dir: str | Path, train_state: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The settings of a state without recorded `settings` (an older version), as far as the metadata of its
+    LoRA tells, and a note naming the source and what could not be compared."""
+    state_dir = Path(state_dir)
+    lora, md = lora_of_state(state_dir, train_state), {}
+    if lora is not None:
+        try:
+            md = read_metadata(lora)
+        except UserError:
+            md = {}
+    found: dict[str, Any] = {}
+    trained = "ss_learning_rate" in md  # training values present (not --no_metadata): an absent one was unset
+    for key, (md_key, parse) in _FROM_METADATA.items():
+        try:
+            if md_key in md:
+                found[key] = parse(md[md_key])
+            elif trained and key == "unet_lr":
+                found[key] = None
+        except ValueError:
+            pass  # a value another tool wrote differently: not compared
+    missing = [("--" + k if k != "images" else "number of images") for k in POLICY if k not in found]
+    source = f"the metadata of {lora.name}" if found else "no LoRA with kohya metadata beside it"
+    note = (f"{state_dir}: --resume: this state was written by an older version (no 'settings' in "
+            f"train_state.json); read from {source}: {', '.join('--' + k for k in found) or 'nothing'}; "
+            f"could not be compared: {', '.join(missing)}")
+    return found, note
 
 
 def check_optimizer_matches(saved: dict[str, Any] | None, optimizer_type: str, where: str) -> None:

@@ -16,7 +16,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from accelerate.utils import gather_object
 import toml
@@ -273,7 +273,8 @@ def validate(run: Run, state: State) -> None:
 
 def sample(run: Run, step: int, epoch: int | None, state: State | None = None) -> None:
     acc = run.accelerator
-    if run.prompts and acc.is_main_process:
+
+    def write() -> None:
         run.network.set_multiplier(1.0)  # samples show the LoRA at full strength, whatever the last dataset's
         o = run.cfg.objective
         paths = write_samples(run.prompts, run.models.transformer, run.models.ae, run.out_dir,
@@ -286,6 +287,9 @@ def sample(run: Run, step: int, epoch: int | None, state: State | None = None) -
             acc.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
             state.record.add_eval(step, scores)
             log.info("step %d: sample scores %s", step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+
+    if run.prompts:
+        on_rank0(run, write)
     acc.wait_for_everyone()
 
 
@@ -306,7 +310,8 @@ def save(run: Run, state: State, lora_path: Any, with_state: bool) -> None:
     if _agree(run, int(not _weights_finite(run))):
         stop_non_finite(run, state, None, state.global_step)
     rng = gather_object([C.rng_state()]) if with_state and acc.num_processes > 1 else [C.rng_state()]
-    if acc.is_main_process:
+
+    def write() -> None:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         md = {**run.metadata, "ss_steps": str(state.global_step), "ss_epoch": str(run.loader.epoch)}
         parts = None
@@ -318,7 +323,37 @@ def save(run: Run, state: State, lora_path: Any, with_state: bool) -> None:
         C.save_checkpoint(Path(lora_path), lambda tmp: run.network.save_weights(tmp, run.dtypes.save, md), parts)
         state.saved.append(Path(lora_path).name)
         log.info("saved %s%s", lora_path, f" and {C.Names.state_of(Path(lora_path))}" if with_state else "")
+
+    on_rank0(run, write)
     acc.wait_for_everyone()
+
+
+def on_rank0(run: Run, write: Callable[[], None]) -> None:
+    """Run rank 0's `write` (a save, samples, the loss plot) and tell every rank how it ended, so that a full
+    disk or another user error on rank 0 stops all ranks with its one line (exit 2) instead of leaving them
+    waiting at the next collective. A bug on rank 0 keeps its traceback there; the others stop with a line."""
+    acc = run.accelerator
+    if acc.num_processes == 1:
+        write()
+        return
+    outcome: list[str | None] = [None]
+    try:
+        if acc.is_main_process:
+            write()
+    except UserError as err:
+        outcome[0] = str(err)
+        raise
+    except OSError as err:  # a path that cannot be written: run_main's one line on rank 0
+        outcome[0] = f"{err.filename}: {err.strerror or err}" if err.filename else f"rank 0 stopped: {err!r}"
+        raise
+    except Exception as err:
+        outcome[0] = f"rank 0 stopped with an error while writing its outputs ({type(err).__name__}; its " \
+                     "traceback is above)"
+        raise
+    finally:
+        torch.distributed.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None and not acc.is_main_process:
+            raise UserError(outcome[0])
 
 
 def _weights_finite(run: Run) -> bool:
@@ -334,9 +369,13 @@ def resume(run: Run, state: State, path: str) -> None:
     """Continue from a state: what is kept from it and what the command line sets is in resume_settings.py;
     each difference is a warning naming both values (another optimizer is refused)."""
     loaded = C.load_state(path)
-    saved = loaded.train_state.get("settings")
+    saved, recorded = loaded.train_state.get("settings"), bool(loaded.train_state.get("settings"))
+    if not recorded:  # an older state: its LoRA's metadata and its optimizer tell what they can
+        saved, note = RS.reconstruct_settings(path, loaded.train_state)
+        if run.accelerator.is_main_process:
+            warn(note)
     RS.check_optimizer_matches(saved, run.cfg.optimizer.optimizer_type, path)
-    if not saved:  # an older state without recorded settings: the optimizer's hyper-parameter names tell
+    if not recorded:
         RS.check_param_groups(loaded.optimizer.get("param_groups", []), run.optimizer.state_dict()["param_groups"],
                               path)
     try:
@@ -414,11 +453,14 @@ def finish(run: Run, state: State) -> None:
 
 def _plot(run: Run, state: State) -> None:
     """The loss plot (PNG) and the numbers behind it (CSV: step, loss) beside the outputs."""
-    if run.accelerator.is_main_process and state.record.steps:
+    def write() -> None:
         stem = run.out_dir / f"{run.cfg.save.output_name or 'last'}_loss"
         path = draw_loss_plot(state.record, stem.with_suffix(".png"))
         write_loss_csv(state.record, stem.with_suffix(".csv"))
         log.info("loss plot: %s", path)
+
+    if state.record.steps:  # the same on every rank (the logged loss is the global batch's)
+        on_rank0(run, write)
 
 
 def _mean_over_ranks(run: Run, value: float) -> float:
