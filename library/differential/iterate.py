@@ -126,7 +126,7 @@ def open_iter_progress(out_dir: Path, name: str, print_: str) -> IterProgress:
 
 def fuse(base: Path, loras: list[Path], out: Path, precision: str) -> Path:
     """M = base + Σ loras, written to `out` (the base is only read)."""
-    deltas = deltas_by_component([(p, 1.0) for p in loras], "cpu").get("unet", {})
+    deltas = deltas_by_component([(p, 1.0) for p in loras], "cpu").get("transformer", {})
     merge_into_file(base, out, deltas, parse_dtype(precision, "--fuse_precision", allow_fp8=True), "transformer")
     return out
 

@@ -40,7 +40,7 @@ def check_stage1_file(path: Path) -> None:
     if not path.is_file():
         raise UserError(f"{path}: --stage1_weights: no such file")
     weights = read_lora(path).weights  # UserError naming the file for anything that is not a LoRA
-    if not any(K.split_kohya_name(n)[0] == "unet" for n in weights):
+    if not any(K.split_kohya_name(n)[0] == "transformer" for n in weights):
         raise UserError(f"{path}: --stage1_weights: not a FLUX LoRA (no transformer module among {len(weights)})")
 
 
