@@ -17,7 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from library.atomic import check_writable_folder
 from library.errors import UserError, run_main
+from library.flux.model_flags import component_path
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
@@ -123,7 +125,6 @@ def _existing(path: str | None, flag: str) -> Path | None:
 
 
 def render_config(a: argparse.Namespace):
-    from flux_minimal_inference import _check_output_dir, _component  # noqa: PLC0415
     from library.eval.prompts import load_eval_prompts  # noqa: PLC0415
     from library.eval.render import RenderConfig, find_loras  # noqa: PLC0415
 
@@ -132,10 +133,10 @@ def render_config(a: argparse.Namespace):
         v = getattr(a, name)
         if v is not None and not (16 if name in ("width", "height") else 1) <= v <= 8192:
             raise UserError(f"--{name} {v}: out of range")
-    _check_output_dir(Path(a.out_dir))
+    check_writable_folder(Path(a.out_dir), f"{Path(a.out_dir)}: --out_dir")
     return RenderConfig(
-        ckpt_path=ckpt, clip_l=_component(a.clip_l, ckpt, "--clip_l", "text_encoder"),
-        t5xxl=_component(a.t5xxl, ckpt, "--t5xxl", "text_encoder_2"), ae=_component(a.ae, ckpt, "--ae", "vae"),
+        ckpt_path=ckpt, clip_l=component_path(a.clip_l, ckpt, "--clip_l", "text_encoder"),
+        t5xxl=component_path(a.t5xxl, ckpt, "--t5xxl", "text_encoder_2"), ae=component_path(a.ae, ckpt, "--ae", "vae"),
         loras=find_loras(a.loras), strengths=_floats(a.strengths, "--strengths"),
         prompts=tuple(load_eval_prompts(a.prompts)), seeds=_ints(a.seeds, "--seeds"), out_dir=Path(a.out_dir),
         width=a.width // 16 * 16, height=a.height // 16 * 16, steps=a.steps, guidance=a.guidance,

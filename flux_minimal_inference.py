@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from library.atomic import check_writable_folder
 from library.errors import UserError, run_main
+from library.flux.model_flags import FP8, component_path, compute_dtype, dtype_arg
 
-DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
-          "float32": "float32", "fp32": "float32", "float": "float32",
-          "float8_e4m3fn": "float8_e4m3fn", "fp8": "float8_e4m3fn", "fp8_e4m3fn": "float8_e4m3fn"}
-FP8 = "float8_e4m3fn"
 SIZE_STEP = 16  # AE downsampling (8) x latent packing (2)
 KOHYA_WIDTH, KOHYA_HEIGHT = 1360, 768  # kohya's defaults
 
@@ -67,12 +64,6 @@ class InferenceArgs:
     objective: str = "auto"  # auto (from the LoRA metadata) | noise | flow_from_control
     control_noise_std: float | None = None  # None: from the LoRA metadata
     flow_reference_tokens: bool = False
-
-
-def _dtype_arg(text: str) -> str:
-    if text.lower() not in DTYPES:
-        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use one of {', '.join(sorted(DTYPES))}")
-    return DTYPES[text.lower()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,12 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA file(s), each optionally with ';multiplier' (default 1.0)")
     g.add_argument("--merge_lora_weights", action="store_true", help="merge the LoRA(s) into the weights")
     g = p.add_argument_group("precision and device (dtypes: bf16, fp16, fp32, fp8 = float8_e4m3fn)")
-    g.add_argument("--dtype", type=_dtype_arg, default="bfloat16", help="base dtype of every model (default bf16)")
-    g.add_argument("--flux_dtype", type=_dtype_arg, default=None,
+    g.add_argument("--dtype", type=dtype_arg, default="bfloat16", help="base dtype of every model (default bf16)")
+    g.add_argument("--flux_dtype", type=dtype_arg, default=None,
                    help="transformer dtype; fp8 stores its block weights in float8 e4m3 and computes in bf16")
-    g.add_argument("--clip_l_dtype", type=_dtype_arg, default=None, help="CLIP-L dtype (fp8: computes in bf16)")
-    g.add_argument("--t5xxl_dtype", type=_dtype_arg, default=None, help="T5 dtype (fp8: computes in bf16)")
-    g.add_argument("--ae_dtype", type=_dtype_arg, default=None, help="AE dtype")
+    g.add_argument("--clip_l_dtype", type=dtype_arg, default=None, help="CLIP-L dtype (fp8: computes in bf16)")
+    g.add_argument("--t5xxl_dtype", type=dtype_arg, default=None, help="T5 dtype (fp8: computes in bf16)")
+    g.add_argument("--ae_dtype", type=dtype_arg, default=None, help="AE dtype")
     g.add_argument("--fp8", action="store_true", help="same as --flux_dtype fp8")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--offload", action="store_true",
@@ -148,30 +139,6 @@ def parse_lora_arg(text: str) -> tuple[Path, float]:
     return Path(path), multiplier
 
 
-def _check_output_dir(out_dir: Path) -> None:
-    """Fail now, not after minutes of sampling, if the PNG could not be written (nothing is created here)."""
-    existing = out_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{out_dir}: --output_dir is not a folder ({existing} is a file)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{out_dir}: --output_dir is not writable ({existing}: permission denied)")
-
-
-def _component(explicit: str | None, ckpt: Path, flag: str, subfolder: str) -> Path:
-    if explicit:
-        return Path(explicit)
-    if ckpt.is_dir() and (ckpt / subfolder).is_dir():
-        return ckpt
-    raise UserError(f"{flag} is required unless --ckpt_path is a diffusers FLUX folder with {subfolder}/ "
-                    f"({ckpt} is not)")
-
-
-def _compute(dtype: str) -> str:
-    return "bfloat16" if dtype == FP8 else dtype  # fp8 weights are upcast; the math runs in bf16
-
-
 # FLUX's T5 was trained with at most 512 tokens; 16k-pixel sides and 10k steps are typos, not requests.
 _LIMITS = {"steps": 10000, "width": 16384, "height": 16384, "t5xxl_max_token_length": 512}
 
@@ -192,21 +159,22 @@ def parse_args(argv: list[str] | None = None) -> InferenceArgs:
             raise UserError(f"--{name} {getattr(a, name)}: must be a finite number")
     if a.seed is not None and not -(2**63) <= a.seed < 2**64:
         raise UserError(f"--seed {a.seed}: out of range (torch seeds are 64-bit: use 0 .. 2**64-1)")
-    _check_output_dir(Path(a.output_dir))
+    out_dir = Path(a.output_dir)
+    check_writable_folder(out_dir, f"{out_dir}: --output_dir")
     if a.control_image is not None and not Path(a.control_image).is_file():
         raise UserError(f"{a.control_image}: no such file (given as --control_image)")
     if a.control_noise_std is not None and not 0 <= a.control_noise_std < float("inf"):
         raise UserError(f"--control_noise_std {a.control_noise_std}: must be a finite number >= 0")
     flux = a.flux_dtype or a.dtype
     return InferenceArgs(
-        ckpt_path=ckpt, clip_l=_component(a.clip_l, ckpt, "--clip_l", "text_encoder"),
-        t5xxl=_component(a.t5xxl, ckpt, "--t5xxl", "text_encoder_2"), ae=_component(a.ae, ckpt, "--ae", "vae"),
+        ckpt_path=ckpt, clip_l=component_path(a.clip_l, ckpt, "--clip_l", "text_encoder"),
+        t5xxl=component_path(a.t5xxl, ckpt, "--t5xxl", "text_encoder_2"), ae=component_path(a.ae, ckpt, "--ae", "vae"),
         prompt=a.prompt, negative_prompt=a.negative_prompt or "", width=a.width // SIZE_STEP * SIZE_STEP,
         height=a.height // SIZE_STEP * SIZE_STEP, steps=a.steps, guidance=a.guidance, cfg_scale=a.cfg_scale,
         seed=a.seed, t5xxl_max_token_length=a.t5xxl_max_token_length, apply_t5_attn_mask=a.apply_t5_attn_mask,
-        no_shift=a.no_shift, clip_l_dtype=_compute(a.clip_l_dtype or a.dtype),
-        t5xxl_dtype=_compute(a.t5xxl_dtype or a.dtype), flux_dtype=_compute(flux), flux_fp8=a.fp8 or flux == FP8,
-        ae_dtype=_compute(a.ae_dtype or a.dtype), device=a.device,
+        no_shift=a.no_shift, clip_l_dtype=compute_dtype(a.clip_l_dtype or a.dtype),
+        t5xxl_dtype=compute_dtype(a.t5xxl_dtype or a.dtype), flux_dtype=compute_dtype(flux), flux_fp8=a.fp8 or flux == FP8,
+        ae_dtype=compute_dtype(a.ae_dtype or a.dtype), device=a.device,
         lora_weights=tuple(parse_lora_arg(x) for x in a.lora_weights), merge_lora_weights=a.merge_lora_weights,
         interactive=a.interactive, output_dir=Path(a.output_dir), output_name=a.output_name,
         control_image=Path(a.control_image) if a.control_image else None, control_resize=a.control_resize != "none",

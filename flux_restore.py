@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from library.atomic import check_writable_folder
 from library.errors import UserError, run_main
+from library.flux.model_flags import component_path, compute_dtype, dtype_arg
 
 DEFAULT_PROMPT = "Restore this photo"
 
@@ -91,14 +93,15 @@ def parse_args(argv: list[str] | None):
     if a.control_noise_std is not None and not 0 <= a.control_noise_std < float("inf"):
         raise UserError(f"--control_noise_std {a.control_noise_std}: must be a finite number >= 0")
     try:
-        dtype = fmi._compute(fmi._dtype_arg(a.dtype))
+        dtype = compute_dtype(dtype_arg(a.dtype))
     except argparse.ArgumentTypeError as err:
         raise UserError(f"--dtype: {err}") from None
-    fmi._check_output_dir(Path(a.output_dir))
-    a.clip_l = fmi._component(a.clip_l, ckpt, "--clip_l", "text_encoder")
-    a.t5xxl = fmi._component(a.t5xxl, ckpt, "--t5xxl", "text_encoder_2")
-    a.ae = fmi._component(a.ae, ckpt, "--ae", "vae")
-    from library.restore.tool import RestoreArgs  # noqa: PLC0415 - keep --help fast
+    check_writable_folder(Path(a.output_dir), f"{Path(a.output_dir)}: --output_dir")
+    a.clip_l = component_path(a.clip_l, ckpt, "--clip_l", "text_encoder")
+    a.t5xxl = component_path(a.t5xxl, ckpt, "--t5xxl", "text_encoder_2")
+    a.ae = component_path(a.ae, ckpt, "--ae", "vae")
+    from library.eval.models import pick_device  # noqa: PLC0415 - keep --help fast (imports torch)
+    from library.restore.tool import RestoreArgs  # noqa: PLC0415
 
     return RestoreArgs(
         ckpt_path=ckpt, clip_l=Path(a.clip_l), t5xxl=Path(a.t5xxl), ae=Path(a.ae),
@@ -109,7 +112,7 @@ def parse_args(argv: list[str] | None):
         prompt=a.prompt, steps=a.steps, guidance=a.guidance, seed=a.seed, batch_size=a.batch_size,
         no_shift=a.no_shift, t5xxl_max_token_length=a.t5xxl_max_token_length, objective=a.objective,
         control_noise_std=a.control_noise_std, flow_reference_tokens=a.flow_reference_tokens, dtype=dtype,
-        fp8=a.fp8, device=fmi._device(a.device))
+        fp8=a.fp8, device=pick_device(a.device))
 
 
 def main(argv: list[str] | None = None) -> int:

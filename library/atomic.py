@@ -84,6 +84,19 @@ def check_free_space(path: str | os.PathLike, needed: int) -> None:
         raise disk_full_error(path, needed)
 
 
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Fail now, not after minutes of work, if files could not be created in `folder` (which need not exist
+    yet: its nearest existing parent decides). `what` opens each message, e.g. "out/: --output_dir".
+    Nothing is created here."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{what} is not a folder ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} is not writable ({existing}: permission denied)")
+
+
 def _write(f: io.BufferedWriter, data: bytes | memoryview) -> None:
     """The one place bytes reach a file (tests replace it to simulate a full disk)."""
     f.write(data)

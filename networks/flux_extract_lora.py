@@ -69,7 +69,7 @@ def extract(org: Path, tuned: Path, dim: int | None, energy: float | None, clamp
             if float(d.abs().max()) <= min_diff:
                 continue
             lr = low_rank(d, rank, energy, clamp_quantile)
-            name = K.kohya_name("unet", k[: -len(".weight")])
+            name = K.kohya_name("transformer", k[: -len(".weight")])
             weights[name] = LoRAWeight(lr.down.cpu(), lr.up.cpu(), float(lr.rank))
             retained[name] = lr.retained
     return weights, retained

@@ -77,7 +77,7 @@ def _ratios(models: list[str], ratios: list[float] | None) -> list[float]:
 
 
 def deltas_by_component(files: list[tuple[Path, float]], device: str) -> dict[str, dict[str, torch.Tensor]]:
-    """{"unet"|"te1"|"te3": {module path: Σ ratio·ΔW}} over all files (fp32)."""
+    """{"transformer"|"te1"|"te3": {module path: Σ ratio·ΔW}} over all files (fp32)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for path, ratio in files:
         parsed = read_lora(path)
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%d modules (ranks %s) → %s", len(weights), ranks, a.save_to)
         return 0
     deltas = deltas_by_component(files, a.working_device)
-    n = merge_into_file(Path(a.flux_model), Path(a.save_to), deltas.get("unet", {}), dtype, "transformer",
+    n = merge_into_file(Path(a.flux_model), Path(a.save_to), deltas.get("transformer", {}), dtype, "transformer",
                         a.working_device)
     log.info("%s: merged %d modules → %s", a.flux_model, n, a.save_to)
     for comp, src, dst in (("te1", a.clip_l, a.clip_l_save_to), ("te3", a.t5xxl, a.t5xxl_save_to)):

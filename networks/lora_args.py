@@ -174,7 +174,7 @@ def parse_network_args(raw: dict[str, object], n_double: int = NUM_DOUBLE_FLUX1,
     )
 
 
-def unet_rank(args: NetworkArgs, lora_name: str, module_path: str, network_dim: int) -> int:
+def transformer_rank(args: NetworkArgs, lora_name: str, module_path: str, network_dim: int) -> int:
     """kohya's rank for a transformer module (0 = not trained)."""
     rank = None
     for pattern, dim in args.reg_dims:

@@ -28,7 +28,7 @@ from library.atomic import atomic_target
 from library.errors import UserError
 from library.flux.safetensors_io import save_file_atomic
 from networks import lora_keys as K
-from networks.lora_args import NetworkArgs, parse_network_args, unet_rank
+from networks.lora_args import NetworkArgs, parse_network_args, transformer_rank
 from networks.lora_formats import LoRAWeight, ParsedLoRA, parse_lora, read_lora, to_kohya
 from networks.lora_metadata import safetensors_hashes
 from networks.lora_modules import LoRAAdapter, LoRAModule, add_to_weight
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Target:
     lora_name: str
-    component: str  # "unet" | "te1" | "te3"
+    component: str  # "transformer" | "te1" | "te3"
     root: nn.Module
     path: str  # module path inside root
 
@@ -51,7 +51,7 @@ class Target:
 def find_targets(transformer: nn.Module | None, clip_l: nn.Module | None, t5: nn.Module | None) -> dict[str, Target]:
     """Every Linear a FLUX LoRA can address, by kohya name (blocks, embedders, final layer, CLIP-L, T5)."""
     out: dict[str, Target] = {}
-    for comp, root in (("unet", transformer), ("te1", clip_l), ("te3", t5)):
+    for comp, root in (("transformer", transformer), ("te1", clip_l), ("te3", t5)):
         if root is None:
             continue
         skip = ()
@@ -111,7 +111,7 @@ class LoRANetwork(nn.Module):
         to `create_network`). Adapters of the components not applied are dropped."""
         replaced = []
         for name, t in list(self._targets.items()):
-            if (t.component == "unet" and not transformer) or (t.component != "unet" and not text_encoder):
+            if not (transformer if t.component == "transformer" else text_encoder):
                 delattr(self, name)
                 del self._targets[name]
                 continue
@@ -176,7 +176,8 @@ class LoRANetwork(nn.Module):
         te = text_encoder_lr if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
         te = [default_lr if v is None else v for v in te] or [default_lr]
         a = self.args
-        plan = [("unet", "unet", default_lr if unet_lr is None else unet_lr,
+        # (component, group name, lr, LoRA+ ratio); the group names are kohya's, logged as lr/<name>
+        plan = [("transformer", "unet", default_lr if unet_lr is None else unet_lr,
                  a.loraplus_unet_lr_ratio or a.loraplus_lr_ratio),
                 ("te1", "textencoder 1", te[0], a.loraplus_text_encoder_lr_ratio or a.loraplus_lr_ratio),
                 ("te3", "textencoder 2", te[1] if len(te) > 1 else te[0],
@@ -255,7 +256,7 @@ def save_lora(weights: dict[str, LoRAWeight], file: str | os.PathLike, dtype: to
     """Write kohya-format LoRA tensors atomically (.safetensors with metadata + hashes, or .pt/.ckpt)."""
     file = Path(file)
     sd = to_kohya(weights, dtype)
-    outside = sorted(n for n in weights if K.split_kohya_name(n)[0] == "unet"
+    outside = sorted(n for n in weights if K.split_kohya_name(n)[0] == "transformer"
                      and not K.is_block_module(K.split_kohya_name(n)[1]))
     if outside:
         log.warning("%s: %d modules outside the blocks (%s): diffusers drops them silently and InvokeAI refuses "
@@ -285,8 +286,8 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     targets = find_targets(transformer, clip_l, t5 if args.train_t5xxl else None)
     ranks: dict[str, int] = {}
     for name, t in targets.items():
-        if t.component == "unet":
-            ranks[name] = unet_rank(args, name, t.path, dim)
+        if t.component == "transformer":
+            ranks[name] = transformer_rank(args, name, t.path, dim)
         else:
             ranks[name] = next((int(d) for p, d in args.reg_dims if re.search(p, name)), dim)
     chosen = [t for n, t in targets.items() if ranks[n] > 0]

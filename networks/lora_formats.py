@@ -122,9 +122,9 @@ def classify_stem(stem: str) -> tuple[str, str, int | None] | None:
         path = f"double_blocks.{i}.{_XLABS[proc]}" if kind == "double" and proc in _XLABS else None
         # XLabs' single-block proj_lora acts on linear2's *output*, not as a delta of one Linear: unsupported.
         if kind == "single" and proc == "qkv_lora":
-            return K.kohya_name("unet", f"single_blocks.{i}.linear1"), "xlabs", -2  # rows [0, 3h)
-        return (K.kohya_name("unet", path), "xlabs", None) if path else None
-    got = K.split_kohya_name(K.kohya_name("unet", bfl))
+            return K.kohya_name("transformer", f"single_blocks.{i}.linear1"), "xlabs", -2  # rows [0, 3h)
+        return (K.kohya_name("transformer", path), "xlabs", None) if path else None
+    got = K.split_kohya_name(K.kohya_name("transformer", bfl))
     if got is None:
         return None
     return K.kohya_name(*got), "comfyui", None
@@ -145,7 +145,7 @@ def _classify_diffusers(stem: str, prefix: str) -> tuple[str, str, int | None] |
         return None
     bfl, split, idx = mapped
     part = {"one": None, "swap": -1}.get(split.kind, idx)  # -1: norm_out, rows to swap back
-    return K.kohya_name("unet", bfl), "diffusers", part
+    return K.kohya_name("transformer", bfl), "diffusers", part
 
 
 def peft_metadata_alpha(metadata: dict[str, str] | None) -> float | None:
@@ -300,7 +300,7 @@ def to_comfyui(weights: dict[str, LoRAWeight], dtype: torch.dtype | None = None)
     sd: dict[str, torch.Tensor] = {}
     for name, w in sorted(weights.items()):
         comp, path = K.split_kohya_name(name)
-        stem = f"diffusion_model.{path}" if comp == "unet" else name
+        stem = f"diffusion_model.{path}" if comp == "transformer" else name
         sd[f"{stem}.lora_down.weight"] = _own(w.down, dtype)
         sd[f"{stem}.lora_up.weight"] = _own(w.up, dtype)
         sd[f"{stem}.alpha"] = torch.tensor(float(w.rank if w.alpha is None else w.alpha), dtype=torch.float32)
@@ -318,7 +318,7 @@ def to_diffusers(weights: dict[str, LoRAWeight], dtype: torch.dtype | None = Non
     sd: dict[str, torch.Tensor] = {}
     for name, w in sorted(weights.items()):
         comp, path = K.split_kohya_name(name)
-        if comp != "unet":
+        if comp != "transformer":
             stems = [("text_encoder." if comp == "te1" else "text_encoder_2.") + path]
             parts = [w]
         else:

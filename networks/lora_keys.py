@@ -17,13 +17,13 @@ import torch
 from library.flux.convert import DOUBLE_MODULES, OTHER_MODULES, SINGLE_MODULES, Split
 from library.flux.geometry import MLP_RATIO  # only used when a split file lacks proj_mlp
 
-PREFIX_UNET = "lora_unet_"
+PREFIX_TRANSFORMER = "lora_unet_"  # kohya's key prefix of the transformer (the file format)
 PREFIX_CLIP = "lora_te1_"
 PREFIX_T5 = "lora_te3_"
 
 _DOUBLE_RE = re.compile(r"double_blocks_(\d+)_(img|txt)_(attn_qkv|attn_proj|mlp_0|mlp_2|mod_lin)")
 _SINGLE_RE = re.compile(r"single_blocks_(\d+)_(linear1|linear2|modulation_lin)")
-_OTHER_UNET = {
+_OTHER_TRANSFORMER = {
     "img_in": "img_in", "txt_in": "txt_in",
     "time_in_in_layer": "time_in.in_layer", "time_in_out_layer": "time_in.out_layer",
     "vector_in_in_layer": "vector_in.in_layer", "vector_in_out_layer": "vector_in.out_layer",
@@ -34,19 +34,19 @@ _CLIP_RE = re.compile(r"text_model_encoder_layers_(\d+)_(self_attn_(?:q|k|v|out)
 _T5_RE = re.compile(r"encoder_block_(\d+)_layer_(\d+)_(SelfAttention_(?:q|k|v|o)|DenseReluDense_(?:wi_0|wi_1|wo|wi))")
 
 # BFL modules outside the double/single blocks: some loaders drop them (see docs/lora.md).
-NON_BLOCK_UNET = frozenset(_OTHER_UNET.values())
+NON_BLOCK_TRANSFORMER = frozenset(_OTHER_TRANSFORMER.values())
 
 
 def kohya_name(component: str, module_path: str) -> str:
-    """`("unet", "double_blocks.0.img_attn.qkv")` → `lora_unet_double_blocks_0_img_attn_qkv`."""
-    prefix = {"unet": PREFIX_UNET, "te1": PREFIX_CLIP, "te3": PREFIX_T5}[component]
+    """`("transformer", "double_blocks.0.img_attn.qkv")` → `lora_unet_double_blocks_0_img_attn_qkv`."""
+    prefix = {"transformer": PREFIX_TRANSFORMER, "te1": PREFIX_CLIP, "te3": PREFIX_T5}[component]
     return prefix + module_path.replace(".", "_")
 
 
 def split_kohya_name(name: str) -> tuple[str, str] | None:
-    """`lora_unet_double_blocks_0_img_attn_qkv` → ("unet", "double_blocks.0.img_attn.qkv"); None if unknown."""
-    if name.startswith(PREFIX_UNET):
-        return _unet_path(name[len(PREFIX_UNET):])
+    """`lora_unet_double_blocks_0_img_attn_qkv` → ("transformer", "double_blocks.0.img_attn.qkv"); None if unknown."""
+    if name.startswith(PREFIX_TRANSFORMER):
+        return _transformer_path(name[len(PREFIX_TRANSFORMER):])
     for prefix, comp in ((PREFIX_CLIP, "te1"), ("lora_te_", "te1")):
         if name.startswith(prefix):
             m = _CLIP_RE.fullmatch(name[len(prefix):])
@@ -65,18 +65,18 @@ def split_kohya_name(name: str) -> tuple[str, str] | None:
     return None
 
 
-def _unet_path(rest: str) -> tuple[str, str] | None:
+def _transformer_path(rest: str) -> tuple[str, str] | None:
     m = _DOUBLE_RE.fullmatch(rest)
     if m:
         i, stream, part = m.groups()
         a, b = part.split("_", 1)
-        return "unet", f"double_blocks.{i}.{stream}_{a}.{b}"
+        return "transformer", f"double_blocks.{i}.{stream}_{a}.{b}"
     m = _SINGLE_RE.fullmatch(rest)
     if m:
         i, part = m.groups()
-        return "unet", f"single_blocks.{i}." + ("modulation.lin" if part == "modulation_lin" else part)
-    if rest in _OTHER_UNET:
-        return "unet", _OTHER_UNET[rest]
+        return "transformer", f"single_blocks.{i}." + ("modulation.lin" if part == "modulation_lin" else part)
+    if rest in _OTHER_TRANSFORMER:
+        return "transformer", _OTHER_TRANSFORMER[rest]
     return None
 
 

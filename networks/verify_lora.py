@@ -87,7 +87,7 @@ def _comfy(keys: list[Key], loader: str) -> Report:
     r = Report(loader)
     for k in keys:
         ok = (k.style == "kohya" and not k.key.startswith("lora_te2_")) or k.style == "comfyui" or \
-             (k.style == "diffusers" and k.component in ("unet", "te1"))
+             (k.style == "diffusers" and k.component in ("transformer", "te1"))
         (r.used if ok else r.dropped).append(k.key)
         if ok and k.component == "te3":
             r.notes.append("lora_te3_ (T5) keys apply only when a T5 text encoder is loaded")
@@ -100,14 +100,14 @@ def _diffusers(keys: list[Key]) -> Report:
     r = Report("diffusers")
     if any(k.key.startswith("transformer.") for k in keys):  # PEFT path keeps only transformer./text_encoder.
         for k in keys:
-            ok = k.style == "diffusers" and k.component in ("unet", "te1")
+            ok = k.style == "diffusers" and k.component in ("transformer", "te1")
             (r.used if ok else r.dropped).append(k.key)
         return r
     if any(k.key.endswith(".lora_down.weight") for k in keys):  # kohya converter
         for k in keys:
-            if k.style in ("kohya", "comfyui") and k.component == "unet" and not K.is_block_module(k.path):
+            if k.style in ("kohya", "comfyui") and k.component == "transformer" and not K.is_block_module(k.path):
                 r.dropped.append(k.key)  # converted without the transformer. prefix: silently dropped
-            elif k.style in ("kohya", "comfyui") and k.component in ("unet", "te1") and \
+            elif k.style in ("kohya", "comfyui") and k.component in ("transformer", "te1") and \
                     not k.key.startswith("lora_te2_"):
                 r.used.append(k.key)
             elif k.style is None and k.key.startswith("lora_unet_"):

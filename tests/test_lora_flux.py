@@ -53,7 +53,7 @@ def test_only_lora_params_get_gradients(model):
     out.square().mean().backward()
     lora_params = {id(p) for p in net.parameters()}
     assert all(p.grad is None for p in model.parameters() if id(p) not in lora_params)
-    unet_grads = [a.lora_down.weight.grad for a in net.adapters("unet")]
+    unet_grads = [a.lora_down.weight.grad for a in net.adapters("transformer")]
     assert all(g is not None and g.abs().sum() > 0 for g in unet_grads)
     assert run_grad.requires_grad
     # CLIP-L: 2 layers × (q, k, v, out, fc1, fc2)
@@ -198,6 +198,22 @@ def test_save_load_round_trip_kohya_keys(model, tmp_path):
     assert info == {"missing": [], "unexpected": [], "unknown_keys": []}
 
 
+def test_file_format_keeps_kohya_names(model, tmp_path):
+    """Inside networks/ the transformer is "transformer"; the file keeps kohya's names: `lora_unet_` + the BFL
+    module path for every Linear of the blocks, `lora_te1_` for CLIP-L, and kohya's optimizer group names.
+    (Negative control: PREFIX_TRANSFORMER = "lora_transformer_" in networks/lora_keys.py fails this test.)"""
+    block_linears = {"lora_unet_" + n.replace(".", "_") for n, m in tiny_flux().named_modules()
+                     if isinstance(m, torch.nn.Linear) and n.startswith(("double_blocks.", "single_blocks."))}
+    net = create_network(1.0, 4, 1, model, tiny_clip(), None)
+    net.apply_to()
+    net.save_weights(tmp_path / "l.safetensors", torch.float32, {})
+    with safe_open(str(tmp_path / "l.safetensors"), "pt") as f:
+        stems = {k.split(".")[0] for k in f.keys()}
+    assert {s for s in stems if not s.startswith("lora_te1_")} == block_linears and len(block_linears) == N_UNET
+    assert len(stems) == N_UNET + 12
+    assert {g["name"] for g in net.prepare_optimizer_params(None, None, 1e-4)} == {"unet", "textencoder 1"}
+
+
 def test_split_qkv_saves_full_strength(model, tmp_path):
     net = create_network(1.0, 4, 4, model, split_qkv="True")
     net.apply_to()
@@ -334,11 +350,11 @@ def test_flux1_dev_sizes_on_meta():
         clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                             num_attention_heads=12))
     net = create_network(1.0, 16, 16, dev, clip, None)
-    assert len(net.adapters("unet")) == 304 and len(net.adapters("te1")) == 72
+    assert len(net.adapters("transformer")) == 304 and len(net.adapters("te1")) == 72
     w = {a.lora_name: (tuple(a.lora_down.weight.shape), tuple(a.lora_up.weight.shape)) for a in net.adapters()}
     assert w["lora_unet_single_blocks_37_linear1"] == ((16, 3072), (21504, 16))
     assert w["lora_unet_single_blocks_0_linear2"] == ((16, 15360), (3072, 16))
     assert w["lora_unet_double_blocks_18_img_mod_lin"] == ((16, 3072), (18432, 16))
     assert w["lora_unet_double_blocks_0_txt_attn_qkv"] == ((16, 3072), (9216, 16))
-    n_params = sum(p.numel() for a in net.adapters("unet") for p in a.parameters())
+    n_params = sum(p.numel() for a in net.adapters("transformer") for p in a.parameters())
     assert n_params == 4_786_176 * 16  # kohya: 4,786,176 parameters per unit of rank

@@ -53,8 +53,8 @@ def test_name_tables_are_inverse():
                                                 "lora_te3_encoder_block_0_layer_0_SelfAttention_o"]:
         comp, path = K.split_kohya_name(name)
         assert K.kohya_name(comp, path) == name
-    assert K.split_kohya_name("lora_unet_double_blocks_0_img_mod_lin") == ("unet", "double_blocks.0.img_mod.lin")
-    assert K.split_kohya_name("lora_unet_single_blocks_3_modulation_lin") == ("unet", "single_blocks.3.modulation.lin")
+    assert K.split_kohya_name("lora_unet_double_blocks_0_img_mod_lin") == ("transformer", "double_blocks.0.img_mod.lin")
+    assert K.split_kohya_name("lora_unet_single_blocks_3_modulation_lin") == ("transformer", "single_blocks.3.modulation.lin")
     assert K.split_kohya_name("lora_unet_double_blocks_0_img_attn_qkvx") is None
     for path in ["double_blocks.2.txt_attn.qkv", "single_blocks.1.linear1", "final_layer.adaLN_modulation.1"]:
         split, prefix = K.bfl_to_diffusers(path)
@@ -123,7 +123,7 @@ def test_comfyui_styles_round_trip():
         sd = {}
         for n, w in ws.items():
             comp, path = K.split_kohya_name(n)
-            if comp == "unet":
+            if comp == "transformer":
                 sd[f"{prefix}{path}.lora_A.weight"], sd[f"{prefix}{path}.lora_B.weight"] = w.down, w.up
         parsed = parse_lora(sd)
         assert parsed.unknown == [] and len(parsed.weights) == len(sd) // 2

@@ -29,7 +29,7 @@ def base(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
 
 
 def block_shapes(sd: dict[str, torch.Tensor], only: str = "") -> dict[str, tuple[int, int]]:
-    return {K.kohya_name("unet", k[:-7]): tuple(v.shape) for k, v in sd.items()
+    return {K.kohya_name("transformer", k[:-7]): tuple(v.shape) for k, v in sd.items()
             if k.startswith(("double_blocks", "single_blocks")) and k.endswith(".weight") and v.ndim == 2
             and only in k}
 
@@ -125,9 +125,9 @@ def test_extract_rank_and_energy(base, tmp_path):
     flux_extract_lora.main(["--model_org", str(path), "--model_tuned", str(tmp_path / "tuned.safetensors"),
                             "--save_to", str(tmp_path / "e.safetensors"), "--dim", "3", "--clamp_quantile", "1.0"])
     got = read_lora(tmp_path / "e.safetensors").weights
-    assert set(got) == {K.kohya_name("unet", k[:-7]) for k in changed}  # unchanged modules skipped
+    assert set(got) == {K.kohya_name("transformer", k[:-7]) for k in changed}  # unchanged modules skipped
     for k in changed:
-        assert torch.allclose(got[K.kohya_name("unet", k[:-7])].delta(), tuned[k] - sd[k], atol=1e-5)
+        assert torch.allclose(got[K.kohya_name("transformer", k[:-7])].delta(), tuned[k] - sd[k], atol=1e-5)
     w, ret = flux_extract_lora.extract(path, tmp_path / "tuned.safetensors", None, 0.999, None)
     assert {x.rank for x in w.values()} == {3} and min(ret.values()) > 0.999
     w, ret = flux_extract_lora.extract(path, tmp_path / "tuned.safetensors", 1, None, None)

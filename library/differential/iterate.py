@@ -32,7 +32,7 @@ from PIL import Image
 from library.atomic import write_text_atomic
 from library.data.images import list_images
 from library.differential.render import RenderModels, RenderSettings, render
-from library.differential.run import Trainer, fingerprint, run_differential
+from library.differential.run import Trainer, fingerprint, read_progress_record, run_differential
 from library.differential.stages import DifferentialOptions, result_name
 from library.errors import UserError
 from library.train.checkpoint import file_sha256
@@ -110,23 +110,14 @@ def open_iter_progress(out_dir: Path, name: str, print_: str) -> IterProgress:
             raise UserError(f"{out_dir / f'{name}.safetensors'}: already exists and is not from this run (no "
                             f"{path.name}); choose another --output_name or --output_dir")
         return IterProgress(path, print_, {})
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        old, done = str(data["fingerprint"]), dict(data["done"])
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{path}: not an iteration progress record; remove it or choose another "
-                        "--output_name") from None
-    if old != print_:
-        raise UserError(f"{path}: an earlier run with other settings wrote into {out_dir}; choose another "
-                        "--output_name or --output_dir (or delete its files to start over)")
-    return IterProgress(path, print_, done)
+    return IterProgress(path, print_, read_progress_record(path, out_dir, print_, "done", "an iteration"))
 
 
 # ------------------------------------------------------------------------------------------------ steps
 
 def fuse(base: Path, loras: list[Path], out: Path, precision: str) -> Path:
     """M = base + Σ loras, written to `out` (the base is only read)."""
-    deltas = deltas_by_component([(p, 1.0) for p in loras], "cpu").get("unet", {})
+    deltas = deltas_by_component([(p, 1.0) for p in loras], "cpu").get("transformer", {})
     merge_into_file(base, out, deltas, parse_dtype(precision, "--fuse_precision", allow_fp8=True), "transformer")
     return out
 

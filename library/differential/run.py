@@ -40,7 +40,7 @@ def check_stage1_file(path: Path) -> None:
     if not path.is_file():
         raise UserError(f"{path}: --stage1_weights: no such file")
     weights = read_lora(path).weights  # UserError naming the file for anything that is not a LoRA
-    if not any(K.split_kohya_name(n)[0] == "unet" for n in weights):
+    if not any(K.split_kohya_name(n)[0] == "transformer" for n in weights):
         raise UserError(f"{path}: --stage1_weights: not a FLUX LoRA (no transformer module among {len(weights)})")
 
 
@@ -81,21 +81,27 @@ def fingerprint(parsed: ParsedArgs, opts: DifferentialOptions, extra: dict[str, 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def read_progress_record(path: Path, out_dir: Path, print_: str, field: str, what: str,
+                         value: Callable[[Any], Any] = lambda v: v) -> dict[str, Any]:
+    """`{"fingerprint": ..., field: {key: record}}` at `path` -> its records (keys as str, each through `value`);
+    refuses a damaged file and a record of other settings (`print_` is this run's fingerprint)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        records = {str(k): value(v) for k, v in data[field].items()}
+        old = str(data["fingerprint"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{path}: not {what} progress record; remove it or choose another --output_name") from None
+    if old != print_:
+        raise UserError(f"{path}: an earlier run with other settings wrote into {out_dir}; choose another "
+                        "--output_name or --output_dir (or delete its files to start over)")
+    return records
+
+
 def open_progress(out_dir: Path, name: str, print_: str, owned: list[Path]) -> Progress:
     """The run's progress record; refuses a record of other settings and files the run does not own."""
     path = out_dir / f"{name}_differential.json"
     if path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            stages = {str(k): dict(v) for k, v in data["stages"].items()}
-            old = str(data["fingerprint"])
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise UserError(f"{path}: not a differential progress record; remove it or choose another "
-                            "--output_name") from None
-        if old != print_:
-            raise UserError(f"{path}: an earlier differential run with other settings wrote into {out_dir}; "
-                            "choose another --output_name or --output_dir (or delete its files to start over)")
-        return Progress(path, print_, stages)
+        return Progress(path, print_, read_progress_record(path, out_dir, print_, "stages", "a differential", dict))
     taken = [p for p in owned if p.exists()]
     if taken:
         raise UserError(f"{taken[0]}: already exists and is not from this run (no {path.name}); choose another "

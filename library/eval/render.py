@@ -193,7 +193,7 @@ class Renderer:
         c = self.cfg
         s = sample_settings(self.dev, job.prompt.text, c.width, c.height, c.steps or (28 if self.dev else 4),
                             c.guidance, job.seed, t5_max_length=c.t5xxl_max_token_length)
-        te_lora = network is not None and len(network.adapters()) != len(network.adapters("unet"))
+        te_lora = network is not None and len(network.adapters()) != len(network.adapters("transformer"))
         if network is not None:
             network.set_multiplier(job.strength)
         key = (job.prompt.text, s.t5_max_length) + ((str(job.lora.path), job.strength) if te_lora else ())

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from library.atomic import atomic_target, write_text_atomic
+from library.atomic import atomic_target, check_writable_folder, write_text_atomic
 from library.errors import UserError
 from library.eval import frequency as F
 from library.eval.clip import ClipScorer, clip_scores, mean_reference_similarity
@@ -203,10 +202,4 @@ def _check_out(out: Path) -> None:
     """Fail before any model is loaded if the CSV could not be written (nothing is created here)."""
     if out.is_dir():
         raise UserError(f"{out}: --out is a folder; give a file name such as {out / 'scores.csv'}")
-    existing = out.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{out}: --out: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{out}: --out: {existing} is not writable (permission denied)")
+    check_writable_folder(out.parent, f"{out}: --out's folder")

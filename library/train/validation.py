@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from library.train.inputs import make_inputs
+from library.train.setup import Run
 from library.train.step import flow_matching_loss
 
 VALIDATION_STEP_KEY = -1  # the "step" the validation noise is keyed by: never a training step
@@ -28,7 +30,8 @@ def wants_validation(cfg: Any, step: int | None, epoch_end: int | None) -> bool:
     return not v.validate_every_n_steps
 
 
-def validation_loss(run: Any, make_inputs: Any) -> float:
+def validation_loss(run: Run) -> float:
+    """The mean flow-matching loss over the held-out batches (all ranks), inputs built as the training step's."""
     cfg, acc = run.cfg, run.accelerator
     seed = cfg.validation.validation_seed if cfg.validation.validation_seed is not None else run.seed
     total, count = torch.zeros((), dtype=torch.float64), 0

@@ -59,7 +59,7 @@ def build_setup(tmp: Path) -> InteropSetup:
         for a in net.adapters():
             t = net._targets[a.lora_name]
             d = a.to_weight().delta() if not a.split_dims else _split_delta(a)
-            if t.component == "unet":
+            if t.component == "transformer":
                 unet[t.path + ".weight"] = d
             else:
                 te[("" if t.path.startswith("text_model.") else "text_model.") + t.path + ".weight"] = d
