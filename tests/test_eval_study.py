@@ -11,9 +11,13 @@ from pathlib import Path
 
 import pytest
 import toml
+from PIL import Image
 
 from eval_helpers import tiny_clip  # noqa: F401 (fixture)
 from library.errors import UserError
+from library.eval.render import caption_extensions
+from library.eval.report import differing_keys, lora_meta
+from library.sampling import sample_settings, save_png
 from library.study import latest_state, load_study, variant_command, variant_dataset
 from train_helpers import REPO, data  # noqa: F401 (data: a fixture)
 
@@ -121,3 +125,24 @@ def test_reduced_study_end_to_end_and_rerun_redoes_nothing(tiny_ckpts, data: Pat
     assert "[r2] resume" in r.stdout and f"--resume {train / 'r2-step00000002-state'}" in r.stdout
     assert "[r4-nocap] skip" in r.stdout and (train / "r2.safetensors").is_file()
     assert "resumed from" in r.stderr
+
+
+def test_report_compares_caption_strategies_by_the_lora_metadata_else_the_variant(tmp_path):
+    """The comparison's `captions` key is the caption_extension the LoRA's ss_datasets records (render copies it
+    into the PNG), and the variant name only when the metadata has none. Before this change the key did not
+    exist: two variants trained on the same captions still differed only by name, and the label said nothing."""
+    def md(*exts: str) -> dict:
+        return {"ss_datasets": json.dumps([{"subsets": [{"caption_extension": e} for e in exts]}])}
+
+    assert caption_extensions(md(".txt", ".florence", ".txt")) == ".florence,.txt"
+    assert caption_extensions({}) == "" and caption_extensions({"ss_datasets": "not json"}) == ""
+    s = sample_settings(True, "a photo", 16, 16, 1, 3.5, 1)
+    rows = []
+    for lora, variant, ext in (("a", "a", ".txt"), ("b", "b", ".txt"), ("c", "c", ".florence"), ("d", "d", "")):
+        save_png(Image.new("RGB", (16, 16)), tmp_path / f"{lora}.png", s,
+                 {"lora": lora, "variant": variant, "caption_extension": ext, "network_dim": "4"})
+        rows.append({"lora": lora, "file": f"{lora}.png"})
+    meta = lora_meta(tmp_path, rows)
+    assert {k: m["captions"] for k, m in meta.items()} == {"a": ".txt", "b": ".txt", "c": ".florence", "d": "d"}
+    assert differing_keys({k: meta[k] for k in "ab"}) == ["variant"]  # same captions: only the names differ
+    assert differing_keys({k: meta[k] for k in "ac"}) == ["captions", "variant"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -67,6 +68,10 @@ def test_schnell_warm_start_from_lora_weights(tiny_ckpts, tiny_ckpts_schnell, da
     with safe_open(str(second / "lora.safetensors"), "pt") as f:
         assert f.metadata()["modelspec.architecture"] == "flux-1-schnell/lora"
         assert f.metadata()["ss_network_dim"] == "6"
+        datasets = json.loads(f.metadata()["ss_datasets"])  # kohya's ss_datasets + our caption_extension
+    assert [(s["image_dir"], s["img_count"], s["caption_extension"], s.get("class_tokens"))
+            for s in datasets[0]["subsets"]] == [("dog", 2, ".txt", "sks dog"), ("captioned", 2, ".txt", None)]
+    assert datasets[0]["num_train_images"] == 4 and datasets[0]["batch_size_per_device"] == 2
 
 
 def test_live_encoding_clip_lora_and_tensorboard(tiny_ckpts, data: Path, tmp_path: Path) -> None:

@@ -3,8 +3,10 @@
 
 Tiny seeded checkpoints; pairs from two shipped photos: "after" = a fixed warm colour grade, "before" = the
 plain photo. Trains the differential LoRA (stage 1 on the befores, stage 2 on the afters), and the same with
-before and after swapped, then samples the PLAIN base with each LoRA and prints how far the samples move
-along the grade (0 = like the plain photos, 1 = like the graded ones, per the AE's latents).
+before and after swapped, each with its null twin (stage 2 on identical pairs, same stage 1 and noise), for
+training seeds 0-4; then samples the PLAIN base with each LoRA and prints how far the LoRA moves the one-step
+samples along the grade beyond its twin (0 = like the plain photos, 1 = like the graded ones, per the AE's
+latents; library/differential/example.grade_effect).
 
     python tools/differential_example.py --out /tmp/diff_example
 """
@@ -25,7 +27,7 @@ from library.errors import UserError, run_main  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="an empty or new folder for checkpoints, pairs, LoRAs, summary")
-    p.add_argument("--seed", type=int, default=3, help="training seed (default 3)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds (default 0-4)")
     a = p.parse_args(argv)
     out = Path(a.out)
     if out.exists() and any(out.iterdir()):
@@ -33,22 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     import logging  # noqa: PLC0415
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from library.differential.example import grade_shift, train_grade_lora  # noqa: PLC0415
+    from library.differential.example import grade_effect, train_grade_loras  # noqa: PLC0415
     from library.flux.tiny import write_tiny_checkpoints  # noqa: PLC0415
 
     t0 = time.perf_counter()
     ckpts = write_tiny_checkpoints(out / "checkpoints", seed=0, guidance_embed=True)
-    summary = {}
+    summary: dict = {}
     for swap in (False, True):
         name = "swapped" if swap else "graded"
-        lora = train_grade_lora(ckpts, out / name, swap=swap, seed=a.seed)
-        shifts = grade_shift(ckpts, out / name / "pairs", lora, axis_sign=-1.0 if swap else 1.0)
-        moved = [w - b for b, w in shifts]
-        summary[name] = {"lora": str(lora), "per_seed": [{"base": b, "with_lora": w} for b, w in shifts],
-                         "mean_shift": sum(moved) / len(moved)}
-        per_seed = ", ".join(f"{b:+.2f} -> {w:+.2f}" for b, w in shifts)
-        print(f"{name}: {lora}\n  grade coordinate per seed (base -> with LoRA): {per_seed}\n"
-              f"  mean shift {summary[name]['mean_shift']:+.3f}")
+        for seed in a.seeds:
+            lora, null = train_grade_loras(ckpts, out / name / str(seed), swap=swap, seed=seed)
+            effect = grade_effect(ckpts, out / name / str(seed), lora, null)
+            mean = sum(effect) / len(effect)
+            summary.setdefault(name, {})[seed] = {"lora": str(lora), "null": str(null), "per_sampling_seed": effect,
+                                                  "mean": mean}
+            print(f"{name}, training seed {seed}: grade effect per sampling seed "
+                  f"{', '.join(f'{e:+.2f}' for e in effect)}; mean {mean:+.3f}", flush=True)
     summary["seconds"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"summary: {out / 'summary.json'} ({summary['seconds']:.0f} s)")

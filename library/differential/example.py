@@ -64,7 +64,7 @@ def write_pairs(root: Path, size: int = 64, names: tuple[str, ...] = NAMES, swap
 
 
 def _encode(ae, rgb: np.ndarray):
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         return ae.encode(x)[0]
 
@@ -93,35 +93,49 @@ def grade_coordinate(latents, axis) -> float:
 
 # ---------------------------------------------------------------------------------- the end-to-end example
 
-def train_grade_lora(ckpts, root: Path, swap: bool, steps: int = 12, stage1_steps: int = 40, lr: float = 2e-3,
-                     stage1_lr: float = 1e-2, stage1_dim: int = 16, seed: int = 3,
-                     names: tuple[str, ...] = NAMES[:2]) -> Path:
-    """Pairs (graded after / plain before, or swapped) under root, then a differential LoRA on them."""
-    toml = write_pairs(root / "pairs", size=64, names=names, swap=swap)
-    argv = ["--pretrained_model_name_or_path", str(ckpts.transformer), "--clip_l", str(ckpts.clip_l),
+def _argv(ckpts, toml: Path, out: Path, steps: int, lr: float, seed: int) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(ckpts.transformer), "--clip_l", str(ckpts.clip_l),
             "--t5xxl", str(ckpts.t5xxl), "--ae", str(ckpts.ae), "--dataset_config", str(toml),
-            "--output_dir", str(root / "out"), "--output_name", "grade", "--network_dim", "4", "--network_alpha", "4",
+            "--output_dir", str(out), "--output_name", "grade", "--network_dim", "4", "--network_alpha", "4",
             "--network_train_unet_only", "--learning_rate", str(lr), "--seed", str(seed),
             "--model_prediction_type", "raw", "--cache_latents", "--cache_text_encoder_outputs",
             "--t5xxl_max_token_length", "16", "--max_data_loader_n_workers", "0", "--max_train_steps", str(steps),
             "--console_log_level", "WARNING"]
+
+
+def train_grade_loras(ckpts, root: Path, swap: bool, seed: int, steps: int = 12, stage1_steps: int = 8,
+                      lr: float = 2e-3, stage1_lr: float = 1e-2, stage1_dim: int = 16,
+                      names: tuple[str, ...] = NAMES[:2]) -> tuple[Path, Path]:
+    """(the differential LoRA of the graded pairs (swap: reversed), its null twin) under root.
+
+    The null twin is stage 2 trained on identical pairs (after := before) on the same stage-1 file, from the
+    same folder, so it draws the same noise and timesteps (keyed by seed and image path) and differs from the
+    real run only in the after images. The tiny random base cannot fit the befores in a few stage-1 steps; what
+    stage 1 leaves unfitted, stage 2 learns too, in both runs alike, and that common part swings the raw shift
+    by about +-2 grade units from draw to draw (docs/differential.md); the twin takes it out."""
+    toml = write_pairs(root / "pairs", size=64, names=names, swap=swap)
     opts = DifferentialOptions(stage1_max_train_steps=stage1_steps, stage1_learning_rate=stage1_lr,
                                stage1_network_dim=stage1_dim)
-    return run_differential(parse_args(argv), opts, train)
+    lora = run_differential(parse_args(_argv(ckpts, toml, root / "out", steps, lr, seed)), opts, train)
+    for before in sorted((root / "pairs" / "before").glob("*.png")):
+        (root / "pairs" / "after" / before.name).write_bytes(before.read_bytes())
+    null_opts = DifferentialOptions(stage1_weights=str(root / "out" / "grade_stage1.safetensors"))
+    null = run_differential(parse_args(_argv(ckpts, toml, root / "null", steps, lr, seed)), null_opts, train)
+    return lora, null
 
 
-def grade_shift(ckpts, pairs_root: Path, lora: Path, seeds: tuple[int, ...] = (0, 1, 2, 3),
-                axis_sign: float = 1.0, steps: int = 1) -> list[tuple[float, float]]:
-    """Per seed: (grade coordinate of the plain base's sample, the same with the LoRA at strength 1), on the
-    axis of the grade measured from `pairs_root` (axis_sign -1: the pairs are swapped, measure the grade's
-    own direction). One sampling step by default: the tiny random model's multi-step trajectories leave the
-    region the LoRA was trained on (the samples of the random base are far from any photo), where its effect
-    has no defined sign; the first step starts from pure noise, as training at t ~ 1 does."""
-    origin, d = grade_axis(ckpts.ae, pairs_root)
-    axis = (origin, d) if axis_sign > 0 else (origin + d, -d)
+def grade_effect(ckpts, root: Path, lora: Path, null: Path, seeds: tuple[int, ...] = tuple(range(8)),
+                 steps: int = 1) -> list[float]:
+    """Per sampling seed: grade coordinate of the plain base's sample with `lora` minus the same with `null`,
+    on the grade's own axis (plain photos 0 -> graded photos 1, from pairs written under root/axis), so the
+    expected sign is + for graded pairs and - for swapped ones. One sampling step: the tiny random model's
+    multi-step trajectories leave the region the LoRA was trained on, where its effect has no defined sign;
+    the first step starts from pure noise, as training at t ~ 1 does."""
+    write_pairs(root / "axis", size=64)
+    axis = grade_axis(ckpts.ae, root / "axis")
     models = RenderModels(ckpts.transformer, ckpts.ae, ckpts.clip_l, ckpts.t5xxl)
     settings = RenderSettings(32, 32, steps, 3.5, 16)
     prompts = [CAPTION] * len(seeds)
-    base = render(models, prompts, list(seeds), [], settings)
-    with_lora = render(models, prompts, list(seeds), [(lora, 1.0)], settings)
-    return [(grade_coordinate(b.latents, axis), grade_coordinate(w.latents, axis)) for b, w in zip(base, with_lora)]
+    real = render(models, prompts, list(seeds), [(lora, 1.0)], settings)
+    twin = render(models, prompts, list(seeds), [(null, 1.0)], settings)
+    return [grade_coordinate(r.latents, axis) - grade_coordinate(t.latents, axis) for r, t in zip(real, twin)]

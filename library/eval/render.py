@@ -11,6 +11,7 @@ complete: a rerun (after a crash or a kill) renders only the missing ones.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -84,6 +85,17 @@ def lora_info(path: Path) -> LoraFile:
     except ValueError:
         step_n = 0
     return LoraFile(path, safe_name(name), step_n, md)
+
+
+def caption_extensions(md: dict) -> str:
+    """The caption files a LoRA was trained on: its `ss_datasets` subsets' caption_extension values, sorted and
+    joined by ','; "" when the metadata does not say (kohya's own files, --no_metadata, older files)."""
+    try:
+        datasets = json.loads(md.get("ss_datasets", "[]"))
+        exts = {s["caption_extension"] for d in datasets for s in d.get("subsets", []) if s.get("caption_extension")}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return ""  # a foreign or hand-edited ss_datasets: nothing to read, not an error
+    return ",".join(sorted(exts))
 
 
 def find_loras(specs: list[str]) -> tuple[LoraFile, ...]:
@@ -207,5 +219,6 @@ class Renderer:
                  "step": lf.step if lf else 0, "strength": job.strength, "prompt_id": job.prompt.id,
                  "network_dim": md.get("ss_network_dim", ""), "network_alpha": md.get("ss_network_alpha", ""),
                  "resolution": md.get("modelspec.resolution", ""), "variant": lf.variant if lf else "",
+                 "caption_extension": caption_extensions(md),
                  "lora_weights": [[str(lf.path), job.strength]] if lf else []}
         return save_png(image, job.path, s, extra)

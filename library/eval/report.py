@@ -73,8 +73,12 @@ def plot_vs_step(rows: list[dict], metric: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _lora_meta(images: Path | None, rows: list[dict]) -> dict[str, dict]:
-    """network_dim / resolution / variant per LoRA name, from the first PNG of each (render's metadata)."""
+COMPARED = ("network_dim", "resolution", "captions", "variant")
+
+
+def lora_meta(images: Path | None, rows: list[dict]) -> dict[str, dict]:
+    """network_dim / resolution / captions / variant per LoRA name, from the first PNG of each (render's
+    metadata). captions = the caption_extension the LoRA's metadata records, else its study variant's name."""
     meta: dict[str, dict] = {}
     for r in rows:
         if r["lora"] in meta or r["lora"] == BASE or images is None or not (images / r["file"]).is_file():
@@ -82,11 +86,12 @@ def _lora_meta(images: Path | None, rows: list[dict]) -> dict[str, dict]:
 
         md = read_png_settings(images / r["file"])
         meta[r["lora"]] = {k: str(md.get(k, "")) for k in ("network_dim", "resolution", "variant")}
+        meta[r["lora"]]["captions"] = str(md.get("caption_extension") or md.get("variant", ""))
     return meta
 
 
 def differing_keys(meta: dict[str, dict]) -> list[str]:
-    return [k for k in ("network_dim", "resolution", "variant") if len({m.get(k, "") for m in meta.values()}) > 1]
+    return [k for k in COMPARED if len({m.get(k, "") for m in meta.values()}) > 1]
 
 
 def plot_comparison(rows: list[dict], metrics: list[str], meta: dict[str, dict], keys: list[str], path: Path) -> Path:
@@ -98,7 +103,7 @@ def plot_comparison(rows: list[dict], metrics: list[str], meta: dict[str, dict],
             last[r["lora"]] = max(last.get(r["lora"], (-1, -1.0)), (r["step"] or 0, r["strength"] or 0))
     loras = sorted(last)
     names = [f"{lo}\n" + ", ".join(f"{k.replace('network_dim', 'rank')}={meta.get(lo, {}).get(k, '?')}" for k in keys
-                                   if not (k == "variant" and meta.get(lo, {}).get(k) == lo))  # already the name
+                                   if not (k in ("variant", "captions") and meta.get(lo, {}).get(k) == lo))  # already the name
              for lo in loras]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
     for ax, m in zip(axes[0], metrics):
@@ -237,7 +242,7 @@ def write_report(csvs: list[Path], images: Path | None, out_dir: Path) -> Path:
     images = images or csvs[0].parent / "images"
     metrics = metric_columns(columns, rows)
     plots = [plot_vs_step(rows, m, out_dir / "plots" / f"{m}_vs_step.png") for m in metrics]
-    meta = _lora_meta(images if images.is_dir() else None, rows)
+    meta = lora_meta(images if images.is_dir() else None, rows)
     keys = differing_keys(meta)
     if keys and metrics:
         plots.append(plot_comparison(rows, metrics, meta, keys, out_dir / "plots" / "comparison.png"))

@@ -262,6 +262,37 @@ def _write_config(cfg: TrainConfig, out_dir: Path) -> None:
     print(config_summary(cfg) + f"\n  full configuration: {target}", flush=True)
 
 
+def datasets_metadata(dataset: FluxDataset) -> list[dict]:
+    """kohya's `ss_datasets` (train_network.py's dataset and subset fields, image_dir as a basename), plus
+    `caption_extension` per subset, which kohya does not record: the study report compares caption strategies
+    by it (library/eval/report.py)."""
+    counts: dict[tuple[int, int], int] = {}
+    for it in (it for its in dataset.items for it in its):
+        counts[it.dataset, it.subset] = counts.get((it.dataset, it.subset), 0) + 1
+    out = []
+    for i, ds in enumerate(dataset.cfg.datasets):
+        subsets = []
+        for j, sub in enumerate(ds.subsets):
+            entry = {"img_count": counts.get((i, j), 0), "num_repeats": sub.num_repeats, "color_aug": sub.color_aug,
+                     "flip_aug": sub.flip_aug, "random_crop": sub.random_crop, "shuffle_caption": sub.shuffle_caption,
+                     "keep_tokens": sub.keep_tokens, "keep_tokens_separator": sub.keep_tokens_separator,
+                     "secondary_separator": sub.secondary_separator, "enable_wildcard": sub.enable_wildcard,
+                     "caption_prefix": sub.caption_prefix, "caption_suffix": sub.caption_suffix,
+                     "resize_interpolation": sub.resize_interpolation,
+                     "image_dir": sub.image_dir.name if sub.image_dir else None,
+                     "caption_extension": sub.caption_extension}
+            entry.update({"metadata_file": sub.metadata_file.name} if sub.metadata_file else
+                         {"class_tokens": sub.class_tokens, "is_reg": sub.is_reg})
+            subsets.append(entry)
+        n_reg = sum(counts.get((i, j), 0) for j, sub in enumerate(ds.subsets) if sub.is_reg)
+        out.append({"is_dreambooth": ds.style != "finetune", "batch_size_per_device": ds.batch_size,
+                    "num_train_images": sum(counts.get((i, j), 0) for j in range(len(ds.subsets))) - n_reg,
+                    "num_reg_images": n_reg, "resolution": list(ds.resolution), "enable_bucket": ds.enable_bucket,
+                    "min_bucket_reso": ds.min_bucket_reso, "max_bucket_reso": ds.max_bucket_reso,
+                    "resize_interpolation": ds.resize_interpolation, "subsets": subsets})
+    return out
+
+
 def _metadata(cfg: TrainConfig, models: M.Models, network: LoRANetwork, dataset: FluxDataset, total: int,
               epochs: int, seed: int) -> dict[str, str]:
     ds = dataset.cfg.datasets[0]
@@ -274,7 +305,8 @@ def _metadata(cfg: TrainConfig, models: M.Models, network: LoRANetwork, dataset:
                 "discrete_flow_shift": cfg.objective.discrete_flow_shift,
                 "guidance_scale": cfg.objective.guidance_scale, "training_comment": cfg.save.training_comment,
                 "output_name": cfg.save.output_name, "apply_t5_attn_mask": cfg.model.apply_t5_attn_mask,
-                "network_train_unet_only": cfg.network.network_train_unet_only}
+                "network_train_unet_only": cfg.network.network_train_unet_only,
+                "datasets": datasets_metadata(dataset)}
     first = network.adapters()[0]  # the file's rank/alpha with --dim_from_weights, else the flags'
     dim, alpha = (first.rank, float(first.alpha)) if cfg.network.dim_from_weights else \
         (cfg.network.network_dim or 4, cfg.network.network_alpha)
