@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import toml
 
+import flux_train_network
+from cli_helpers import run_in_process
 from library.data.config import DatasetFlags
 from library.errors import UserError
 from library.train.cli import parse_args
@@ -133,12 +135,19 @@ def test_config_file_errors(tmp_path: Path, text: str, needle: str) -> None:
         parse_args(["--config_file", str(file)])
 
 
-def _run(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "flux_train_network.py"), *argv], cwd=cwd,
+def _process(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "flux_train_network.py"), *argv], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 
-def test_output_config_round_trip_and_no_overwrite(tmp_path: Path) -> None:
+@pytest.fixture
+def _run(monkeypatch):
+    """flux_train_network.main in this process (tests/cli_helpers.py), from the repository root."""
+    monkeypatch.chdir(REPO)
+    return lambda *argv: run_in_process(flux_train_network.main, list(argv))
+
+
+def test_output_config_round_trip_and_no_overwrite(_run, tmp_path: Path) -> None:
     target = tmp_path / "saved.toml"
     argv = ["--config_file", str(target), "--network_dim", "32", "--optimizer_args", "betas=0.9,0.99",
             "--gradient_checkpointing", "--wandb_api_key", "secret"]
@@ -152,15 +161,15 @@ def test_output_config_round_trip_and_no_overwrite(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "already exists" in proc.stderr
 
 
-def test_unknown_flag_exits_2_with_a_suggestion() -> None:
-    proc = _run("--netwrk_dim", "4")
+def test_unknown_flag_exits_2_with_a_suggestion(_run) -> None:
+    proc = _process("--netwrk_dim", "4")  # and once as a real process
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: command line: unknown argument --netwrk_dim (did you mean --network_dim?)"
     proc = _run("--network_dim", "four")
     assert proc.returncode == 2 and "invalid int value" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_ineffective_flag_warns_with_its_reason(tmp_path: Path) -> None:
+def test_ineffective_flag_warns_with_its_reason(_run, tmp_path: Path) -> None:
     proc = _run("--min_snr_gamma", "5", "--model_prediction_type", "raw", "--output_dir", str(tmp_path))
     assert f"warning: --min_snr_gamma has no effect for FLUX: {INEFFECTIVE['min_snr_gamma']}" in proc.stderr
     assert proc.stderr.count("warning:") == 1  # nothing else was set that does nothing
@@ -169,7 +178,7 @@ def test_ineffective_flag_warns_with_its_reason(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_validate_config_and_dry_run_go_to_the_data_layer() -> None:
+def test_validate_config_and_dry_run_go_to_the_data_layer(_run) -> None:
     # kohya's default --model_prediction_type sigma_scaled and an ineffective flag: training warnings,
     # which a read-only look at the data does not print
     proc = _run("--dataset_config", "dataset_configs/demo_data.toml", "--validate_config", "--min_snr_gamma", "5")

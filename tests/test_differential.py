@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import flux_train_differential
+from cli_helpers import run_in_process
 from library.differential import run as R
 from library.differential.cli import split_args
 from library.differential.example import write_pairs
@@ -173,8 +175,7 @@ def test_cli_errors_exit_2_in_one_line(tiny_ckpts, pairs, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and res.stderr.startswith("error: "), res.stderr
     assert "no.safetensors" in res.stderr
-    res = subprocess.run([sys.executable, str(REPO / "flux_train_differential.py"), "--help"],
-                         capture_output=True, text=True, timeout=300)
+    res = run_in_process(flux_train_differential.main, ["--help"])  # tests/cli_helpers.py
     assert res.returncode == 0 and "--stage1_max_train_steps" in res.stdout and "--max_train_steps" in res.stdout
 
 

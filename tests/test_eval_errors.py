@@ -1,4 +1,6 @@
-"""Bad input to flux_eval_lora.py: one line `error: ...` naming the file and flag, exit status 2, no traceback."""
+"""Bad input to flux_eval_lora.py: one line `error: ...` naming the file and flag, exit status 2, no traceback.
+
+The cases call its `main` in this process (tests/cli_helpers.py); one runs `flux_eval_lora.py` as a process."""
 
 from __future__ import annotations
 
@@ -12,18 +14,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import flux_eval_lora
+from cli_helpers import run_in_process
 from eval_helpers import tiny_dino  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
 
 
-def run(*args) -> subprocess.CompletedProcess:
+def run_process(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "flux_eval_lora.py"), *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env=ENV)
 
 
-def assert_user_error(res: subprocess.CompletedProcess, *expect: str) -> None:
+def run(*args):
+    return run_in_process(flux_eval_lora.main, list(args))
+
+
+def assert_user_error(res, *expect: str) -> None:
     assert res.returncode == 2, res.stderr[-3000:]
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
     last = res.stderr.strip().splitlines()[-1]
@@ -41,7 +49,7 @@ def folder(tmp_path) -> Path:
     return tmp_path
 
 
-def _score(folder: Path, *extra) -> subprocess.CompletedProcess:
+def _score(folder: Path, *extra):
     return run("score", "--images", folder / "images", "--prompts", folder / "prompts.json", "--out",
                folder / "s.csv", "--device", "cpu", *extra)
 
@@ -77,8 +85,8 @@ def test_unwritable_out(folder):
 
 
 def test_bad_render_flags(folder):
-    res = run("render", "--ckpt_path", folder / "missing.safetensors", "--prompts", folder / "prompts.json",
-              "--out_dir", folder / "out")
+    res = run_process("render", "--ckpt_path", folder / "missing.safetensors", "--prompts",
+                      folder / "prompts.json", "--out_dir", folder / "out")
     assert_user_error(res, "missing.safetensors", "--ckpt_path")
     res = run("report", "--scores", folder / "none.csv", "--out_dir", folder / "r")
     assert_user_error(res, "none.csv")

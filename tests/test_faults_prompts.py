@@ -1,7 +1,10 @@
 """Hostile values through the prompt options of flux_minimal_inference.py and the trainer's --sample_prompts:
 sizes, steps, scales and seeds no image can be made with, a --ci / --control_image file that is not a whole
 image, and a LoRA file with a hostile safetensors header or nan tensors. Each is one line naming the prompt
-line / flag / file and exit status 2 (the trainer's before anything is written); none is a traceback."""
+line / flag / file and exit status 2 (the trainer's before anything is written); none is a traceback.
+
+The cases run the entry points' `main` in this process (tests/cli_helpers.py); one trainer case and the
+interactive session run as real processes."""
 
 from __future__ import annotations
 
@@ -18,6 +21,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import flux_minimal_inference
+import flux_train_network
+from cli_helpers import one_error, run_in_process
 from train_helpers import REPO, base_args, data  # noqa: F401 (data: a fixture)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -45,17 +51,9 @@ def _truncated_png(path: Path) -> Path:
     return path
 
 
-def _one_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    return errors[0]
-
-
 # -- the trainer: --sample_prompts lines and --network_weights, refused before anything is written ------------
 
-@pytest.mark.slow  # 9 trainer starts: ~5 s each on 2 cores
-@pytest.mark.parametrize("line, needle", [
+HOSTILE_LINES = [
     ("a dog --g nan", ":1: guidance (--g) nan must be a finite number"),
     ("a dog --l inf --n blurry", ":1: CFG scale (--l / --c) inf must be a finite number"),
     ("a dog --s 0", ":1: steps (--s) 0 must be in [1, 10000]"),
@@ -65,45 +63,55 @@ def _one_error(proc: subprocess.CompletedProcess) -> str:
     ("a dog --d 99999999999999999999999", ":1: seed (--d) 99999999999999999999999 is out of range"),
     ("a dog --ci {truncated}", "cannot read image"),
     ("a dog --ci {hostile}", "cannot read image"),
-])
-def test_a_hostile_sample_prompt_stops_the_trainer_before_it_writes(tiny_ckpts, data: Path, tmp_path: Path,
-                                                                    line: str, needle: str) -> None:
-    """Before, these lines were clamped, accepted as nan, or failed at the first sampling (after caching and
-    a training step, with the output folder written)."""
+]
+
+
+def _train_args(tiny_ckpts, data: Path, tmp_path: Path, line: str) -> tuple[list[str], Path, Path]:
     truncated = _truncated_png(tmp_path / "cut.png")
     (tmp_path / "fake.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\xff" * 64)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(line.format(truncated=truncated, hostile=tmp_path / "fake.png") + "\n")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(REPO / "flux_train_network.py"),
-                           *base_args(tiny_ckpts, data, out, "--max_train_steps", "1", "--sample_prompts",
-                                      str(prompts), "--sample_every_n_steps", "1")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
-    error = _one_error(proc)
+    return (base_args(tiny_ckpts, data, out, "--max_train_steps", "1", "--sample_prompts", str(prompts),
+                      "--sample_every_n_steps", "1"), prompts, out)
+
+
+@pytest.mark.parametrize("line, needle", HOSTILE_LINES)
+def test_a_hostile_sample_prompt_stops_the_trainer_before_it_writes(tiny_ckpts, data: Path, tmp_path: Path,
+                                                                    line: str, needle: str) -> None:
+    """Before, these lines were clamped, accepted as nan, or failed at the first sampling (after caching and
+    a training step, with the output folder written)."""
+    argv, prompts, out = _train_args(tiny_ckpts, data, tmp_path, line)
+    error = one_error(run_in_process(flux_train_network.main, argv))
     assert needle in error and (str(prompts) in error or "--ci" in error), error
     assert not out.exists()  # no step taken, nothing written
+
+
+def test_a_hostile_sample_prompt_in_a_real_trainer_process(tiny_ckpts, data: Path, tmp_path: Path) -> None:
+    argv, prompts, out = _train_args(tiny_ckpts, data, tmp_path, HOSTILE_LINES[0][0])
+    proc = subprocess.run([sys.executable, str(REPO / "flux_train_network.py"), *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=ENV)
+    error = one_error(proc)
+    assert HOSTILE_LINES[0][1] in error and str(prompts) in error, error
+    assert not out.exists()
 
 
 def test_a_nan_network_weights_file_stops_the_trainer_before_it_writes(tiny_ckpts, data: Path,
                                                                        tmp_path: Path) -> None:
     lora = _nan_lora(tmp_path / "nan.safetensors")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(REPO / "flux_train_network.py"),
-                           *base_args(tiny_ckpts, data, out, "--max_train_steps", "1", "--network_weights", str(lora))],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
-    error = _one_error(proc)
+    argv = base_args(tiny_ckpts, data, out, "--max_train_steps", "1", "--network_weights", str(lora))
+    error = one_error(run_in_process(flux_train_network.main, argv))
     assert f"{lora}: tensor '{LORA_KEY}.lora_down.weight' holds nan values" in error
     assert not out.exists()
 
 
 # -- flux_minimal_inference.py: flags, --control_image, --lora_weights -----------------------------------------
 
-def _inference(ck, out: Path, *extra: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "flux_minimal_inference.py"), "--ckpt_path",
-                           str(ck.transformer), "--clip_l", str(ck.clip_l), "--t5xxl", str(ck.t5xxl), "--ae",
-                           str(ck.ae), "--width", "64", "--height", "64", "--steps", "2", "--dtype", "fp32",
-                           "--t5xxl_max_token_length", "16", "--output_dir", str(out), *extra], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env=ENV, input=stdin)
+def _inference_args(ck, out: Path, *extra: str) -> list[str]:
+    return ["--ckpt_path", str(ck.transformer), "--clip_l", str(ck.clip_l), "--t5xxl", str(ck.t5xxl), "--ae",
+            str(ck.ae), "--width", "64", "--height", "64", "--steps", "2", "--dtype", "fp32",
+            "--t5xxl_max_token_length", "16", "--output_dir", str(out), *extra]
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -127,7 +135,7 @@ def test_hostile_inference_options_are_one_line(tiny_ckpts, tmp_path: Path, extr
                                                                        "data_offsets": [0, 8]}})}
     extra = [x.format(**{k: str(v) for k, v in files.items()}) for x in extra]
     out = tmp_path / "out"
-    error = _one_error(_inference(tiny_ckpts, out, *extra))
+    error = one_error(run_in_process(flux_minimal_inference.main, _inference_args(tiny_ckpts, out, *extra)))
     assert needle in error, error
     named = extra[-1].split(";")[0]
     assert named in error or extra[0] in error, error  # names the file or the flag
@@ -140,7 +148,9 @@ def test_hostile_interactive_prompt_lines_are_one_line_each(tiny_ckpts, tmp_path
     lines = ["x --g nan", "x --c inf", "x --s 0", "x --s 100000", "x --w 100000", "x --h -8",
              "x --d 99999999999999999999999"]
     out = tmp_path / "out"
-    proc = _inference(tiny_ckpts, out, "--interactive", stdin="\n".join(lines) + "\n\n")
+    proc = subprocess.run([sys.executable, str(REPO / "flux_minimal_inference.py"),
+                           *_inference_args(tiny_ckpts, out, "--interactive")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=ENV, input="\n".join(lines) + "\n\n")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stdout.splitlines() if "error: prompt line:" in line]
     assert len(errors) == len(lines), proc.stdout[-3000:]

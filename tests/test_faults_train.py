@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import flux_train_network
+from cli_helpers import run_in_process
 from library import atomic
 from library.errors import UserError
 from library.train import checkpoint as C
@@ -189,10 +191,8 @@ def test_truncated_state_file_on_the_command_line_is_one_line_exit_2(tiny_ckpts,
     opt = state / "optimizer.pt"
     opt.write_bytes(opt.read_bytes()[:100])
     before = _snapshot(state)
-    proc = subprocess.run([sys.executable, str(REPO / "flux_train_network.py"),
-                           *base_args(tiny_ckpts, data, tmp_path / "out", "--resume", str(state))],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_in_process(flux_train_network.main,  # tests/cli_helpers.py
+                          base_args(tiny_ckpts, data, tmp_path / "out", "--resume", str(state)))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {opt}: --resume: damaged or truncated (RuntimeError); resume from an earlier state, "

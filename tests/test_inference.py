@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+import flux_minimal_inference
+from cli_helpers import run_in_process
 from library.errors import UserError
 from library.flux.loading import load_autoencoder, load_transformer
 from library.flux.text_encoders import FluxTextEncoders
@@ -156,6 +158,7 @@ def test_cli_on_diffusers_folder_writes_the_same_png_with_metadata(dev, tiny_ckp
     ("truncated_t5", "truncated"),
 ])
 def test_cli_wrong_text_encoder_file_exits_2_without_traceback(tiny_ckpts, tmp_path, case, expect) -> None:
+    """In this process (tests/cli_helpers.py); the CLI runs as a real process in the test above."""
     clip_l, t5xxl = tiny_ckpts.clip_l, tiny_ckpts.t5xxl
     if case == "t5_as_clip":
         clip_l = tiny_ckpts.t5xxl
@@ -163,9 +166,9 @@ def test_cli_wrong_text_encoder_file_exits_2_without_traceback(tiny_ckpts, tmp_p
         t5xxl = tmp_path / "t5xxl_fp16.safetensors"
         data = tiny_ckpts.t5xxl.read_bytes()
         t5xxl.write_bytes(data[: len(data) // 2])
-    res = run_cli("--ckpt_path", tiny_ckpts.transformer, "--clip_l", clip_l, "--t5xxl", t5xxl,
-                  "--ae", tiny_ckpts.ae, "--width", 64, "--height", 64, "--steps", 1, "--dtype", "float32",
-                  "--output_dir", tmp_path)
+    res = run_in_process(flux_minimal_inference.main, [
+        "--ckpt_path", tiny_ckpts.transformer, "--clip_l", clip_l, "--t5xxl", t5xxl, "--ae", tiny_ckpts.ae,
+        "--width", 64, "--height", 64, "--steps", 1, "--dtype", "float32", "--output_dir", tmp_path])
     assert res.returncode == 2
     assert res.stderr.startswith("error: ") and expect in res.stderr and "Traceback" not in res.stderr
     assert str(clip_l if case == "t5_as_clip" else t5xxl) in res.stderr

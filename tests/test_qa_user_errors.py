@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import Ran, run_in_process, script_main
 from library.errors import UserError
 from library.flux.safetensors_io import check_output_path, save_file_atomic
 
@@ -20,12 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
 
 
-def run(script: str, *args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=ENV)
+def run(script: str, *args: str | Path) -> Ran:
+    """The script's `main` in this process (tests/cli_helpers.py); the `__main__` path of each tool has its
+    subprocess test elsewhere (test_lora_tools.py, test_inference.py)."""
+    return run_in_process(script_main(script), list(args))
 
 
-def assert_user_error(res: subprocess.CompletedProcess, *expect: str) -> None:
+def assert_user_error(res, *expect: str) -> None:
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr, res.stderr
     last = res.stderr.strip().splitlines()[-1]
@@ -140,7 +142,7 @@ def test_extract_checks_dim_and_quantile(tiny_ckpts, tmp_path, args, expect) -> 
 
 # -- flux_minimal_inference.py ---------------------------------------------------------------------------
 
-def _infer(tiny_ckpts, out: Path, **over: str | Path) -> subprocess.CompletedProcess:
+def _infer(tiny_ckpts, out: Path, **over: str | Path) -> Ran:
     args = {"--ckpt_path": tiny_ckpts.transformer, "--clip_l": tiny_ckpts.clip_l, "--t5xxl": tiny_ckpts.t5xxl,
             "--ae": tiny_ckpts.ae, "--output_dir": out, "--width": "64", "--height": "64", "--steps": "1",
             "--dtype": "float32", "--seed": "1", **over}
