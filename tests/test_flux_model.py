@@ -210,3 +210,61 @@ def test_block_swap_bookkeeping_and_equality(tiny_ckpts):
         assert swap.moves[:6] == [(k, b) for b in swap.names for k in ("in", "out")]
         assert swap.moves[6:] == [(k, b) for b in reversed(swap.names) for k in ("in", "out")], checkpointing
         assert not swap.resident
+
+
+def _most_resident(moves: list[tuple[str, str]]) -> int:
+    resident, most = set(), 0
+    for kind, name in moves:
+        resident.add(name) if kind == "in" else resident.discard(name)
+        most = max(most, len(resident))
+    return most
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_block_swap_prefetches_the_next_block_in_forward_and_backward(tiny_ckpts, checkpointing):
+    """The CUDA schedule (prefetch=True), run on the CPU: block i+1 comes in when block i starts its forward,
+    block i-1 when block i starts its backward; never more than two swapped blocks resident; same gradients."""
+    model = load_transformer(tiny_ckpts.transformer, "cpu", torch.float32)
+    model.requires_grad_(False)
+    model.single_blocks[1].linear2.weight.requires_grad_(True)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    inp = make_inputs(model.params)
+    out0, gimg0, grads0 = _loss_and_grads(model, inp)
+    model.enable_block_swap(2, "cpu", prefetch=True)
+    swap = model.block_swap
+    swap.record = True
+    d1, s0, s1 = swap.names
+    out1, gimg1, grads1 = _loss_and_grads(model, inp)
+    assert torch.equal(out0, out1) and torch.equal(gimg0, gimg1)
+    assert grads1.keys() == grads0.keys() and all(torch.equal(grads0[k], grads1[k]) for k in grads0)
+    forward = [("in", d1), ("in", s0), ("out", d1), ("in", s1), ("out", s0), ("out", s1)]
+    backward = [("in", s1), ("in", s0), ("out", s1), ("in", d1), ("out", s0), ("out", d1)]
+    assert swap.moves == forward + backward
+    assert _most_resident(swap.moves) == 2 and not swap.resident
+    swap.moves.clear()
+    with torch.no_grad():
+        model(**inp)
+    assert swap.moves == forward and not swap.resident  # inference: the forward schedule only
+    # Negative control: without prefetch every block waits for its own copy (in, out, in, out, ...).
+    model.enable_block_swap(2, "cpu", prefetch=False)
+    model.block_swap.record = True
+    _loss_and_grads(model, inp)
+    assert model.block_swap.moves != forward + backward and _most_resident(model.block_swap.moves) == 1
+
+
+def test_block_swap_never_puts_the_swapped_weights_on_the_device(tiny_ckpts):
+    """The swapped blocks' frozen weights go from the loaded model straight to (pinned) host copies; the rest
+    goes to the device tensor by tensor. ("meta" stands in for the GPU: a tensor that went there once could
+    not come back, so moving the whole model first and copying back would fail here.)"""
+    model = load_transformer(tiny_ckpts.transformer, "cpu", torch.float32)
+    model.requires_grad_(False)
+    trainable = model.single_blocks[1].linear2.weight
+    trainable.requires_grad_(True)
+    model.enable_block_swap(2, "meta")
+    swap = model.block_swap
+    swapped = {f"{block}.{name}" for block, host in zip(swap.names, swap.host) for name in host}
+    assert swapped and "single_blocks.1.linear2.weight" not in swapped
+    for name, p in model.named_parameters():
+        assert p.device.type == ("cpu" if name in swapped else "meta"), name
+    assert all(b.device.type == "meta" for b in model.buffers())

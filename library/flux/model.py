@@ -140,18 +140,19 @@ class Flux(nn.Module):
         self.cpu_offload_checkpointing = False
         self.checkpointed_blocks = 0
 
-    def enable_block_swap(self, n: int, device: torch.device | str) -> None:
+    def enable_block_swap(self, n: int, device: torch.device | str, prefetch: bool | None = None) -> None:
         """Keep `n` blocks' weights in host memory and bring each to `device` just for its use (kohya
         --blocks_to_swap): n//2 double blocks and 2*(n - n//2) single blocks, the last ones of each list.
 
         Moves the rest of the model to `device`. Call it after freezing the base weights (and injecting
         LoRA): only parameters with requires_grad=False are swapped, trainable ones stay on `device`.
-        The swapped weights are treated as read-only (their host copy is the master)."""
+        The swapped weights are treated as read-only (their host copy is the master). `prefetch` (default:
+        on CUDA) copies the next swapped block in while the current one computes, in forward and backward."""
         if self.cpu_offload_checkpointing:
             raise UserError("--blocks_to_swap cannot be combined with --cpu_offload_checkpointing (as in kohya)")
         if self.block_swap is not None:
             self.block_swap.remove()
-        self.block_swap = BlockSwap(self, n, torch.device(device))
+        self.block_swap = BlockSwap(self, n, torch.device(device), prefetch)
 
     # -- forward -------------------------------------------------------------------------------------------
     def _run(self, index: int, block: nn.Module, *args):
@@ -260,9 +261,13 @@ def apply_fp8_storage(model: Flux, compute_dtype: torch.dtype) -> list[str]:
 # block's backward makes them visible to its gradient computation again (kohya's approach too). Under
 # gradient checkpointing the block's recompute runs inside backward; the weights then stay until the
 # block's backward hook. On CUDA, host copies are pinned and the next swapped block is copied in on a side
-# stream while the current one computes.
+# stream while the current one computes: block i+1 when block i starts its forward, block i-1 when block i
+# starts its backward (blocks run in reverse there), so the copies overlap both passes and at most two
+# swapped blocks are resident at once. Only the first swapped block of the forward and the last one of the
+# backward wait for their copy. `prefetch=True` on the CPU runs the same bookkeeping with plain copies (the
+# tests check the order of moves with it).
 class BlockSwap:
-    def __init__(self, model: Flux, n: int, device: torch.device):
+    def __init__(self, model: Flux, n: int, device: torch.device, prefetch: bool | None = None):
         n_double, n_single = n // 2, 2 * (n - n // 2)
         depth, single = len(model.double_blocks), len(model.single_blocks)
         if n < 0 or n_double > depth or n_single > single:
@@ -278,20 +283,25 @@ class BlockSwap:
         self.record = False
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._ready: dict[int, torch.cuda.Event] = {}
-        model.to(device)
+        self.prefetch = self._stream is not None if prefetch is None else prefetch
         # Only frozen weights move: trainable ones (LoRA) stay where the optimizer and their grads live.
         self.host = [{name: self._pin(p.data) for name, p in b.named_parameters() if not p.requires_grad}
                      for b in self.blocks]
+        swapped = set()
         for i, b in enumerate(self.blocks):
             for name, p in b.named_parameters():
                 if name in self.host[i]:
                     p.data = self.host[i][name]
+                    swapped.add(id(p))
+        # Everything else goes to the device, tensor by tensor (what `model.to` does, minus the swapped
+        # weights: moving the whole model first would peak at its full size on the device before step one).
+        model._apply(lambda t: t if id(t) in swapped else t.to(device))
         self._handles = []
         for i, block in enumerate(self.blocks):
             self._handles += [
                 block.register_forward_pre_hook(lambda m, a, i=i: self._enter(i)),
                 block.register_forward_hook(lambda m, a, o, i=i: self._leave(i)),
-                block.register_full_backward_pre_hook(lambda m, g, i=i: self.bring_in(i)),
+                block.register_full_backward_pre_hook(lambda m, g, i=i: self._enter_backward(i)),
                 block.register_full_backward_hook(lambda m, gi, go, i=i: self.send_out(i)),
             ]
 
@@ -305,8 +315,13 @@ class BlockSwap:
 
     def _enter(self, i: int) -> None:
         self.bring_in(i)
-        if self._stream is not None and i + 1 < len(self.blocks) and torch._C._current_graph_task_id() == -1:
+        if self.prefetch and i + 1 < len(self.blocks) and torch._C._current_graph_task_id() == -1:
             self.bring_in(i + 1, wait=False)  # overlap the next swapped block's copy with this block
+
+    def _enter_backward(self, i: int) -> None:
+        self.bring_in(i)
+        if self.prefetch and i > 0:
+            self.bring_in(i - 1, wait=False)  # backward runs the blocks in reverse: the next one is i - 1
 
     def _leave(self, i: int) -> None:
         # Inside backward (checkpoint recompute) the weights are about to be used: the backward hook evicts.
