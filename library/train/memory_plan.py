@@ -31,8 +31,11 @@ CARD_SIZES_GIB = (80, 48, 24, 16, 12)
 
 @dataclass(frozen=True)
 class Calibration:
-    """Device-measured constants (H100/H200, torch 2.11, bf16 autocast, SDPA); see BENCHMARKS.md."""
+    """Device-measured constants (torch 2.11, bf16 autocast, SDPA); see BENCHMARKS.md. The memory constants
+    were fitted on an H200 and reproduce the H100's peaks too (the allocator does not depend on the card);
+    the time constants are per card (`CALIBRATIONS`)."""
 
+    name: str = "H200"
     saved_per_block_token: float = 6.2e3  # bytes kept per token for a checkpointed block (its inputs)
     full_per_block_token: float = 116e3  # bytes kept per token by a block that is not recomputed (compiled)
     full_per_block_token_eager: float = 140e3  # the same without torch.compile (unfused elementwise)
@@ -42,9 +45,27 @@ class Calibration:
     rate_flops_eager: float = 411e12
     fixed_step_s: float = 0.071  # per-step cost independent of size (launches, optimizer, host) compiled
     fixed_step_s_eager: float = 0.164
-    fp8_factor: float = 1.10  # step time with e4m3 storage (upcast per matmul) / bf16
-    h2d_bytes_per_s: float = 40e9  # pinned host->device copy rate seen by block swap
-    swap_overlap: float = 0.8  # share of the compute time the swap copies can hide behind
+    fp8_factor: float = 1.10  # step time with e4m3 storage (upcast per matmul) / bf16; not measured on an H200
+    h2d_bytes_per_s: float = 54e9  # pinned host->device copy rate (measured on the H100's host; PCIe 5)
+
+
+# Fitted to the step bench and the trainer's own step times (BENCHMARKS.md): H200 on 2026-11-21 (step bench),
+# H100 on 2026-12-07 (step bench, trainer end to end, eager cost curves, tools/check_block_swap_cuda.py's
+# pinned copy rate). A card not listed gets the H100's constants (the slower of the two) and says so.
+CALIBRATIONS = {
+    "H200": Calibration(),
+    "H100": Calibration(name="H100", rate_flops=473e12, fixed_step_s=0.094, rate_flops_eager=321e12,
+                        fixed_step_s_eager=0.110, fp8_factor=1.016, h2d_bytes_per_s=54e9),
+}
+
+
+def calibration_for(device_name: str | None) -> tuple[Calibration, str]:
+    """The constants for a CUDA device name and how they were chosen (a phrase for the logs)."""
+    for key, cal in CALIBRATIONS.items():
+        if device_name and key in device_name.upper():
+            return cal, f"calibrated on an {key}"
+    why = f"the {device_name} is not calibrated" if device_name else "no CUDA device here"
+    return CALIBRATIONS["H100"], f"with H100 constants ({why}; its times are rough)"
 
 
 @dataclass(frozen=True)
@@ -132,11 +153,36 @@ def predict(w: Workload, c: Choice, cal: Calibration = Calibration()) -> Predict
     compute = f * (2.0 + k / w.n_blocks) / rate
     if c.fp8:
         compute *= cal.fp8_factor
-    copy = 0.0
-    if sd or ss:  # each swapped block comes in for the forward and again for the backward
-        copy = 2.0 * (sd * block_bytes[0] + ss * block_bytes[1]) / cal.h2d_bytes_per_s
-    step = max(compute, compute * (1 - cal.swap_overlap) + copy) + fixed
-    return Prediction(c, peak / GiB, step)
+    exposed = swap_exposed_s(w, c, compute / (2.0 + k / w.n_blocks) / w.n_blocks, block_bytes, cal) \
+        if (sd or ss) else 0.0
+    return Prediction(c, peak / GiB, compute + fixed + exposed)
+
+
+def swap_exposed_s(w: Workload, c: Choice, block_fwd_s: float, block_bytes: tuple[int, int],
+                   cal: Calibration) -> float:
+    """The copy time block swap cannot hide (Flux.enable_block_swap's schedule): swapped block j is copied
+    in while the blocks since the previous swapped one compute (forward), or since the next one (backward,
+    where blocks run in reverse); the first swapped block of each pass waits for its whole copy. Every
+    block costs the same forward time (each token meets 12·hidden² weights in a double block's stream and
+    in a single block); a backward costs two forwards, three when the block is recomputed."""
+    sd, ss = swapped_counts(c.blocks_to_swap, w)
+    order = [(i >= w.n_double - sd, block_bytes[0]) for i in range(w.n_double)] + \
+        [(i >= w.n_single - ss, block_bytes[1]) for i in range(w.n_single)]
+    fwd = [block_fwd_s] * len(order)
+    bwd = [block_fwd_s * (3.0 if j < c.checkpointed_blocks else 2.0) for j in range(len(order))]
+    swapped = [j for j, (is_swapped, _) in enumerate(order) if is_swapped]
+
+    def exposed(seq: list[int], times: list[float]) -> float:
+        total, prev = 0.0, None
+        for j in seq:
+            copy = order[j][1] / cal.h2d_bytes_per_s
+            lo, hi = (prev, j) if prev is None or prev < j else (j + 1, prev + 1)
+            window = 0.0 if prev is None else sum(times[lo:hi])
+            total += max(0.0, copy - window)
+            prev = j
+        return total
+
+    return exposed(swapped, fwd) + exposed(swapped[::-1], bwd)
 
 
 def candidates(w: Workload, fp8: bool | None = None, swap: int | None = None,

@@ -12,6 +12,8 @@ import dataclasses
 import logging
 from typing import Any
 
+import torch
+
 from library.errors import UserError
 from library.flux.loading import load_transformer
 from library.flux.text_encoders import default_t5_max_length
@@ -23,6 +25,12 @@ log = logging.getLogger(__name__)
 
 _OPTIMIZER_STATE_BYTES = {"adamw8bit": 2.0, "pagedadamw8bit": 2.0, "lion": 4.0, "lion8bit": 1.0, "sgd": 0.0,
                           "adafactor": 4.0}  # per trainable parameter; AdamW and the rest: two fp32 moments
+
+
+def calibration() -> tuple[P.Calibration, str]:
+    """The memory model's constants for this process's CUDA device (H100 constants without one)."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return P.calibration_for(name)
 
 
 def workload(cfg: TrainConfig, datasets: Any) -> P.Workload:
@@ -61,9 +69,10 @@ def apply_max_vram(cfg: TrainConfig, dtypes: Dtypes, datasets: Any) -> tuple[Tra
     if budget is None:
         return cfg, dtypes
     w = workload(cfg, datasets)
-    best = P.choose(w, budget, **fixed_choices(cfg))
+    cal, how = calibration()
+    best = P.choose(w, budget, cal, **fixed_choices(cfg))
     if best is None:
-        least = min((P.predict(w, c) for c in P.candidates(w, **fixed_choices(cfg))), key=lambda p: p.peak_gib)
+        least = min((P.predict(w, c, cal) for c in P.candidates(w, **fixed_choices(cfg))), key=lambda p: p.peak_gib)
         raise UserError(f"command line: --max_vram_gib {budget:g}: no setup fits (the smallest, "
                         f"{least.choice.describe(w.n_blocks)}, needs about {least.peak_gib:.1f} GiB); lower the "
                         "resolution, the batch size or --network_dim, or raise --max_vram_gib")
@@ -73,8 +82,8 @@ def apply_max_vram(cfg: TrainConfig, dtypes: Dtypes, datasets: Any) -> tuple[Tra
         gradient_checkpointing_blocks=c.checkpointed_blocks if 0 < c.checkpointed_blocks < w.n_blocks else None,
         blocks_to_swap=c.blocks_to_swap or None)
     precision = dataclasses.replace(cfg.precision, fp8_base=c.fp8)
-    log.info("--max_vram_gib %g: %s (predicted peak %.1f GiB, step %.0f ms)", budget,
-             c.describe(w.n_blocks), best.peak_gib, 1e3 * best.step_s)
+    log.info("--max_vram_gib %g: %s (predicted peak %.1f GiB, step %.0f ms; memory model %s)", budget,
+             c.describe(w.n_blocks), best.peak_gib, 1e3 * best.step_s, how)
     return dataclasses.replace(cfg, memory=memory, precision=precision), dataclasses.replace(dtypes, fp8_base=c.fp8)
 
 
@@ -82,14 +91,15 @@ def format_report(cfg: TrainConfig, datasets: Any) -> str:
     """--dry_run: predicted peak and step time of this configuration and the best setup per card size."""
     w = workload(cfg, datasets)
     fixed = fixed_choices(cfg)
+    cal, how = calibration()
     if cfg.memory.max_vram_gib is not None:
-        chosen = P.choose(w, cfg.memory.max_vram_gib, **fixed)
+        chosen = P.choose(w, cfg.memory.max_vram_gib, cal, **fixed)
         head = f"with --max_vram_gib {cfg.memory.max_vram_gib:g}: {P.format_prediction(chosen, w.n_blocks)}"
     else:
-        head = f"as configured: {P.format_prediction(P.predict(w, configured_choice(cfg, w)), w.n_blocks)}"
+        head = f"as configured: {P.format_prediction(P.predict(w, configured_choice(cfg, w), cal), w.n_blocks)}"
     lines = [f"memory plan (predicted; {w.batch} x ({w.img_tokens} image + {w.txt_tokens} text tokens), "
              f"{w.lora_params / 1e6:.1f} M LoRA parameters, {'compiled' if w.compiled else 'eager'}; "
-             "model calibrated on an H100/H200, see BENCHMARKS.md):", f"  {head}"]
-    for size, p in P.fits_table(w, **fixed):
+             f"model {how}, see BENCHMARKS.md):", f"  {head}"]
+    for size, p in P.fits_table(w, cal, **fixed):
         lines.append(f"  {size:g} GiB card: {P.format_prediction(p, w.n_blocks)}")
     return "\n".join(lines)
