@@ -137,7 +137,7 @@ def test_kill_9_at_seeded_moments_then_resume_equals_the_uninterrupted_run(tiny_
     for kind, n in moments:
         proc = subprocess.run([sys.executable, str(script), kind, str(n), *base_args(tiny_ckpts, data, out, *common),
                                *newest_state()], cwd=REPO, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
         assert proc.returncode == (0 if kind == "none" else -signal.SIGKILL), (kind, n, proc.stderr[-3000:])
         assert not leftovers & {p.name for p in out.iterdir()}, (kind, n)  # the dead run's: put back or removed
         for p in out.glob("*.safetensors"):  # visible files are complete
