@@ -64,20 +64,42 @@ def plot_curves(results: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_losses(runs: dict[str, list[float]], path: Path, title: str) -> None:
+def plot_losses(runs: dict[str, list[float]], path: Path, title: str, reference: str | None = None,
+                noise: str | None = None) -> None:
+    """Left: the loss curves. Right (when `reference` is among the runs): each run minus `reference` step by
+    step; `noise` (another seed of the reference configuration) shows what run-to-run noise looks like."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    diff = reference in runs and len(runs) > 1
+    fig, axes = plt.subplots(1, 2 if diff else 1, figsize=(13 if diff else 8, 4), squeeze=False)
+    ax = axes[0][0]
     for name, losses in runs.items():
-        ax.plot(range(1, len(losses) + 1), losses, marker=".", label=name)
+        style = dict(color="0.6", linestyle="--") if name == noise else {}
+        ax.plot(range(1, len(losses) + 1), losses, marker=".", label=name, **style)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (trainer's loss CSV)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
+    if diff:
+        ax = axes[0][1]
+        ref = runs[reference]
+        for name, losses in runs.items():
+            if name == reference:
+                continue
+            d = [a - b for a, b in zip(losses, ref)]
+            rms = (sum(v * v for v in d) / len(d)) ** 0.5
+            style = dict(color="0.6", linestyle="--") if name == noise else {}
+            ax.plot(range(1, len(d) + 1), d, marker=".", label=f"{name} − {reference} (RMS {rms:.3f})", **style)
+        ax.axhline(0, color="k", linewidth=0.6)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss difference")
+        ax.set_title("difference to the plain run; dashed: another seed (run-to-run noise)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -87,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--curves", type=Path, help="tools/bench_train_step.py --out JSON with the curve configs")
     ap.add_argument("--trainer", type=Path, help="tools/bench_trainer.py --out JSON")
-    ap.add_argument("--loss-runs", nargs="+", default=["lossplain512", "lossfast512"])
+    ap.add_argument("--loss-runs", nargs="+", default=["lossplain512", "lossfast512", "lossplain512seed2"],
+                    help="runs to plot; the first is the reference of the difference panel, a name containing "
+                         "'seed' is drawn as run-to-run noise")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -98,8 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.trainer:
         data = json.loads(args.trainer.read_text())
         runs = {r["name"]: r["losses"] for r in data["results"] if r["name"] in args.loss_runs and r["losses"]}
+        noise = next((n for n in args.loss_runs if "seed" in n), None)
         plot_losses(runs, args.out / "loss_fast_vs_plain.png",
-                    f"flux_train_network.py, same data and seed, {data['info'].get('device', '?')}")
+                    f"flux_train_network.py, same data, {data['info'].get('device', '?')}",
+                    reference=args.loss_runs[0], noise=noise)
 
 
 if __name__ == "__main__":
