@@ -14,12 +14,12 @@ CUDA-synchronised; peak = torch.cuda.max_memory_allocated over the config.
 
     python3 tools/bench_kontext_step.py --configs eager:ckpt:plain eager:ckpt:kontext eager:ckpt:flow --out $OUT/e.json
     python3 tools/bench_kontext_step.py --configs compile:ckpt:plain compile:ckpt:flow compile:ckpt:kontext --out $OUT/c.json
+    python tools/bench_kontext_step.py --tiny                                 # CPU dry run, tiny model
 
-Run the compiled configs in a process of their own (the two lines above, ~1.5 minutes each on an H100): on
+Run the compiled configs in a process of their own (the first two lines, ~1.5 minutes each on an H100): on
 2026-12-07 (H100, torch 2.11) the first compiled step after eager ones in the same process died with "CUDA
 error: an illegal memory access" (BENCHMARKS.md, issues 8 and 9); a fresh process ran them. The trainer never
 switches: --torch_compile compiles before the first step.
-    python tools/bench_kontext_step.py --tiny                                 # CPU dry run, tiny model
 """
 
 from __future__ import annotations

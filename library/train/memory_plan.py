@@ -19,6 +19,7 @@ does not hide. The constants (`Calibration`) were fitted to device measurements;
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -35,7 +36,6 @@ class Calibration:
     were fitted on an H200 and reproduce the H100's peaks too (the allocator does not depend on the card);
     the time constants are per card (`CALIBRATIONS`)."""
 
-    name: str = "H200"
     saved_per_block_token: float = 6.2e3  # bytes kept per token for a checkpointed block (its inputs)
     full_per_block_token: float = 116e3  # bytes kept per token by a block that is not recomputed (compiled)
     full_per_block_token_eager: float = 140e3  # the same without torch.compile (unfused elementwise)
@@ -54,7 +54,7 @@ class Calibration:
 # pinned copy rate). A card not listed gets the H100's constants (the slower of the two) and says so.
 CALIBRATIONS = {
     "H200": Calibration(),
-    "H100": Calibration(name="H100", rate_flops=473e12, fixed_step_s=0.094, rate_flops_eager=321e12,
+    "H100": Calibration(rate_flops=473e12, fixed_step_s=0.094, rate_flops_eager=321e12,
                         fixed_step_s_eager=0.110, fp8_factor=1.016, h2d_bytes_per_s=54e9),
 }
 
@@ -150,11 +150,9 @@ def predict(w: Workload, c: Choice, cal: Calibration = Calibration()) -> Predict
 
     rate, fixed = (cal.rate_flops, cal.fixed_step_s) if w.compiled else (cal.rate_flops_eager, cal.fixed_step_s_eager)
     f = forward_flops(w)
-    compute = f * (2.0 + k / w.n_blocks) / rate
-    if c.fp8:
-        compute *= cal.fp8_factor
-    exposed = swap_exposed_s(w, c, compute / (2.0 + k / w.n_blocks) / w.n_blocks, block_bytes, cal) \
-        if (sd or ss) else 0.0
+    forward = f / rate * (cal.fp8_factor if c.fp8 else 1.0)
+    compute = forward * (2.0 + k / w.n_blocks)
+    exposed = swap_exposed_s(w, c, forward / w.n_blocks, block_bytes, cal) if (sd or ss) else 0.0
     return Prediction(c, peak / GiB, compute + fixed + exposed)
 
 
@@ -166,23 +164,15 @@ def swap_exposed_s(w: Workload, c: Choice, block_fwd_s: float, block_bytes: tupl
     block costs the same forward time (each token meets 12·hidden² weights in a double block's stream and
     in a single block); a backward costs two forwards, three when the block is recomputed."""
     sd, ss = swapped_counts(c.blocks_to_swap, w)
-    order = [(i >= w.n_double - sd, block_bytes[0]) for i in range(w.n_double)] + \
-        [(i >= w.n_single - ss, block_bytes[1]) for i in range(w.n_single)]
-    fwd = [block_fwd_s] * len(order)
-    bwd = [block_fwd_s * (3.0 if j < c.checkpointed_blocks else 2.0) for j in range(len(order))]
-    swapped = [j for j, (is_swapped, _) in enumerate(order) if is_swapped]
+    copy = [block_bytes[0] / cal.h2d_bytes_per_s] * w.n_double + [block_bytes[1] / cal.h2d_bytes_per_s] * w.n_single
+    bwd = [block_fwd_s * (3.0 if j < c.checkpointed_blocks else 2.0) for j in range(w.n_blocks)]
+    swapped = [*range(w.n_double - sd, w.n_double), *range(w.n_blocks - ss, w.n_blocks)]  # forward order
 
-    def exposed(seq: list[int], times: list[float]) -> float:
-        total, prev = 0.0, None
-        for j in seq:
-            copy = order[j][1] / cal.h2d_bytes_per_s
-            lo, hi = (prev, j) if prev is None or prev < j else (j + 1, prev + 1)
-            window = 0.0 if prev is None else sum(times[lo:hi])
-            total += max(0.0, copy - window)
-            prev = j
-        return total
+    def exposed(seq: list[int], window: Callable[[int, int], float]) -> float:
+        return copy[seq[0]] + sum(max(0.0, copy[j] - window(prev, j)) for prev, j in zip(seq, seq[1:]))
 
-    return exposed(swapped, fwd) + exposed(swapped[::-1], bwd)
+    return exposed(swapped, lambda prev, j: (j - prev) * block_fwd_s) + \
+        exposed(swapped[::-1], lambda prev, j: sum(bwd[j + 1:prev + 1]))
 
 
 def candidates(w: Workload, fp8: bool | None = None, swap: int | None = None,
