@@ -16,7 +16,9 @@ memory = torch.cuda.max_memory_allocated over warm-up + timed steps, MFU = step 
 
 A config is `mode:ckpt:res:sdpa[:opt...]`: mode eager|compile (library.flux.compile.apply_compile, per
 block), ckpt ckpt|nockpt|ckN (selective: the first N blocks), res in pixels (square), sdpa
-default|flash|cudnn|efficient|math; options: prof (profile one step), rN (LoRA rank), bN (batch).
+default|flash|cudnn|efficient|math; options: prof (profile one step), ekc (compiled with checkpointing: the
+older eager checkpoint around each compiled block instead of the checkpoint inside its graphs), rN (LoRA
+rank), bN (batch).
 
     python3 tools/bench_train_step.py --configs eager:ckpt:1024:default compile:ckpt:1024:default
     python3 tools/bench_train_step.py --configs eager:ckpt:1024:default:r64 eager:ckpt:1024:default:b4
@@ -63,6 +65,7 @@ class Config:
     blocks: int | None = None  # selective checkpointing: the first N blocks (None: all, when ckpt)
     rank: int | None = None  # None: --rank
     batch: int = 1
+    in_graph: bool = True  # compiled + ckpt: checkpoint inside the block graphs (False: option ekc)
 
     @staticmethod
     def parse(spec: str) -> "Config":
@@ -70,22 +73,25 @@ class Config:
         ck = parts[1] if len(parts) > 1 else ""
         if len(parts) < 4 or parts[0] not in ("eager", "compile") or not (
                 ck in ("ckpt", "nockpt") or (ck.startswith("ck") and ck[2:].isdigit())):
-            raise SystemExit(f"bad config {spec!r}: expected mode:ckpt|nockpt|ckN:res:sdpa[:prof][:rN][:bN]")
+            raise SystemExit(f"bad config {spec!r}: expected mode:ckpt|nockpt|ckN:res:sdpa[:prof][:ekc][:rN][:bN]")
         cfg = Config(parts[0], ck != "nockpt", int(parts[2]), parts[3],
                      blocks=int(ck[2:]) if ck not in ("ckpt", "nockpt") else None)
         for opt in parts[4:]:
             if opt == "prof":
                 cfg.profile = True
+            elif opt == "ekc":
+                cfg.in_graph = False
             elif opt[:1] in ("r", "b") and opt[1:].isdigit():
                 setattr(cfg, "rank" if opt[0] == "r" else "batch", int(opt[1:]))
             else:
-                raise SystemExit(f"bad config {spec!r}: unknown option {opt!r} (prof, rN, bN)")
+                raise SystemExit(f"bad config {spec!r}: unknown option {opt!r} (prof, ekc, rN, bN)")
         return cfg
 
     @property
     def name(self) -> str:
         ck = "no-ckpt" if not self.ckpt else ("ckpt" if self.blocks is None else f"ckpt{self.blocks}")
         extra = (f" r{self.rank}" if self.rank else "") + (f" b{self.batch}" if self.batch != 1 else "")
+        extra += " eager-checkpoint" if not self.in_graph else ""
         return f"{self.mode} {ck} {self.res} sdpa={self.sdpa}{extra}"
 
 
@@ -330,9 +336,13 @@ def prepare(cfg: Config, ctx: dict, args: argparse.Namespace):
         model.enable_gradient_checkpointing(blocks=cfg.blocks)
     else:
         model.disable_gradient_checkpointing()
+    if cfg.mode == "compile" and ctx["compiled"] and ctx.get("in_graph") != cfg.in_graph:
+        remove_compile(model)  # re-applied below; dynamo's cache keeps the graphs already compiled
+        ctx["compiled"] = False
     if cfg.mode == "compile" and not ctx["compiled"]:
-        apply_compile(model, backend=args.compile_backend, dynamic=args.dynamic, mode=args.compile_mode)
-        ctx["compiled"] = True
+        apply_compile(model, backend=args.compile_backend, dynamic=args.dynamic, mode=args.compile_mode,
+                      checkpoint_in_graph=cfg.in_graph)
+        ctx.update(compiled=True, in_graph=cfg.in_graph)
     elif cfg.mode == "eager" and ctx["compiled"]:
         remove_compile(model)
         ctx["compiled"] = False

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from library.errors import UserError
+from library.flux.compile import checkpointed_call
 from library.flux.layers import DoubleStreamBlock, EmbedND, LastLayer, MLPEmbedder, SingleStreamBlock
 from library.flux.math import ATTN_BACKENDS, AXES_DIM, HEAD_DIM, THETA, import_xformers, key_padding_mask, \
     timestep_embedding
@@ -159,7 +160,7 @@ class Flux(nn.Module):
         if not (self.gradient_checkpointing and index < self.checkpointed_blocks and torch.is_grad_enabled()):
             return block(*args)
         if not self.cpu_offload_checkpointing:
-            return checkpoint(block, *args, use_reentrant=False)
+            return checkpointed_call(block, *args)  # inside the compiled graphs when compiled
         # The tensors passed between blocks (the only ones a checkpoint keeps) live on the CPU.
         device = args[-2].device  # pe stays on the compute device
 
