@@ -101,6 +101,7 @@ def test_implied_settings_and_aliases() -> None:
     (["--blocks_to_swap", "4", "--cpu_offload_checkpointing"], "cannot be combined"),
     (["--full_bf16"], "--mixed_precision bf16"),
     (["--fp8_base"], "--fp8_base needs"),
+    (["--fp8_matmul", "--mixed_precision", "fp16"], "--fp8_matmul needs --mixed_precision bf16"),
     (["--network_module", "networks.lora_sd3"], "only networks.lora_flux"),
     (["--save_every_n_steps", "0"], "--save_every_n_steps must be at least 1"),
     (["--blocks_to_swap", "40"], "0..35"),

@@ -253,6 +253,100 @@ def apply_fp8_storage(model: Flux, compute_dtype: torch.dtype) -> list[str]:
     return converted
 
 
+# -- fp8 matmuls -------------------------------------------------------------------------------------------
+# Design note (--fp8_matmul, our extension; the issue's "fp8 matmuls for the frozen base"). Where --fp8_base
+# only stores e4m3 and upcasts the weight for a bf16 matmul, this runs the forward matmuls themselves in fp8
+# on the tensor cores (`torch._scaled_mm`, about twice the bf16 rate on Hopper / Ada):
+# - weights are quantised once, per output row: W ≈ q · s with q e4m3 and s = max|W_row| / 448 (float32), so
+#   every row uses the whole e4m3 range (kohya's unscaled cast puts FLUX's small weights near e4m3's subnormals);
+# - activations are quantised per row (token) at each call, s_x = max|x_row| / 448, fused by inductor with
+#   the op that produced x;
+# - the backward (the input gradient; the base gets none) stays in bf16 with the dequantised weight: an fp8
+#   backward would need a second, transposed copy of every weight and e5m2 gradients;
+# - inputs with few rows (the modulation Linears see one vector per sample) and widths not a multiple of 16
+#   use the dequantised weight in a bf16 matmul: fp8 cannot pay there.
+# The LoRA branch stays in its own dtype. BENCHMARKS.md has the measured speed and the loss-curve check.
+FP8_MATMUL_MIN_ROWS = 64
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] -> (e4m3 [M, K], float32 scale [M, 1]) with x ≈ q · scale, each row scaled to e4m3's range."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+class _Fp8Matmul(torch.autograd.Function):
+    """x @ (q · s)ᵀ in fp8 (x quantised per row); backward: the input gradient in the output's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype):
+        with torch.autocast(x.device.type, enabled=False):  # explicit dtypes; compiled = eager under autocast
+            xq, xs = quantize_rows(x.reshape(-1, x.shape[-1]))
+            y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.view(1, -1), out_dtype=out_dtype)
+        ctx.save_for_backward(weight, scale)
+        ctx.x_dtype = x.dtype
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, scale = ctx.saved_tensors
+        w = (weight.float() * scale.view(-1, 1)).to(grad.dtype)
+        gx = grad.reshape(-1, grad.shape[-1]) @ w
+        return gx.reshape(*grad.shape[:-1], weight.shape[1]).to(ctx.x_dtype), None, None, None
+
+
+class Fp8ScaledLinear(nn.Linear):
+    """A frozen nn.Linear stored as e4m3 with a float32 scale per output row (buffer `weight_scale` [out]):
+    W ≈ weight · weight_scale. With `fp8_matmul` the matmul runs in fp8 (see the design note above),
+    otherwise (and for small inputs) the weight is dequantised to the compute dtype for a plain matmul."""
+
+    fp8_matmul = True
+    weight_scale: torch.Tensor
+
+    def _fp8_pays(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+        return (self.fp8_matmul and dtype == torch.bfloat16 and x.numel() // x.shape[-1] >= FP8_MATMUL_MIN_ROWS
+                and self.in_features % 16 == 0 and self.out_features % 16 == 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        if self._fp8_pays(x, dtype):
+            y = _Fp8Matmul.apply(x, self.weight, self.weight_scale, dtype)
+            return y if bias is None else y + bias
+        w = (self.weight.float() * self.weight_scale.view(-1, 1)).to(dtype)
+        return nn.functional.linear(x.to(dtype), w, bias)
+
+
+def apply_fp8_matmul(model: Flux, work_device: torch.device | str | None = None, matmul: bool = True) -> list[str]:
+    """Quantise every frozen block Linear of a bf16/fp32 `model` to e4m3 with per-row scales (`Fp8ScaledLinear`),
+    in place; `matmul=False` keeps the scaled storage but computes in bf16. Each weight is quantised on
+    `work_device` (the GPU: fast, and only one bf16 weight there at a time) and goes back where it was, so a
+    model in host memory stays there. Returns the names converted."""
+    converted = []
+    for prefix, blocks in (("double_blocks", model.double_blocks), ("single_blocks", model.single_blocks)):
+        for name, module in blocks.named_modules():
+            if type(module) is Fp8Linear:
+                raise UserError("--fp8_matmul quantises the bf16 weights itself: load the transformer in "
+                                "bf16, not with fp8 storage")
+            if type(module) is not nn.Linear or module.weight.requires_grad:
+                continue  # frozen base Linears only (not a LoRA's own, if one is injected already)
+            weight = module.weight.data
+            w = weight.to(work_device) if work_device is not None else weight
+            q, scale = quantize_rows(w)
+            module.__class__ = Fp8ScaledLinear
+            module.weight = nn.Parameter(q.to(weight.device), requires_grad=False)
+            module.register_buffer("weight_scale", scale.view(-1).to(weight.device), persistent=False)
+            module.fp8_matmul = matmul
+            converted.append(f"{prefix}.{name}")
+            del weight, w, q
+    return converted
+
+
 # -- block swap ----------------------------------------------------------------------------------------------
 # Design note (kohya --blocks_to_swap N): the weights of the last N//2 double blocks and 2*(N - N//2) single
 # blocks (a double block is about twice a single one) live in host memory; everything else stays on the

@@ -41,6 +41,7 @@ class PrecisionConfig:
     full_fp16: bool
     fp8_base: bool
     fp8_base_unet: bool
+    fp8_matmul: bool  # ours: per-row scaled e4m3 weights and fp8 forward matmuls (library/flux/model.py)
     save_precision: str | None
     no_half_vae: bool
 
@@ -377,6 +378,8 @@ def validate(cfg: TrainConfig) -> None:
              "--max_vram_gib cannot be combined with --cpu_offload_checkpointing")
     _require(not (p.full_bf16 and p.mixed_precision != "bf16"), "--full_bf16 needs --mixed_precision bf16")
     _require(not (p.full_fp16 and p.mixed_precision != "fp16"), "--full_fp16 needs --mixed_precision fp16")
+    _require(not (p.fp8_matmul and p.mixed_precision != "bf16"),
+             "--fp8_matmul needs --mixed_precision bf16 (the fp8 matmuls write bf16)")
     _require(not (p.fp8_base and p.mixed_precision == "no"),
              "--fp8_base needs --mixed_precision bf16 or fp16 (fp8 weights are upcast for compute)")
     _require(not (cfg.model.model_type == "chroma"), "--model_type chroma is not supported; use flux")
@@ -456,7 +459,7 @@ def config_summary(cfg: TrainConfig) -> str:
                      f"prediction, {cfg.objective.loss_type} loss",
         "precision": _on(mixed_precision=cfg.precision.mixed_precision, full_bf16=cfg.precision.full_bf16,
                          full_fp16=cfg.precision.full_fp16, fp8_base=cfg.precision.fp8_base,
-                         save_precision=cfg.precision.save_precision),
+                         fp8_matmul=cfg.precision.fp8_matmul, save_precision=cfg.precision.save_precision),
         "memory/speed": _on(gradient_checkpointing=mem.gradient_checkpointing,
                             cpu_offload_checkpointing=mem.cpu_offload_checkpointing,
                             blocks_to_swap=mem.blocks_to_swap,

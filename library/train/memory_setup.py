@@ -51,7 +51,7 @@ def workload(cfg: TrainConfig, datasets: Any) -> P.Workload:
 def fixed_choices(cfg: TrainConfig) -> dict[str, Any]:
     """What the user set explicitly, which the planner must keep (None: free)."""
     m = cfg.memory
-    return {"fp8": True if cfg.precision.fp8_base else (False if cfg.precision.mixed_precision == "no" else None),
+    return {"fp8": True if (cfg.precision.fp8_base or cfg.precision.fp8_matmul) else (False if cfg.precision.mixed_precision == "no" else None),
             "swap": m.blocks_to_swap, "checkpointed": m.gradient_checkpointing_blocks}
 
 
@@ -60,7 +60,7 @@ def configured_choice(cfg: TrainConfig, w: P.Workload) -> P.Choice:
     m = cfg.memory
     k = m.gradient_checkpointing_blocks if m.gradient_checkpointing_blocks is not None else (
         w.n_blocks if (m.gradient_checkpointing or m.cpu_offload_checkpointing) else 0)
-    return P.Choice(min(k, w.n_blocks), cfg.precision.fp8_base, m.blocks_to_swap or 0)
+    return P.Choice(min(k, w.n_blocks), cfg.precision.fp8_base or cfg.precision.fp8_matmul, m.blocks_to_swap or 0)
 
 
 def apply_max_vram(cfg: TrainConfig, dtypes: Dtypes, datasets: Any) -> tuple[TrainConfig, Dtypes]:
@@ -81,10 +81,11 @@ def apply_max_vram(cfg: TrainConfig, dtypes: Dtypes, datasets: Any) -> tuple[Tra
         cfg.memory, gradient_checkpointing=c.checkpointed_blocks > 0,
         gradient_checkpointing_blocks=c.checkpointed_blocks if 0 < c.checkpointed_blocks < w.n_blocks else None,
         blocks_to_swap=c.blocks_to_swap or None)
-    precision = dataclasses.replace(cfg.precision, fp8_base=c.fp8)
+    fp8_base = c.fp8 and not cfg.precision.fp8_matmul  # --fp8_matmul quantises the weights itself
+    precision = dataclasses.replace(cfg.precision, fp8_base=fp8_base)
     log.info("--max_vram_gib %g: %s (predicted peak %.1f GiB, step %.0f ms; memory model %s)", budget,
              c.describe(w.n_blocks), best.peak_gib, 1e3 * best.step_s, how)
-    return dataclasses.replace(cfg, memory=memory, precision=precision), dataclasses.replace(dtypes, fp8_base=c.fp8)
+    return dataclasses.replace(cfg, memory=memory, precision=precision), dataclasses.replace(dtypes, fp8_base=fp8_base)
 
 
 def format_report(cfg: TrainConfig, datasets: Any) -> str:

@@ -1,7 +1,8 @@
 """Build the models for training in a named, ordered sequence.
 
     load (meta device -> strict load in host memory, fp8 storage chosen at load so bf16 weights never sit
-    in memory) -> freeze -> [caches filled, text encoders freed] -> inject LoRA -> onto the device (block
+    in memory) -> freeze -> [caches filled, text encoders freed] -> [--base_weights merged; --fp8_matmul
+    quantises the block Linears] -> inject LoRA -> onto the device (block
     swap keeps the swapped blocks' frozen weights in host memory) -> gradient checkpointing -> torch.compile
 
 `accelerator.prepare` (the optimizer) follows in the trainer. The text encoders and the AE are loaded
@@ -11,6 +12,7 @@ only when something needs them (caching, live encoding, sample images) and freed
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import torch
 from library.errors import UserError
 from library.flux.compile import apply_compile
 from library.flux.loading import load_autoencoder, load_transformer
+from library.flux.model import FP8_DTYPE, Flux, apply_fp8_matmul
 from library.flux.text_encoders import FluxTextEncoders, default_t5_max_length
 from library.train.config import TrainConfig
 from library.train.optim import parse_kv_args
@@ -79,6 +82,32 @@ def merge_base_weights(cfg: TrainConfig, models: Models) -> None:
                         "with networks/flux_merge_lora.py")
     pairs = [(Path(f), float(mults[i]) if mults else 1.0) for i, f in enumerate(files)]
     merge_lora_into_models(models.transformer, None, None, pairs)
+
+
+def quantize_fp8_matmul(transformer: Flux, device: torch.device) -> None:
+    """--fp8_matmul: the block Linears become per-row scaled e4m3 (quantised on the GPU, one weight at a
+    time, and kept in host memory until `transformer_to_device`)."""
+    start = time.perf_counter()
+    check_fp8_matmul(device)
+    names = apply_fp8_matmul(transformer, device if device.type == "cuda" else None)
+    log.info("--fp8_matmul: %d block Linears quantised to e4m3 with per-row scales in %.1f s", len(names),
+             time.perf_counter() - start)
+
+
+def check_fp8_matmul(device: torch.device) -> None:
+    """A one-line error, before any training, on a device whose torch has no row-scaled fp8 matmul."""
+    a = torch.ones(16, 16, device=device).to(FP8_DTYPE)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=device),
+                         scale_b=torch.ones(1, 16, device=device), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as err:
+        what = (f"{torch.cuda.get_device_name(device)} (compute capability "
+                f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))})"
+                if device.type == "cuda" else device.type)
+        first = (str(err).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"command line: --fp8_matmul: this device, {what}, has no row-scaled fp8 matmul "
+                        f"({first}); it needs compute capability 8.9+ (RTX 40xx, L40, H100); use --fp8_base") \
+            from None
 
 
 def transformer_to_device(cfg: TrainConfig, transformer: torch.nn.Module, device: torch.device) -> None:

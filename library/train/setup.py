@@ -212,6 +212,8 @@ def setup(cfg: TrainConfig, after_preflight: Callable[[], None] | None = None) -
         M.free(models.ae)
         models.ae = None
     M.merge_base_weights(cfg, models)
+    if dtypes.fp8_matmul:  # after the merge (bf16 weights), before the LoRA wraps the Linears
+        M.quantize_fp8_matmul(models.transformer, acc.device)
     # The LoRA is injected while the transformer is still in host memory (so its initial weights do not depend
     # on the device), then moves with it: block swap must see the wrapped blocks to keep only frozen weights.
     torch.manual_seed(seed)
