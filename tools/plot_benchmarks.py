@@ -4,7 +4,13 @@
 
 writes `cost_curves.png` (step time and peak memory against resolution, LoRA rank and batch, from
 tools/bench_train_step.py) and `loss_fast_vs_plain.png` (the trainer's per-step losses of two runs of
-tools/bench_trainer.py on the same data and seed, named by --loss-runs).
+tools/bench_trainer.py on the same data and seed, named by --loss-runs; `--loss-png` renames it), and with
+`--samples DIR` (one folder of sample PNGs per run, as tools/bench_issue11_gpu_e.sh f copies them) a sheet of
+every run's samples side by side, `samples_sheet.png`, printing each image's PSNR against the same image of
+the `--sample-ref` run.
+
+    python tools/plot_benchmarks.py --trainer trainer_f.json --loss-runs lossfast512 lossf8mm512 \
+        lossplain512seed2 --loss-png loss_fp8_matmul.png --samples samples --sample-ref lossfast512 --out docs/img
 """
 
 from __future__ import annotations
@@ -105,6 +111,50 @@ def plot_losses(runs: dict[str, list[float]], path: Path, title: str, reference:
     plt.close(fig)
 
 
+def psnr(a, b) -> float:
+    """PSNR in dB of two same-sized 8-bit images (PIL), over all channels."""
+    import numpy as np
+
+    x, y = (np.asarray(i.convert("RGB"), dtype=np.float64) for i in (a, b))
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def sample_sheet(folder: Path, path: Path, reference: str | None) -> list[tuple[str, str, float]]:
+    """Rows: runs (subfolders); columns: their sample files, by name. Returns (run, file, PSNR vs reference)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    runs = sorted(d for d in folder.iterdir() if d.is_dir() and any(d.glob("*.png")))
+    names = sorted({f.name for d in runs for f in d.glob("*.png")})
+    if not runs:
+        raise SystemExit(f"{folder}: no run folders with PNG samples")
+    rows = []
+    fig, axes = plt.subplots(len(runs), len(names), figsize=(2.6 * len(names), 2.8 * len(runs)), squeeze=False)
+    for i, d in enumerate(runs):
+        for j, n in enumerate(names):
+            ax = axes[i][j]
+            ax.axis("off")
+            if not (d / n).is_file():
+                continue
+            img = Image.open(d / n)
+            label = d.name
+            ref = folder / reference / n if reference else None
+            if ref is not None and ref.is_file() and d.name != reference:
+                value = psnr(img, Image.open(ref))
+                rows.append((d.name, n, value))
+                label += f"\nPSNR vs {reference} {value:.1f} dB"
+            ax.imshow(img)
+            ax.set_title(label + ("\n" + n[:28] if i == 0 else ""), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--curves", type=Path, help="tools/bench_train_step.py --out JSON with the curve configs")
@@ -112,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--loss-runs", nargs="+", default=["lossplain512", "lossfast512", "lossplain512seed2"],
                     help="runs to plot; the first is the reference of the difference panel, a name containing "
                          "'seed' is drawn as run-to-run noise")
+    ap.add_argument("--loss-png", default="loss_fast_vs_plain.png", help="file name of the loss plot")
+    ap.add_argument("--samples", type=Path, help="folder of per-run sample folders: writes samples_sheet.png")
+    ap.add_argument("--sample-ref", default=None, help="run whose samples the PSNR is measured against")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -123,9 +176,12 @@ def main(argv: list[str] | None = None) -> None:
         data = json.loads(args.trainer.read_text())
         runs = {r["name"]: r["losses"] for r in data["results"] if r["name"] in args.loss_runs and r["losses"]}
         noise = next((n for n in args.loss_runs if "seed" in n), None)
-        plot_losses(runs, args.out / "loss_fast_vs_plain.png",
+        plot_losses(runs, args.out / args.loss_png,
                     f"flux_train_network.py, same data, {data['info'].get('device', '?')}",
                     reference=args.loss_runs[0], noise=noise)
+    if args.samples:
+        for run, name, value in sample_sheet(args.samples, args.out / "samples_sheet.png", args.sample_ref):
+            print(f"{run} {name}: PSNR vs {args.sample_ref} {value:.2f} dB")
 
 
 if __name__ == "__main__":
