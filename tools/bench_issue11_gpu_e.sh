@@ -4,6 +4,7 @@
 #                                         # graphs against the eager checkpoint (ekc); trainer: --fp8_matmul rows
 #   bash tools/bench_issue11_gpu_e.sh f   # 50-step loss curves at 512² (plain, compiled, --fp8_matmul, seed 2)
 #                                         # with sample images at step 0 and 50 from each run
+#   bash tools/bench_issue11_gpu_e.sh g   # the most needed of e and f in one call (when machines are scarce)
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -40,6 +41,26 @@ f)
   for d in /tmp/bt/runs/loss*/; do
     n=$(basename "$d"); mkdir -p "$OUT/samples/$n"; cp "$d"/sample/*.png "$OUT/samples/$n/" 2>/dev/null
   done
+  ;;
+g)
+  timeout 75 python3 tools/check_fp8_matmul_cuda.py --shapes 4 --out "$OUT/fp8_check.json" > "$OUT/fp8_check.log" 2>&1
+  echo "fp8 check rc=$?"; tail -7 "$OUT/fp8_check.log"
+  printf 'a photo of a red fox in the snow --w 512 --h 512 --s 20 --d 7\n' > /tmp/prompts.txt
+  SAMPLE="sample_prompts~/tmp/prompts.txt,sample_at_first,sample_every_n_steps~50"
+  timeout 330 $T --out "$OUT/trainer_g.json" --budget-s 310 --run-timeout 100 --runs \
+    "f8mm1024=1024:13::gradient_checkpointing,torch_compile,fp8_matmul" \
+    "ckpt1024=1024:13::gradient_checkpointing,torch_compile" \
+    "lossfast512=512:50::gradient_checkpointing,torch_compile,$SAMPLE" \
+    "lossf8mm512=512:50::gradient_checkpointing,torch_compile,fp8_matmul,$SAMPLE" \
+    "lossfast512seed2=512:50::gradient_checkpointing,torch_compile,seed~2,$SAMPLE" \
+    > "$OUT/trainer_g.log" 2>&1
+  echo "trainer rc=$?"; tail -8 "$OUT/trainer_g.log"
+  for d in /tmp/bt/runs/loss*/; do
+    n=$(basename "$d"); mkdir -p "$OUT/samples/$n"; cp "$d"/sample/*.png "$OUT/samples/$n/" 2>/dev/null
+  done
+  timeout 150 $S --steps 8 --warmup 3 --budget-s 140 --configs compile:ckpt:512:default \
+    compile:ckpt:512:default:ekc --out "$OUT/step_g.json" > "$OUT/step_g.log" 2>&1
+  echo "step bench rc=$?"; tail -5 "$OUT/step_g.log"
   ;;
 esac
 ls "$OUT"

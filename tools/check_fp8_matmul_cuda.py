@@ -54,6 +54,7 @@ def _time(fn, device: torch.device, reps: int = 20, warm: int = 5) -> float:
 
 
 def check(tokens: int, n_in: int, n_out: int, device: torch.device) -> dict:
+    torch._dynamo.reset()  # each shape compiles afresh (no recompile limit across shapes)
     torch.manual_seed(0)
     lin = nn.Linear(n_in, n_out, device=device, dtype=torch.bfloat16).requires_grad_(False)
     with torch.no_grad():
@@ -102,9 +103,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU (dry run)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file of the results")
+    ap.add_argument("--shapes", type=int, default=len(SHAPES), help="check only the first N shapes")
     args = ap.parse_args()
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
-    shapes = [(128, 64, 96), (128, 96, 64)] if device.type == "cpu" else SHAPES
+    shapes = ([(128, 64, 96), (128, 96, 64)] if device.type == "cpu" else SHAPES)[:args.shapes]
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
     results = []
     for s in shapes:
