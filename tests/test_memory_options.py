@@ -190,6 +190,12 @@ def test_memory_model_is_monotone_and_choose_fits_the_budget() -> None:
     assert P.choose(w, 4) is None
     fixed = P.choose(w, 80, fp8=True, swap=4)
     assert fixed.choice.fp8 and fixed.choice.blocks_to_swap == 4
+    # --fp8_matmul is kept, never chosen: every candidate carries it, with fp8 storage's memory
+    assert not any(c.fp8_matmul for c in P.candidates(w))
+    mm = P.candidates(w, fp8_matmul=True)
+    assert mm and all(c.fp8_matmul and c.fp8 for c in mm)
+    assert P.predict(w, P.Choice(57, True, 0, True)).peak_gib == P.predict(w, P.Choice(57, True, 0)).peak_gib
+    assert P.choose(w, 12, fp8_matmul=True).choice.describe(57).startswith("checkpointing, fp8 matmuls")
 
 
 # -- the CLI -------------------------------------------------------------------------------------------------
@@ -220,6 +226,9 @@ def test_dry_run_prints_the_memory_plan(tiny_ckpts, data: Path, capsys) -> None:
     assert "memory plan (predicted; 2 x (4 image + 512 text tokens)" in out
     assert "with --max_vram_gib 12: checkpointing 3/4 blocks" in out
     assert all(f"  {n} GiB card: " in out for n in (80, 48, 24, 16, 12))
+    assert flux_train_network.main(argv + ["--fp8_matmul", "--mixed_precision", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("fp8 matmuls") == 6  # the chosen setup and all five card sizes keep it
 
 
 def test_max_vram_gib_trains_with_the_chosen_setup(tiny_ckpts, data: Path, tmp_path: Path) -> None:  # noqa: F811

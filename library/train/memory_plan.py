@@ -46,6 +46,7 @@ class Calibration:
     fixed_step_s: float = 0.071  # per-step cost independent of size (launches, optimizer, host) compiled
     fixed_step_s_eager: float = 0.164
     fp8_factor: float = 1.10  # step time with e4m3 storage (upcast per matmul) / bf16; not measured on an H200
+    fp8_matmul_factor: float = 1.0  # step time with --fp8_matmul / bf16; not measured on an H200
     h2d_bytes_per_s: float = 54e9  # pinned host->device copy rate (measured on the H100's host; PCIe 5)
 
 
@@ -101,11 +102,13 @@ class Choice:
     checkpointed_blocks: int  # recomputed blocks, in forward order; 0 = no checkpointing
     fp8: bool
     blocks_to_swap: int
+    fp8_matmul: bool = False  # --fp8_matmul (implies fp8 storage); never chosen, only kept when the user set it
 
     def describe(self, n_blocks: int) -> str:
         ck = "no checkpointing" if not self.checkpointed_blocks else "checkpointing" \
             if self.checkpointed_blocks == n_blocks else f"checkpointing {self.checkpointed_blocks}/{n_blocks} blocks"
-        return ", ".join([ck] + (["fp8 base"] if self.fp8 else []) +
+        fp8 = ["fp8 matmuls"] if self.fp8_matmul else ["fp8 base"] if self.fp8 else []
+        return ", ".join([ck] + fp8 +
                          ([f"{self.blocks_to_swap} blocks swapped"] if self.blocks_to_swap else []))
 
 
@@ -137,7 +140,7 @@ def forward_flops(w: Workload) -> float:
 def predict(w: Workload, c: Choice, cal: Calibration = Calibration()) -> Prediction:
     lin_d, lin_s = w.block_linear_params
     oth_d, oth_s = w.block_other_params
-    wbytes = 1 if c.fp8 else 2
+    wbytes = 1 if (c.fp8 or c.fp8_matmul) else 2
     block_bytes = (lin_d * wbytes + oth_d * 2, lin_s * wbytes + oth_s * 2)
     sd, ss = swapped_counts(c.blocks_to_swap, w)
     resident = (w.n_double - sd) * block_bytes[0] + (w.n_single - ss) * block_bytes[1] + w.other_params * 2
@@ -150,7 +153,7 @@ def predict(w: Workload, c: Choice, cal: Calibration = Calibration()) -> Predict
 
     rate, fixed = (cal.rate_flops, cal.fixed_step_s) if w.compiled else (cal.rate_flops_eager, cal.fixed_step_s_eager)
     f = forward_flops(w)
-    forward = f / rate * (cal.fp8_factor if c.fp8 else 1.0)
+    forward = f / rate * (cal.fp8_matmul_factor if c.fp8_matmul else cal.fp8_factor if c.fp8 else 1.0)
     compute = forward * (2.0 + k / w.n_blocks)
     exposed = swap_exposed_s(w, c, forward / w.n_blocks, block_bytes, cal) if (sd or ss) else 0.0
     return Prediction(c, peak / GiB, compute + fixed + exposed)
@@ -176,14 +179,14 @@ def swap_exposed_s(w: Workload, c: Choice, block_fwd_s: float, block_bytes: tupl
 
 
 def candidates(w: Workload, fp8: bool | None = None, swap: int | None = None,
-               checkpointed: int | None = None) -> list[Choice]:
+               checkpointed: int | None = None, fp8_matmul: bool = False) -> list[Choice]:
     """Every setup, or only those agreeing with what the user fixed (None: free). Block swap is offered
     with full checkpointing only (unless the user fixed both): the swapped blocks are the last ones and
     selective checkpointing keeps the last blocks' activations, a combination not measured on the device."""
     ks = [checkpointed] if checkpointed is not None else list(range(w.n_blocks + 1))
-    fps = [fp8] if fp8 is not None else [False, True]
+    fps = [True] if fp8_matmul else [fp8] if fp8 is not None else [False, True]
     swaps = [swap] if swap is not None else list(range(0, max_swap(w) + 1))
-    return [Choice(k, f, s) for f in fps for s in swaps for k in ks
+    return [Choice(k, f, s, fp8_matmul) for f in fps for s in swaps for k in ks
             if s == 0 or k == w.n_blocks or checkpointed is not None]
 
 

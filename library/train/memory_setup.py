@@ -52,7 +52,8 @@ def fixed_choices(cfg: TrainConfig) -> dict[str, Any]:
     """What the user set explicitly, which the planner must keep (None: free)."""
     m = cfg.memory
     return {"fp8": True if (cfg.precision.fp8_base or cfg.precision.fp8_matmul) else (False if cfg.precision.mixed_precision == "no" else None),
-            "swap": m.blocks_to_swap, "checkpointed": m.gradient_checkpointing_blocks}
+            "swap": m.blocks_to_swap, "checkpointed": m.gradient_checkpointing_blocks,
+            "fp8_matmul": cfg.precision.fp8_matmul}
 
 
 def configured_choice(cfg: TrainConfig, w: P.Workload) -> P.Choice:
@@ -60,7 +61,8 @@ def configured_choice(cfg: TrainConfig, w: P.Workload) -> P.Choice:
     m = cfg.memory
     k = m.gradient_checkpointing_blocks if m.gradient_checkpointing_blocks is not None else (
         w.n_blocks if (m.gradient_checkpointing or m.cpu_offload_checkpointing) else 0)
-    return P.Choice(min(k, w.n_blocks), cfg.precision.fp8_base or cfg.precision.fp8_matmul, m.blocks_to_swap or 0)
+    return P.Choice(min(k, w.n_blocks), cfg.precision.fp8_base or cfg.precision.fp8_matmul, m.blocks_to_swap or 0,
+                    cfg.precision.fp8_matmul)
 
 
 def apply_max_vram(cfg: TrainConfig, dtypes: Dtypes, datasets: Any) -> tuple[TrainConfig, Dtypes]:
