@@ -21,6 +21,7 @@ from library.flux.model import FP8_DTYPE, FP8_MAX, Fp8Linear, Fp8ScaledLinear, a
     apply_fp8_storage, quantize_rows
 from library.train import models as M
 from tests.test_flux_compile import _assert_same, _inputs, _model_with_lora, _step
+from train_helpers import data  # noqa: F401 (a fixture)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -154,3 +155,24 @@ def test_a_device_without_fp8_matmuls_is_a_one_line_error(monkeypatch) -> None:
     with pytest.raises(UserError, match=r"--fp8_matmul: this device, cpu, has no row-scaled fp8 matmul "
                                         r"\(_scaled_mm is only supported .*\); it needs compute capability 8.9"):
         M.check_fp8_matmul(torch.device("cpu"))
+
+
+def test_trainer_with_fp8_matmul(tiny_ckpts, data, tmp_path, monkeypatch) -> None:  # noqa: F811
+    """flux_train_network.py --fp8_matmul end to end: the block Linears are quantised, the fp8 matmuls run in
+    the training steps (64 T5 tokens: the text stream and the single blocks have >= 64 rows), the LoRA is saved and the losses are finite."""
+    from safetensors.torch import load_file
+
+    from train_helpers import base_args, train_in_process
+
+    calls = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    out, log = tmp_path / "out", tmp_path / "train.log"
+    train_in_process(base_args(tiny_ckpts, data, out, "--max_train_steps", "2", "--fp8_matmul", "--t5xxl_max_token_length", "64",
+                               "--mixed_precision", "bf16", "--gradient_checkpointing", "--console_log_file",
+                               str(log)))
+    assert "--fp8_matmul: 26 block Linears quantised to e4m3 with per-row scales" in log.read_text()
+    assert len(calls) > 1 and all(shape[0] >= 64 for shape in calls[1:])  # calls[0]: the start-up probe
+    rows = (out / "lora_loss.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(float(r.split(",")[1]))) for r in rows)
+    assert any(k.startswith("lora_unet_single_blocks_0_linear1") for k in load_file(out / "lora.safetensors"))

@@ -47,7 +47,7 @@ g)
   echo "fp8 check rc=$?"; tail -7 "$OUT/fp8_check.log"
   printf 'a photo of a red fox in the snow --w 512 --h 512 --s 20 --d 7\n' > /tmp/prompts.txt
   SAMPLE="sample_prompts~/tmp/prompts.txt,sample_at_first,sample_every_n_steps~50"
-  timeout 330 $T --out "$OUT/trainer_g.json" --budget-s 310 --run-timeout 100 --runs \
+  timeout 310 $T --out "$OUT/trainer_g.json" --budget-s 290 --run-timeout 100 --runs \
     "f8mm1024=1024:13::gradient_checkpointing,torch_compile,fp8_matmul" \
     "ckpt1024=1024:13::gradient_checkpointing,torch_compile" \
     "lossfast512=512:50::gradient_checkpointing,torch_compile,$SAMPLE" \
@@ -58,7 +58,7 @@ g)
   for d in /tmp/bt/runs/loss*/; do
     n=$(basename "$d"); mkdir -p "$OUT/samples/$n"; cp "$d"/sample/*.png "$OUT/samples/$n/" 2>/dev/null
   done
-  timeout 150 $S --steps 8 --warmup 3 --budget-s 140 --configs compile:ckpt:512:default \
+  timeout 125 $S --steps 8 --warmup 3 --budget-s 115 --configs compile:ckpt:512:default \
     compile:ckpt:512:default:ekc --out "$OUT/step_g.json" > "$OUT/step_g.log" 2>&1
   echo "step bench rc=$?"; tail -5 "$OUT/step_g.log"
   ;;
