@@ -329,7 +329,7 @@ FLAGS: list[Flag] = [
            "selective checkpointing: recompute only the first N transformer blocks (FLUX has 57; fewer is faster "
            "and needs more memory); implies --gradient_checkpointing"),
         _f("fp8_matmul", "flag", False,
-           "run the frozen transformer's block matmuls in fp8 (torch._scaled_mm, per-row scaled e4m3 weights and "
+           "experimental (not yet measured faster; BENCHMARKS.md): run the frozen transformer's block matmuls in fp8 (torch._scaled_mm, per-row scaled e4m3 weights and "
            "activations; backward in bf16): faster on fp8 GPUs (compute capability 8.9+: RTX 40xx, L40, H100); "
            "stores the weights like --fp8_base; needs --mixed_precision bf16"),
         _f("max_vram_gib", "float", None,
