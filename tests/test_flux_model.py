@@ -268,3 +268,43 @@ def test_block_swap_never_puts_the_swapped_weights_on_the_device(tiny_ckpts):
     for name, p in model.named_parameters():
         assert p.device.type == ("cpu" if name in swapped else "meta"), name
     assert all(b.device.type == "meta" for b in model.buffers())
+
+
+@pytest.mark.parametrize("checkpointing,compiled", [(False, False), (True, False), (False, True), (True, True)])
+def test_block_swap_frees_each_device_copy_after_the_blocks_forward(checkpointing, compiled):
+    """A matmul saves a view of its weight (`weight.t()`): kept as such, it would hold a swapped block's device
+    copy until backward, and block swap would save no memory without checkpointing. The swap's saved-tensor
+    hook keeps such views as recipes on the parameter: every evicted block's copy is freed right after its
+    forward, and the gradients are those of the unswapped model."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from library.flux.compile import apply_compile
+    from tests.test_flux_compile import _inputs, _model_with_lora, _step
+
+    torch._dynamo.reset()
+    model, params = _model_with_lora()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    inp = _inputs(model.params, h=4, w=4, s=4)
+    reference = _step(model, params, inp)
+    model.enable_block_swap(2, "cpu", prefetch=False)
+    if compiled:
+        apply_compile(model, backend="aot_eager_decomp_partition", fullgraph=True)  # inductor's partitioner
+    swap, copies = model.block_swap, []
+    bring_in = swap.bring_in
+
+    def recording(i, wait=True):
+        bring_in(i, wait)
+        copies.extend(StorageWeakRef(p.untyped_storage()) for n, p in swap.blocks[i].named_parameters()
+                      if n in swap.host[i])
+
+    swap.bring_in = recording
+    out = model(**inp)
+    assert copies and all(ref.expired() for ref in copies)  # nothing holds a swapped weight's device copy
+    (out.float() ** 2).mean().backward()
+    swap.bring_in = bring_in
+    for p in params:
+        p.grad = None
+    swapped = _step(model, params, inp)
+    assert torch.equal(reference[0], swapped[0]) or compiled
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(reference[1], swapped[1]))

@@ -353,7 +353,10 @@ def apply_fp8_matmul(model: Flux, work_device: torch.device | str | None = None,
 # device. Module hooks move a block's weights in just before it runs and out right after, so at most a
 # couple of swapped blocks are resident at once. Moving is `param.data = ...`: autograd's saved references
 # to a weight share its tensor object, so a backward pre-hook that moves the weights back in before the
-# block's backward makes them visible to its gradient computation again (kohya's approach too). Under
+# block's backward makes them visible to its gradient computation again (kohya's approach too). A matmul
+# saves a *view* of its weight (`weight.t()`), which would keep the device copy alive until backward: while a
+# swapped block runs forward, a saved-tensor hook stores such views as (parameter, size, stride, offset) and
+# rebuilds them from the parameter in backward, so the copy is freed when the block leaves. Under
 # gradient checkpointing the block's recompute runs inside backward; the weights then stay until the
 # block's backward hook. On CUDA, host copies are pinned and the next swapped block is copied in on a side
 # stream while the current one computes: block i+1 when block i starts its forward, block i-1 when block i
@@ -391,11 +394,12 @@ class BlockSwap:
         # Everything else goes to the device, tensor by tensor (what `model.to` does, minus the swapped
         # weights: moving the whole model first would peak at its full size on the device before step one).
         model._apply(lambda t: t if id(t) in swapped else t.to(device))
+        self._saving: dict[int, torch.autograd.graph.saved_tensors_hooks] = {}
         self._handles = []
         for i, block in enumerate(self.blocks):
             self._handles += [
                 block.register_forward_pre_hook(lambda m, a, i=i: self._enter(i)),
-                block.register_forward_hook(lambda m, a, o, i=i: self._leave(i)),
+                block.register_forward_hook(lambda m, a, o, i=i: self._leave(i), always_call=True),
                 block.register_full_backward_pre_hook(lambda m, g, i=i: self._enter_backward(i)),
                 block.register_full_backward_hook(lambda m, gi, go, i=i: self.send_out(i)),
             ]
@@ -412,6 +416,31 @@ class BlockSwap:
         self.bring_in(i)
         if self.prefetch and i + 1 < len(self.blocks) and torch._C._current_graph_task_id() == -1:
             self.bring_in(i + 1, wait=False)  # overlap the next swapped block's copy with this block
+        # Not inside other saved-tensor hooks (an eager checkpoint's: it keeps no weights, and ours would
+        # shadow it, since only the innermost hooks apply).
+        if torch.is_grad_enabled() and i not in self._saving and \
+                torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+            self._saving[i] = self._save_by_parameter(i)
+            self._saving[i].__enter__()
+
+    def _save_by_parameter(self, i: int) -> torch.autograd.graph.saved_tensors_hooks:
+        """Saved tensors that share a swapped weight's device storage are kept as a recipe on the parameter."""
+        by_storage = {p.untyped_storage().data_ptr(): p for n, p in self.blocks[i].named_parameters()
+                      if n in self.host[i]}
+
+        def pack(t: torch.Tensor):
+            p = by_storage.get(t.untyped_storage().data_ptr()) if t.device.type == self.device.type else None
+            if p is None or t.dtype != p.dtype:
+                return t
+            return p, tuple(t.shape), tuple(t.stride()), t.storage_offset()
+
+        def unpack(saved):
+            if isinstance(saved, torch.Tensor):
+                return saved
+            p, size, stride, offset = saved
+            return p.as_strided(size, stride, offset)  # the parameter is back on the device by then
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
     def _enter_backward(self, i: int) -> None:
         self.bring_in(i)
@@ -419,6 +448,9 @@ class BlockSwap:
             self.bring_in(i - 1, wait=False)  # backward runs the blocks in reverse: the next one is i - 1
 
     def _leave(self, i: int) -> None:
+        saving = self._saving.pop(i, None)
+        if saving is not None:
+            saving.__exit__(None, None, None)
         # Inside backward (checkpoint recompute) the weights are about to be used: the backward hook evicts.
         if torch._C._current_graph_task_id() == -1:
             self.send_out(i)
@@ -430,7 +462,7 @@ class BlockSwap:
             params = {n: p for n, p in self.blocks[i].named_parameters() if n in self.host[i]}
             if self._stream is None:
                 for name, p in params.items():
-                    p.data = self.host[i][name].to(self.device)
+                    p.data = self.host[i][name].to(self.device, copy=True)  # a copy on the CPU too (tests)
             else:
                 current = torch.cuda.current_stream(self.device)
                 targets = {name: torch.empty_like(t, device=self.device) for name, t in self.host[i].items()}
