@@ -46,6 +46,13 @@ def _layer(seed: int = 0, n_in: int = 256, n_out: int = 512) -> tuple[nn.Linear,
     return lin, holder.double_blocks[0]["lin"]
 
 
+def _count_scaled_mm(monkeypatch) -> list[tuple[int, ...]]:
+    """The first operand's shape of every `torch._scaled_mm` call from now on (the model looks it up per call)."""
+    calls, real = [], torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(tuple(a[0].shape)) or real(*a, **k))
+    return calls
+
+
 def test_quantize_rows_uses_each_rows_range() -> None:
     x = torch.randn(8, 64) * torch.logspace(-4, 2, 8)[:, None]
     q, s = quantize_rows(x)
@@ -55,24 +62,15 @@ def test_quantize_rows_uses_each_rows_range() -> None:
     assert (err <= x.abs() * 2 ** -4 + s * 2 ** -9).all()  # e4m3: 3 mantissa bits (and its subnormal step)
 
 
-def test_fp8_layer_matches_the_written_out_arithmetic_and_is_close_to_bf16() -> None:
+def test_fp8_layer_matches_the_written_out_arithmetic_and_is_close_to_bf16(monkeypatch) -> None:
     lin, f8 = _layer()
     assert isinstance(f8, Fp8ScaledLinear) and f8.weight.dtype == FP8_DTYPE and not f8.weight.requires_grad
     assert "weight_scale" not in f8.state_dict()  # the checkpoint keys stay kohya's / BFL's
     x = torch.randn(3, 100, 256, dtype=torch.bfloat16, requires_grad=True)
-    calls = []
-    real = torch._scaled_mm
-
-    def counting(*a, **k):
-        calls.append(a[0].shape)
-        return real(*a, **k)
-
-    torch._scaled_mm, saved = counting, torch._scaled_mm
-    try:
-        with torch.autocast("cpu", torch.bfloat16):
-            y = f8(x)
-    finally:
-        torch._scaled_mm = saved
+    calls = _count_scaled_mm(monkeypatch)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = f8(x)
+    monkeypatch.undo()
     assert calls == [(300, 256)] and y.dtype == torch.bfloat16
     xq, xs = quantize_rows(x.detach().reshape(-1, 256))
     w = f8.weight.float() * f8.weight_scale[:, None]
@@ -86,18 +84,14 @@ def test_fp8_layer_matches_the_written_out_arithmetic_and_is_close_to_bf16() -> 
     assert _rel(gx, grad.float() @ w) < 8e-3  # backward: bf16 matmul with the dequantised weight
 
 
-def test_few_rows_use_the_dequantised_weight() -> None:
+def test_few_rows_use_the_dequantised_weight(monkeypatch) -> None:
     """The modulation Linears see one row per sample: no fp8 matmul there, the same result as the written out
     dequantised matmul."""
     lin, f8 = _layer()
     x = torch.randn(2, 256, dtype=torch.bfloat16)
-    real, calls = torch._scaled_mm, []
-    torch._scaled_mm = lambda *a, **k: calls.append(1) or real(*a, **k)
-    try:
-        with torch.autocast("cpu", torch.bfloat16):
-            y = f8(x)
-    finally:
-        torch._scaled_mm = real
+    calls = _count_scaled_mm(monkeypatch)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = f8(x)
     assert calls == []
     w = (f8.weight.float() * f8.weight_scale[:, None]).to(torch.bfloat16)
     assert torch.equal(y, nn.functional.linear(x, w, lin.bias))
@@ -164,9 +158,7 @@ def test_trainer_with_fp8_matmul(tiny_ckpts, data, tmp_path, monkeypatch) -> Non
 
     from train_helpers import base_args, train_in_process
 
-    calls = []
-    real = torch._scaled_mm
-    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    calls = _count_scaled_mm(monkeypatch)
     out, log = tmp_path / "out", tmp_path / "train.log"
     train_in_process(base_args(tiny_ckpts, data, out, "--max_train_steps", "2", "--fp8_matmul", "--t5xxl_max_token_length", "64",
                                "--mixed_precision", "bf16", "--gradient_checkpointing", "--console_log_file",

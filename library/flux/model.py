@@ -256,7 +256,7 @@ def apply_fp8_storage(model: Flux, compute_dtype: torch.dtype) -> list[str]:
 # -- fp8 matmuls -------------------------------------------------------------------------------------------
 # Design note (--fp8_matmul, our extension; the issue's "fp8 matmuls for the frozen base"). Where --fp8_base
 # only stores e4m3 and upcasts the weight for a bf16 matmul, this runs the forward matmuls themselves in fp8
-# on the tensor cores (`torch._scaled_mm`, about twice the bf16 rate on Hopper / Ada):
+# on the tensor cores (`torch._scaled_mm`, nominally twice the bf16 rate on Hopper / Ada):
 # - weights are quantised once, per output row: W ≈ q · s with q e4m3 and s = max|W_row| / 448 (float32), so
 #   every row uses the whole e4m3 range (kohya's unscaled cast puts FLUX's small weights near e4m3's subnormals);
 # - activations are quantised per row (token) at each call, s_x = max|x_row| / 448, fused by inductor with
@@ -265,7 +265,8 @@ def apply_fp8_storage(model: Flux, compute_dtype: torch.dtype) -> list[str]:
 #   backward would need a second, transposed copy of every weight and e5m2 gradients;
 # - inputs with few rows (the modulation Linears see one vector per sample) and widths not a multiple of 16
 #   use the dequantised weight in a bf16 matmul: fp8 cannot pay there.
-# The LoRA branch stays in its own dtype. BENCHMARKS.md has the measured speed and the loss-curve check.
+# The LoRA branch stays in its own dtype. BENCHMARKS.md (issue 11 part e) has one layer's measured speed (not
+# faster alone); the trainer's step and the 50-step loss-curve check are still to be measured: experimental.
 FP8_MATMUL_MIN_ROWS = 64
 
 
@@ -302,14 +303,13 @@ class _Fp8Matmul(torch.autograd.Function):
 
 class Fp8ScaledLinear(nn.Linear):
     """A frozen nn.Linear stored as e4m3 with a float32 scale per output row (buffer `weight_scale` [out]):
-    W ≈ weight · weight_scale. With `fp8_matmul` the matmul runs in fp8 (see the design note above),
-    otherwise (and for small inputs) the weight is dequantised to the compute dtype for a plain matmul."""
+    W ≈ weight · weight_scale. The matmul runs in fp8 (see the design note above); for small inputs and
+    outside bf16 the weight is dequantised to the compute dtype for a plain matmul."""
 
-    fp8_matmul = True
     weight_scale: torch.Tensor
 
     def _fp8_pays(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
-        return (self.fp8_matmul and dtype == torch.bfloat16 and x.numel() // x.shape[-1] >= FP8_MATMUL_MIN_ROWS
+        return (dtype == torch.bfloat16 and x.numel() // x.shape[-1] >= FP8_MATMUL_MIN_ROWS
                 and self.in_features % 16 == 0 and self.out_features % 16 == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -322,11 +322,10 @@ class Fp8ScaledLinear(nn.Linear):
         return nn.functional.linear(x.to(dtype), w, bias)
 
 
-def apply_fp8_matmul(model: Flux, work_device: torch.device | str | None = None, matmul: bool = True) -> list[str]:
+def apply_fp8_matmul(model: Flux, work_device: torch.device | str | None = None) -> list[str]:
     """Quantise every frozen block Linear of a bf16/fp32 `model` to e4m3 with per-row scales (`Fp8ScaledLinear`),
-    in place; `matmul=False` keeps the scaled storage but computes in bf16. Each weight is quantised on
-    `work_device` (the GPU: fast, and only one bf16 weight there at a time) and goes back where it was, so a
-    model in host memory stays there. Returns the names converted."""
+    in place. Each weight is quantised on `work_device` (the GPU: fast, and only one bf16 weight there at a
+    time) and goes back where it was, so a model in host memory stays there. Returns the names converted."""
     converted = []
     for prefix, blocks in (("double_blocks", model.double_blocks), ("single_blocks", model.single_blocks)):
         for name, module in blocks.named_modules():
@@ -341,7 +340,6 @@ def apply_fp8_matmul(model: Flux, work_device: torch.device | str | None = None,
             module.__class__ = Fp8ScaledLinear
             module.weight = nn.Parameter(q.to(weight.device), requires_grad=False)
             module.register_buffer("weight_scale", scale.view(-1).to(weight.device), persistent=False)
-            module.fp8_matmul = matmul
             converted.append(f"{prefix}.{name}")
             del weight, w, q
     return converted

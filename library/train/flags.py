@@ -329,9 +329,10 @@ FLAGS: list[Flag] = [
            "selective checkpointing: recompute only the first N transformer blocks (FLUX has 57; fewer is faster "
            "and needs more memory); implies --gradient_checkpointing"),
         _f("fp8_matmul", "flag", False,
-           "experimental (not yet measured faster; BENCHMARKS.md): run the frozen transformer's block matmuls in fp8 (torch._scaled_mm, per-row scaled e4m3 weights and "
-           "activations; backward in bf16): faster on fp8 GPUs (compute capability 8.9+: RTX 40xx, L40, H100); "
-           "stores the weights like --fp8_base; needs --mixed_precision bf16"),
+           "experimental, not yet measured faster (BENCHMARKS.md): run the frozen transformer's block matmuls "
+           "in fp8 (torch._scaled_mm, per-row scaled e4m3 weights and activations; backward in bf16) on GPUs "
+           "with fp8 tensor cores (compute capability 8.9+: RTX 40xx, L40, H100); stores the weights like "
+           "--fp8_base; needs --mixed_precision bf16"),
         _f("max_vram_gib", "float", None,
            "fit the step into N GiB of GPU memory: picks checkpointing, --fp8_base and --blocks_to_swap at the "
            "best predicted speed (flags given explicitly are kept); --dry_run shows the choice"),

@@ -51,9 +51,10 @@ def workload(cfg: TrainConfig, datasets: Any) -> P.Workload:
 def fixed_choices(cfg: TrainConfig) -> dict[str, Any]:
     """What the user set explicitly, which the planner must keep (None: free)."""
     m = cfg.memory
-    return {"fp8": True if (cfg.precision.fp8_base or cfg.precision.fp8_matmul) else (False if cfg.precision.mixed_precision == "no" else None),
+    p = cfg.precision
+    return {"fp8": True if (p.fp8_base or p.fp8_matmul) else (False if p.mixed_precision == "no" else None),
             "swap": m.blocks_to_swap, "checkpointed": m.gradient_checkpointing_blocks,
-            "fp8_matmul": cfg.precision.fp8_matmul}
+            "fp8_matmul": p.fp8_matmul}
 
 
 def configured_choice(cfg: TrainConfig, w: P.Workload) -> P.Choice:
